@@ -1,0 +1,100 @@
+"""Load a frozen Stable Diffusion backbone: a diffusers folder, a hub id, or `tiny`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import kornia
+import torch
+from torch import nn
+
+from backbone.tiny import ensure_tiny_model
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class FrozenImageEncoder(nn.Module):
+    """A frozen CLIP vision tower: images [B, 3, H, W] in [-1, 1] -> embeddings [B, P]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.size = model.config.image_size
+        self.out_dim = getattr(model.config, "projection_dim", None) or model.config.hidden_size
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)      # frozen: no dropout, whatever the parent does
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = kornia.geometry.transform.resize((images.float() + 1) / 2, (self.size, self.size), antialias=True)
+        x = ((x - self.mean) / self.std).to(self.model.dtype)
+        with torch.no_grad():
+            out = self.model(pixel_values=x)
+        emb = out.image_embeds if hasattr(out, "image_embeds") and out.image_embeds is not None else out.pooler_output
+        return emb.float()
+
+
+@dataclass
+class Backbone:
+    path: str
+    text_side: list          # [(tokenizer, text_encoder)]: one pair for SD 1.x/2.x, two for SDXL
+    vae: nn.Module
+    unet: nn.Module
+    scheduler: object        # the training noise scheduler (DDPM), prediction type from its config
+    image_encoder: FrozenImageEncoder | None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def frozen_modules(self):
+        mods = [self.vae, self.unet] + [te for _, te in self.text_side]
+        return mods + ([self.image_encoder] if self.image_encoder is not None else [])
+
+
+def resolve_model_path(name: str) -> str:
+    return str(ensure_tiny_model()) if name == "tiny" else name
+
+
+def load_backbone(name: str, image_encoder: str | None = None, need_image_encoder: bool = False,
+                  revision: str | None = None) -> Backbone:
+    """Load every component with from_pretrained and freeze it.
+
+    The image encoder is loaded only when a head needs it: `image_encoder` (a folder or hub id of a
+    CLIP vision model), else the model folder's own `image_encoder/` (the tiny model has one).
+    """
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPVisionModelWithProjection
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+    path = resolve_model_path(name)
+    kw = {"revision": revision} if revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    encoder = None
+    if not need_image_encoder:
+        pass
+    elif image_encoder is not None:
+        encoder = FrozenImageEncoder(CLIPVisionModelWithProjection.from_pretrained(image_encoder))
+    elif Path(path, "image_encoder", "config.json").exists():
+        encoder = FrozenImageEncoder(CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder"))
+    else:
+        raise ValueError(f"model.image_encoder: a head uses the image encoder but {path} has no image_encoder/; "
+                         "set model.image_encoder to a CLIP vision model folder or hub id")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False).eval()
+    return Backbone(path, [(tokenizer, text_encoder)], vae, unet, scheduler, encoder)

@@ -1,0 +1,128 @@
+"""A tiny Stable-Diffusion-shaped model, built from config with a fixed seed.
+
+It is saved with `save_pretrained` and read back with `from_pretrained`, the same path real
+weights take, so a laptop run exercises the real loading code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import pre_tokenizers
+
+TINY_MODEL_VERSION = "v1"
+
+# Words the tiny tokenizer knows whole. Everything else falls back to byte-level pieces,
+# exactly as CLIP's BPE does for rare words.
+TINY_WORDS = """
+a an the of in on with and photo rendering picture image drawing painting sketch view render
+shape pose style appearance texture object thing chair chairs table sofa dog cat car lamp bed
+red green blue white black yellow brown gray wooden metal plastic leopard print striped
+camera angle front side back top left right made colorful simple close up
+""".split()
+
+
+def tiny_vocab_and_merges(words=TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE vocab: 256 byte symbols (+ their end-of-word forms) and whole words.
+
+    Each word gets the left-to-right chain of merges that builds it, so it encodes as ONE token.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in alphabet + [s + "</w>" for s in alphabet]:
+        vocab.setdefault(symbol, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = (left, right)
+            if merge not in merges:
+                merges.append(merge)
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    return vocab, merges
+
+
+def build_tiny_pipeline(seed: int = 0, attention_sharpness: float = 4.0, image_size: int = 64):
+    """Build a tiny StableDiffusionPipeline from config (random weights, fixed seed).
+
+    `attention_sharpness` scales the cross-attention query and key weights. Random weights give
+    near-uniform cross-attention that no token embedding can move; scaled up, the tiny model
+    attends as sharply as a trained one, so attention losses have something to act on.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    vocab, merges = tiny_vocab_and_merges()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    # VAE downsamples 4x (three blocks): 64 px images -> 16x16 latents.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, sample_size=image_size,
+        block_out_channels=(16, 32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    # Cross-attention at 16x16 (down 0, up 1) and 8x8 (mid), like SD's 64/32/16/8 ladder cut short.
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    sharpen_cross_attention(unet, attention_sharpness)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, projection_dim=32,
+    ))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, image_encoder=image_encoder,
+        requires_safety_checker=False,
+    )
+
+
+def sharpen_cross_attention(unet: torch.nn.Module, factor: float) -> None:
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(factor)
+                module.to_k.weight.mul_(factor)
+
+
+def default_tiny_dir() -> Path:
+    cache = Path(os.environ.get("GUIDED_CONCEPTS_CACHE", Path.home() / ".cache" / "guided_concepts"))
+    return cache / f"tiny-sd-{TINY_MODEL_VERSION}"
+
+
+def ensure_tiny_model(path: str | Path | None = None) -> Path:
+    """Write the tiny model once (atomically: build in a temp folder, then rename)."""
+    path = Path(path) if path is not None else default_tiny_dir()
+    if (path / "model_index.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        build_tiny_pipeline().save_pretrained(tmp)
+        (tmp / "guided_concepts.json").write_text(json.dumps({"tiny_model_version": TINY_MODEL_VERSION}))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process won the race; its copy is identical
+            if not (path / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

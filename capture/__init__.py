@@ -1,0 +1,3 @@
+from capture.attention import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers
+
+__all__ = ["AttentionStore", "CaptureProcessor", "capture_attention", "choose_layers", "cross_attention_layers"]

@@ -1,0 +1,231 @@
+"""Run configuration: YAML files -> dataclasses, with `--set section.key=value` overrides.
+
+An unknown key is an error that lists the valid ones; a value of the wrong type names its key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from concepts import CONCEPTS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="tiny", metadata={"help": "'tiny', a diffusers SD folder, or a hub id"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision"})
+    image_encoder: str | None = field(default=None, metadata={"help": "CLIP vision model for heads that read pixels (default: the model's own image_encoder/)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16: frozen modules run in it, heads stay fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing (saves memory on real models)"})
+
+
+@dataclass
+class DataConfig:
+    root: str | None = field(default=None, metadata={"help": "object folders; null = the bundled synthetic chairs"})
+    resolution: int = field(default=64, metadata={"help": "training image size (512 for SD 1.5)"})
+    flip_prob: float = field(default=0.5, metadata={"help": "horizontal flip probability (image and mask together)"})
+    holdout: int = field(default=2, metadata={"help": "objects held out for validation samples and metrics"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+
+
+@dataclass
+class PromptConfig:
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {category} {phrases}",
+                                                          "a rendering of a {category} {phrases}"],
+                                 metadata={"help": "{category} from meta.json, {phrases} the active concepts' clauses"})
+
+
+@dataclass
+class AttentionConfig:
+    resolutions: list[int] | None = field(default=None, metadata={"help": "cross-attention map sizes to capture; null = nearest to max(16, latent/4)"})
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=8, metadata={"help": "per device"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, noise and timesteps"})
+    log_every: int = field(default=10, metadata={"help": "steps between metric lines"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (and at the end)"})
+    sample_every: int = field(default=150, metadata={"help": "steps between validation grids (and at the end); 0 = end only"})
+
+
+@dataclass
+class SampleConfig:
+    num_objects: int = field(default=2, metadata={"help": "held-out objects shown in each validation grid"})
+    steps: int = field(default=20, metadata={"help": "denoising steps"})
+    guidance_scale: float = field(default=5.0, metadata={"help": "classifier-free guidance"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+
+
+@dataclass
+class RunConfig:
+    name: str = field(default="default", metadata={"help": "run folder name under output_dir"})
+    output_dir: str = field(default="runs", metadata={"help": "where run folders go"})
+    report_to: str = field(default="none", metadata={"help": "none | wandb"})
+
+
+@dataclass
+class Config:
+    tokens: list[str] = field(default_factory=lambda: ["shape"], metadata={"help": "active concepts"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    concepts: dict = field(default_factory=dict, metadata={"help": "per-concept token/head settings"})
+    losses: dict = field(default_factory=dict, metadata={"help": "per-concept loss weights"})
+
+
+def _check_value(key: str, value, hint):
+    """Coerce obvious cases (int for float, list for tuple) and reject the rest, naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _check_value(key, value, hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return value
+    if typing.get_origin(hint) in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = typing.get_args(hint)[0]
+        items = [_check_value(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+        return tuple(items) if typing.get_origin(hint) is tuple else items
+    return value
+
+
+def build_dataclass(cls, data: dict | None, prefix: str):
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{' of ' + prefix if prefix else ''}: "
+                          f"{', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = build_dataclass(hint, value, f"{prefix}.{name}".lstrip("."))
+        else:
+            kwargs[name] = _check_value(f"{prefix}.{name}".lstrip("."), value, hint)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err) if prefix in str(err) else f"{prefix}: {err}") from err
+
+
+def build_config(raw: dict) -> Config:
+    raw = dict(raw or {})
+    tokens = raw.get("tokens", ["shape"])
+    if isinstance(tokens, str):
+        tokens = [t.strip() for t in tokens.split(",") if t.strip()]
+    unknown = [t for t in tokens if t not in CONCEPTS]
+    if unknown or not tokens:
+        raise ConfigError(f"tokens: unknown concept {unknown[0] if unknown else '(empty)'!r}; "
+                          f"valid: {', '.join(CONCEPTS)}")
+    raw["tokens"] = tokens
+    sections = {}
+    for key in ("concepts", "losses"):
+        given = raw.pop(key, None) or {}
+        bad = [k for k in given if k not in CONCEPTS]
+        if bad:
+            raise ConfigError(f"unknown key {key}.{bad[0]}; valid keys of {key}: {', '.join(CONCEPTS)}")
+        index = 1 if key == "concepts" else 2
+        # Every registered concept gets its config, active or not, so a sweep over an
+        # inactive concept's key is caught as valid and the saved config is complete.
+        sections[key] = {n: build_dataclass(spec[index], given.get(n), f"{key}.{n}") for n, spec in CONCEPTS.items()}
+    config = build_dataclass(Config, raw, "")
+    config.concepts, config.losses = sections["concepts"], sections["losses"]
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_override(raw: dict, path: list[str], value) -> None:
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config; `base: other.yaml` (relative to this file) is merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = raw.pop("base", None)
+    return deep_merge(load_yaml(path.parent / base), raw) if base else raw
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), tokens: str | None = None) -> Config:
+    raw = load_yaml(path) if path else {}
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    if tokens is not None:
+        raw["tokens"] = tokens
+    return build_config(raw)
+
+
+def config_to_dict(config: Config) -> dict:
+    def clean(x):
+        if isinstance(x, tuple):
+            return [clean(v) for v in x]
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+    data = clean(asdict(config))
+    data["concepts"] = {k: clean(asdict(v)) for k, v in config.concepts.items()}
+    data["losses"] = {k: clean(asdict(v)) for k, v in config.losses.items()}
+    return data
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from checkpointing import atomic_write
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

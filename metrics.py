@@ -1,0 +1,36 @@
+"""Measurements of what a word learned, at a fixed noise level (no sampling needed)."""
+from __future__ import annotations
+
+import torch
+
+from capture import AttentionStore, capture_attention
+from losses import attention_iou, attention_mass_inside
+
+
+@torch.no_grad()
+def attention_mask_metrics(system, batch: dict, prompts: list[str], timestep: int = 100, seed: int = 0) -> dict:
+    """For every attention concept: the mass of its cross-attention inside the object mask, and
+    the IoU of its map thresholded at half its max, on `batch` noised to `timestep`.
+
+    Returns {"<concept>/mass_inside": [B], "<concept>/iou": [B]}.
+    """
+    bb = system.backbone
+    device = next(bb.unet.parameters()).device
+    dtype = next(bb.unet.parameters()).dtype
+    generator = torch.Generator().manual_seed(seed)
+    latents = bb.vae.encode(batch["image"].to(device, bb.vae.dtype)).latent_dist.mode() * bb.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    t = torch.full((latents.shape[0],), timestep, device=device, dtype=torch.long)
+    noisy = bb.scheduler.add_noise(latents, noise, t)
+    text, selection = system.text_embeddings(prompts, system.encode(batch))
+    store = AttentionStore(tuple(latents.shape[-2:]))
+    store.set_prompts(text, selection)
+    with capture_attention(bb.unet, store, system.attention_layers):
+        bb.unet(noisy.to(dtype), t, text.to(dtype))
+    maps = store.collect()                                                       # [B, C, h, w]
+    mask = batch["mask"].to(device)
+    out = {}
+    for i, name in enumerate(system.attention_concepts):
+        out[f"{name}/mass_inside"] = attention_mass_inside(maps[:, i], mask).cpu()
+        out[f"{name}/iou"] = attention_iou(maps[:, i], mask).cpu()
+    return out

@@ -1,0 +1,159 @@
+"""Torch dataset of (object, view) items: square crop, resize and paired flip of image/mask/keypoints."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import hflip
+from torch.utils.data import Dataset
+
+from .images import load_mask, load_rgb
+from .records import ObjectRecord, ViewRecord, data_error
+
+
+def centre_crop_square(image: torch.Tensor, mask: torch.Tensor, keypoints: torch.Tensor):
+    """Crop image [C,H,W] and mask [1,H,W] to their centred S x S square, S = min(H, W).
+
+    keypoints [K,2] are pixel coords (x, y) and are shifted into the crop.
+    """
+    height, width = image.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    image = image[:, top:top + side, left:left + side]
+    mask = mask[:, top:top + side, left:left + side]
+    keypoints = keypoints - torch.tensor([left, top], dtype=keypoints.dtype)
+    return image, mask, keypoints
+
+
+def resize_pair(image: torch.Tensor, mask: torch.Tensor, resolution: int):
+    """Resize image [C,S,S] and mask [1,S,S] with one and the same filter so they stay aligned."""
+    # torch's antialias=True is the exact area-aware triangle filter (what PIL does);
+    # kornia's antialias is an approximate Gaussian pre-blur with reflection padding.
+    both = torch.cat([image, mask])[None]  # [1,C+1,S,S]
+    both = F.interpolate(both, size=(resolution, resolution), mode="bilinear",
+                         align_corners=False, antialias=True)[0]  # [C+1,R,R]
+    image = both[:-1].clamp(0.0, 1.0)
+    mask = (both[-1:] > 0.5).float()  # re-binarise after blending at edges
+    return image, mask
+
+
+class ObjectViewsDataset(Dataset):
+    """One item per (object, view), at `resolution` x `resolution`.
+
+    Flips are drawn from a generator seeded by (seed, epoch, index), so an item is the same
+    every time it is read within an epoch, on any worker. Call set_epoch(e) before each
+    epoch for fresh flips (with persistent DataLoader workers, the workers keep the old epoch).
+    """
+
+    def __init__(self, records: Sequence[ObjectRecord], resolution: int = 64,
+                 flip_prob: float = 0.5, seed: int = 0) -> None:
+        if not records:
+            raise ValueError("no object records; call scan_objects() on a data folder first")
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.records = list(records)
+        self.resolution = resolution
+        self.flip_prob = flip_prob
+        self.seed = seed
+        self.epoch = 0
+        # (object index, view index) per dataset index, objects in record order.
+        self.index_pairs = [(o, v) for o, record in enumerate(self.records) for v in range(len(record.views))]
+        self.max_keypoints = max(
+            (len(view.keypoints) for record in self.records for view in record.views if view.keypoints),
+            default=0,
+        )
+
+    def __len__(self) -> int:
+        return len(self.index_pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self.epoch = epoch
+
+    def views_of(self, object_index: int) -> list[int]:
+        """Dataset indices of all views of one object (for building multi-view batches)."""
+        if not 0 <= object_index < len(self.records):
+            raise IndexError(f"object_index {object_index} out of range for {len(self.records)} objects")
+        return [i for i, (o, _) in enumerate(self.index_pairs) if o == object_index]
+
+    def _should_flip(self, index: int) -> bool:
+        # SeedSequence mixes the three integers into an independent, well-spread seed.
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed)
+        return bool(torch.rand((), generator=generator) < self.flip_prob)
+
+    def _padded_keypoints(self, view: ViewRecord):
+        """Keypoints -> pixel coords [K_max,2] and validity [K_max], zero-padded."""
+        keypoints = torch.zeros(self.max_keypoints, 2)
+        valid = torch.zeros(self.max_keypoints, dtype=torch.bool)
+        for i, point in enumerate(view.keypoints or []):
+            if point is not None:
+                keypoints[i] = torch.tensor(point)
+                valid[i] = True
+        return keypoints, valid
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        object_index, view_index = self.index_pairs[index]
+        record = self.records[object_index]
+        view = record.views[view_index]
+
+        image = load_rgb(view.image_path)  # [3,H,W] in [0,1]
+        mask = load_mask(view.mask_path) if view.mask_path else torch.ones_like(image[:1])  # [1,H,W]
+        if mask.shape[-2:] != image.shape[-2:]:  # records may be hand-built, not scanned
+            raise data_error(view.mask_path, f"mask size differs from image {view.image_path}")
+        keypoints, valid = self._padded_keypoints(view)  # [K,2] pixels, [K]
+
+        image, mask, keypoints = centre_crop_square(image, mask, keypoints)
+        side = image.shape[-1]
+        image, mask = resize_pair(image, mask, self.resolution)  # [3,R,R], [1,R,R]
+        keypoints = keypoints / side  # normalised [0,1] coords survive the resize unchanged
+        valid &= ((keypoints >= 0) & (keypoints <= 1)).all(dim=-1)  # cropped-away points are unusable
+
+        azimuth = view.azimuth or 0.0
+        flipped = self._should_flip(index)
+        if flipped:
+            image, mask = hflip(image), hflip(mask)
+            keypoints[:, 0] = 1.0 - keypoints[:, 0]
+            azimuth = -azimuth  # a mirrored view of a symmetric object = camera at -azimuth
+            if record.keypoint_flip:  # mirrored "left" points are now the "right" ones
+                order = torch.arange(self.max_keypoints)
+                order[:len(record.keypoint_flip)] = torch.tensor(record.keypoint_flip)
+                keypoints, valid = keypoints[order], valid[order]
+        keypoints[~valid] = 0.0
+
+        camera = torch.tensor([azimuth, view.elevation or 0.0, view.distance or 0.0], dtype=torch.float32)
+        return {
+            "image": image * 2.0 - 1.0,  # [3,R,R] in [-1,1]
+            "mask": mask,  # [1,R,R] in {0,1}
+            "has_mask": torch.tensor(view.mask_path is not None),
+            "camera": camera,  # [3] (azimuth deg, elevation deg, distance)
+            "has_camera": torch.tensor(view.has_camera),
+            "keypoints": keypoints,  # [K_max,2] normalised (x right, y down)
+            "keypoint_valid": valid,  # [K_max]
+            "flipped": torch.tensor(flipped),
+            "object_index": torch.tensor(object_index, dtype=torch.int64),
+            "view_index": torch.tensor(view_index, dtype=torch.int64),
+            "category": record.category,
+            "object_name": record.name,
+        }
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensor fields into a batch; keep other fields (str) as lists."""
+    if not items:
+        raise ValueError("cannot collate an empty list of items")
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch

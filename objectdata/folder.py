@@ -1,0 +1,118 @@
+"""Find and validate object folders (views/, masks/, meta.json) before any training starts.
+
+Layout, one folder per object:
+    root/<object>/views/000.png ...   RGB images
+    root/<object>/masks/000.png ...   object masks, matched to views by file stem
+    root/<object>/meta.json           optional: category, per-view cameras and keypoints
+A root that itself contains views/ is treated as a single object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .dataset import ObjectViewsDataset, collate
+from .images import load_mask, load_rgb
+from .meta import CAMERA_KEYS, ViewMeta, read_meta
+from .records import DataError, ObjectRecord, ViewRecord, data_error
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "ObjectRecord",
+    "ObjectViewsDataset",
+    "ViewRecord",
+    "collate",
+    "load_mask",
+    "load_rgb",
+    "scan_objects",
+]
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    """Image files in `folder` keyed by stem; two files with one stem would be ambiguous."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if path.stem in found:
+            raise data_error(path, f"has the same stem as {found[path.stem]}; which one is meant is ambiguous")
+        found[path.stem] = path
+    return found
+
+
+def _check_view_files(image_path: Path, mask_path: Path | None) -> None:
+    """Decode the image (and mask) now, so a broken file fails the scan, not epoch 7."""
+    image = load_rgb(image_path)  # [3,H,W]
+    if mask_path is None:
+        return
+    mask = load_mask(mask_path)  # [1,H,W]
+    if mask.shape[-2:] != image.shape[-2:]:
+        (mask_h, mask_w), (image_h, image_w) = mask.shape[-2:], image.shape[-2:]
+        raise data_error(mask_path, f"mask is {mask_w}x{mask_h} (WxH) but image {image_path} is {image_w}x{image_h}")
+    if not mask.any():
+        raise data_error(mask_path, "mask is empty (no pixel above half intensity)")
+
+
+def _check_requirements(meta_path: Path, view_id: str, view: ViewMeta,
+                        require_cameras: bool, require_keypoints: bool) -> None:
+    if require_cameras:
+        missing = [key for key in CAMERA_KEYS if getattr(view, key) is None]
+        if missing:
+            where = "file is missing" if not meta_path.exists() else f"views.{view_id} lacks {', '.join(missing)}"
+            raise data_error(meta_path, f"{where} (cameras required)")
+    if require_keypoints and view.keypoints is None:
+        where = "file is missing" if not meta_path.exists() else f"views.{view_id} lacks keypoints"
+        raise data_error(meta_path, f"{where} (keypoints required)")
+
+
+def scan_object(folder: Path, require_masks: bool = True, require_cameras: bool = False,
+                require_keypoints: bool = False) -> ObjectRecord:
+    """Validate one object folder and describe it."""
+    views_dir, masks_dir, meta_path = folder / "views", folder / "masks", folder / "meta.json"
+    if not views_dir.is_dir():
+        raise data_error(views_dir, "missing; every object folder needs a views/ folder of images")
+    images = _images_by_stem(views_dir)
+    if not images:
+        raise data_error(views_dir, f"contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+    masks = _images_by_stem(masks_dir) if masks_dir.is_dir() else {}
+    meta = read_meta(meta_path)
+    for view_id in meta.views:
+        if view_id not in images:
+            raise data_error(meta_path, f"views.{view_id} has no image {views_dir / view_id}.*")
+
+    views = []
+    for view_id, image_path in images.items():
+        mask_path = masks.get(view_id)
+        if mask_path is None and require_masks:
+            raise data_error(image_path, f"has no mask (expected {masks_dir / view_id}.png or another image type)")
+        _check_view_files(image_path, mask_path)
+        view_meta = meta.views.get(view_id, ViewMeta())
+        _check_requirements(meta_path, view_id, view_meta, require_cameras, require_keypoints)
+        views.append(ViewRecord(
+            image_path=image_path, mask_path=mask_path, azimuth=view_meta.azimuth,
+            elevation=view_meta.elevation, distance=view_meta.distance,
+            keypoints=view_meta.keypoints, view_id=view_id,
+        ))
+    return ObjectRecord(name=folder.name, root=folder, category=meta.category, views=views,
+                        keypoint_flip=meta.keypoint_flip)
+
+
+def scan_objects(root: Path | str, require_masks: bool = True, require_cameras: bool = False,
+                 require_keypoints: bool = False) -> list[ObjectRecord]:
+    """Validate every object folder under `root` (sorted by name); raise DataError on any problem."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise data_error(root, "data folder does not exist")
+    if not root.is_dir():
+        raise data_error(root, "is not a folder")
+    if (root / "views").is_dir():
+        object_dirs = [root]  # the user pointed at a single object folder
+    else:
+        object_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                             key=lambda p: p.name)
+    if not object_dirs:
+        raise data_error(root, "contains no object folders (expected <object>/views/000.png, ...)")
+    return [scan_object(folder, require_masks, require_cameras, require_keypoints) for folder in object_dirs]

@@ -1,0 +1,5 @@
+from tokens.placeholders import PlaceholderSpec, PlaceholderTable, TokenError, check_prompt
+from tokens.text import encode_prompts, placeholder_selection, tokenize
+
+__all__ = ["PlaceholderSpec", "PlaceholderTable", "TokenError", "check_prompt", "encode_prompts",
+           "placeholder_selection", "tokenize"]

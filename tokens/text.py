@@ -1,0 +1,70 @@
+"""Encode prompts with per-sample embeddings written at every placeholder position."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from tokens.placeholders import PlaceholderTable
+
+
+def tokenize(table: PlaceholderTable, prompts: list[str]) -> list[torch.Tensor]:
+    """Prompts -> token ids [B, L] per text encoder (padded to the tokenizer's max length)."""
+    prompts = [table.expand(p) for p in prompts]
+    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok, _ in table.text_side]
+
+
+@contextmanager
+def write_embeddings(embedding_layer: torch.nn.Embedding, input_ids: torch.Tensor,
+                     ids_by_concept: dict[str, list[int]], embeds: dict[str, torch.Tensor]):
+    """Within the block, the token embedding layer returns `embeds[c][b, k]` wherever sample b
+    has the k-th vector token of concept c (any position, any number of occurrences).
+
+    embeds[c]: [B, K_c, D] for this encoder's slice of the feature axis.
+    A forward hook keeps the text encoder's own forward untouched, for any encoder class.
+    """
+    def hook(module, args, output):                           # output: [B, L, D]
+        if args[0].shape != input_ids.shape:
+            return output
+        out = output
+        for concept, vectors in embeds.items():
+            for k, token_id in enumerate(ids_by_concept[concept]):
+                where = (input_ids == token_id).unsqueeze(-1)  # [B, L, 1]
+                value = vectors[:, k, None, :].to(out.dtype)   # [B, 1, D]
+                out = torch.where(where.to(out.device), value, out)
+        return out
+
+    handle = embedding_layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_prompts(table: PlaceholderTable, input_ids: list[torch.Tensor],
+                   embeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Text embeddings [B, L, sum(D_i)] with the concepts' embeddings [B, K, sum(D_i)] written in.
+
+    Concepts missing from `embeds` keep their placeholder rows (the initializer word).
+    """
+    outputs, start = [], 0
+    for (tokenizer, text_encoder), ids, dim, ids_by_concept in zip(
+            table.text_side, input_ids, table.embedding_dims, table.token_ids):
+        ids = ids.to(text_encoder.device)
+        sliced = {c: e[..., start:start + dim] for c, e in embeds.items()}
+        with write_embeddings(text_encoder.get_input_embeddings(), ids, ids_by_concept, sliced):
+            outputs.append(text_encoder(ids)[0])               # last hidden state [B, L, D_i]
+        start += dim
+    return torch.cat(outputs, dim=-1)
+
+
+def placeholder_selection(table: PlaceholderTable, input_ids: torch.Tensor, concepts: list[str]) -> torch.Tensor:
+    """[B, L, C] 0/1: which prompt positions hold concept c's vectors (first text encoder's ids).
+
+    The attention store multiplies attention probabilities [B, N, L] by this to get each
+    concept's map [B, N, C], summed over its vectors and occurrences.
+    """
+    ids_by_concept = table.token_ids[0]
+    columns = [torch.isin(input_ids, torch.tensor(ids_by_concept[c])) for c in concepts]
+    return torch.stack(columns, dim=-1).float()

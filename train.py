@@ -1,0 +1,230 @@
+"""Train guided-concept words on a frozen Stable Diffusion model.
+
+    python train.py --tokens shape                     # tiny model, bundled synthetic chairs
+    accelerate launch train.py --model runwayml/stable-diffusion-v1-5 --set data.root=my_chairs \
+        --set data.resolution=512 --set model.mixed_precision=fp16
+
+The only file that knows accelerate. The CLI builds and validates a config; everything else is
+the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from backbone import load_backbone
+from checkpointing import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from concepts import CONCEPTS
+from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
+from metrics import attention_mask_metrics
+from objectdata import DataError, ObjectViewsDataset, collate, ensure_default_data, scan_objects
+from overlays import attention_grid
+from system import GuidedConcepts
+from tokens.export import save_token
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI -> config
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(Path(__file__).parent / "configs" / "base.yaml"), help="YAML config")
+    p.add_argument("--tokens", help="active concepts, e.g. shape or shape,pose")
+    p.add_argument("--model", help="'tiny', a diffusers Stable Diffusion folder, or a hub id (model.name)")
+    p.add_argument("--name", help="run folder name (run.name)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set losses.shape.mask_weight=0.2 (repeatable)")
+    p.add_argument("--report-to", choices=["none", "wandb"], help="also log to wandb (run.report_to)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    for flag, key in (("model", "model.name"), ("name", "run.name"), ("report_to", "run.report_to")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    config_path = args.config
+    if args.resume:   # a resumed run keeps its own config; --set can still change e.g. train.steps
+        name = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run.name=")), None)
+        base = load_config(args.config, overrides)
+        config_path = Path(base.run.output_dir) / (name or base.run.name) / "config.yaml"
+    return load_config(config_path, overrides, tokens=args.tokens), args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: everything is validated before the run folder is touched
+# ----------------------------------------------------------------------------------------------
+def build_data(cfg: Config, needs: set[str]):
+    root = Path(cfg.data.root) if cfg.data.root else ensure_default_data()
+    records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
+                           require_keypoints="keypoints" in needs)
+    holdout = min(cfg.data.holdout, len(records) - 1)
+    train_records, val_records = records[:len(records) - holdout], records[len(records) - holdout:]
+    train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed)
+    val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0)
+    return train, val
+
+
+def first_views(dataset, count: int) -> dict:
+    """One batch with the first view of up to `count` objects."""
+    n = len(dataset.records)
+    return collate([dataset[dataset.views_of(i)[0]] for i in range(min(count, n))])
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: sample grid with attention overlays, and attention-vs-mask metrics
+# ----------------------------------------------------------------------------------------------
+def validate(system: GuidedConcepts, cfg: Config, val, step: int, run_dir: Path, device) -> dict:
+    batch = to_device(first_views(val, cfg.sample.num_objects), device)
+    prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0))
+    images, maps = system.sample(prompts, batch, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.seed)
+    references = (batch["image"].float().cpu() + 1) / 2
+    names = [system.concepts[n].config.token for n in system.attention_concepts]
+    attention_grid(references, images, maps, names).save(run_dir / "samples" / f"step_{step:06d}.png")
+    if not system.attention_concepts:
+        return {}
+    all_views = to_device(collate([val[i] for i in range(len(val))]), device)
+    prompts = system.prompts_for(all_views, cfg.prompt.templates[:1], system.tokens, random.Random(0))
+    found = attention_mask_metrics(system, all_views, prompts, timestep=100)
+    return {f"val/{k}@t100": v.mean().item() for k, v in found.items()}
+
+
+def export_tokens(system: GuidedConcepts, datasets, run_dir: Path, device):
+    """tokens/<object>/<concept>.safetensors, loadable by diffusers' load_textual_inversion."""
+    for dataset in datasets:
+        batch = to_device(first_views(dataset, len(dataset.records)), device)
+        with torch.no_grad():
+            outs = system.encode(batch)
+        for name, out in outs.items():
+            for b, obj in enumerate(batch["object_name"]):
+                save_token(run_dir / "tokens" / obj / f"{name}.safetensors", system.concepts[name].config.token,
+                           out.embeds[b])
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    try:
+        cfg, args = parse_args(argv)
+        needs = {k for n in cfg.tokens for k in CONCEPTS[n][0].needs}
+        train_set, val_set = build_data(cfg, needs)
+        run_dir = prepare_run_dir(Path(cfg.run.output_dir) / cfg.run.name, args.resume, args.overwrite)
+    except (ConfigError, DataError, FileExistsError) as err:
+        sys.exit(f"error: {err}")
+    save_config(cfg, run_dir / "config.yaml")
+
+    accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                              log_with=None if cfg.run.report_to == "none" else cfg.run.report_to)
+    set_seed(cfg.train.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Frozen backbone in the mixed-precision dtype; heads stay fp32.
+    needs_pixels = any(getattr(cfg.concepts[n], "use_image", False) for n in cfg.tokens)
+    backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
+    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions)
+    for module in backbone.frozen_modules():
+        module.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+    system.concepts.to(accelerator.device)
+    if cfg.model.gradient_checkpointing:
+        backbone.unet.enable_gradient_checkpointing()
+
+    # One parameter group per concept, each with its own lr.
+    groups = [{"params": [p for p in system.concepts[n].parameters() if p.requires_grad],
+               "lr": cfg.concepts[n].lr, "name": n} for n in cfg.tokens]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False,
+                                         collate_fn=collate, num_workers=cfg.data.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.train.seed))
+    heads, optimizer, loader = accelerator.prepare(system.concepts, optimizer, loader)
+
+    step = 0
+    if args.resume:
+        ckpt = latest_checkpoint(run_dir)
+        step, head_state, opt_state, _ = load_checkpoint(ckpt)
+        system.load_trainable_state(head_state)
+        optimizer.load_state_dict(opt_state)
+        set_seed(cfg.train.seed + step)
+        accelerator.print(f"resumed {run_dir} from {ckpt.name}: step {step}, heads and optimizer state restored")
+    if accelerator.is_main_process and cfg.run.report_to != "none":
+        accelerator.init_trackers("guided-concepts", config=config_to_dict(cfg),
+                                  init_kwargs={"wandb": {"name": cfg.run.name, "dir": str(run_dir)}})
+
+    def checkpoint(step):
+        if accelerator.is_main_process:
+            save_checkpoint(run_dir, step, system.trainable_state(), optimizer.state_dict(),
+                            {"tokens": cfg.tokens, "model": cfg.model.name})
+
+    def log(record: dict):
+        if accelerator.is_main_process:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.run.report_to != "none":
+                accelerator.log(record, step=record["step"])
+
+    # ------------------------------------------------------------------------------------------
+    # Loop
+    # ------------------------------------------------------------------------------------------
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    rng, epoch, running, count, started = random.Random(cfg.train.seed + step), step, {}, 0, time.time()
+    heads.train()
+    while step < cfg.train.steps:
+        train_set.set_epoch(epoch)
+        epoch += 1
+        for batch in loader:
+            with accelerator.accumulate(heads), accelerator.autocast():
+                prompts = system.prompts_for(batch, cfg.prompt.templates, cfg.tokens, rng)
+                terms = system.training_losses(batch, prompts)
+                loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, (_, value) in terms.items():
+                running[name] = running.get(name, 0.0) + value.detach().float().mean().item()
+            running["loss"] = running.get("loss", 0.0) + loss.item()
+            count += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                log({"step": step, **{k: v / count for k, v in running.items()},   # unweighted means
+                     **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+                     "time": round(time.time() - started, 2)})
+                running, count = {}, 0
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                checkpoint(step)
+            sample_now = cfg.train.sample_every and step % cfg.train.sample_every == 0
+            if accelerator.is_main_process and (sample_now or step == cfg.train.steps):
+                heads.eval()
+                log({"step": step, **validate(system, cfg, val_set, step, run_dir, accelerator.device)})
+                heads.train()
+            if step >= cfg.train.steps:
+                break
+    bar.close()
+    if accelerator.is_main_process:
+        export_tokens(system, [train_set, val_set], run_dir, accelerator.device)
+        accelerator.print(f"done: {run_dir} (checkpoints/, samples/, tokens/, metrics.jsonl)")
+    accelerator.end_training()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
