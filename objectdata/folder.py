@@ -38,7 +38,9 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
         if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         if path.stem in found:
-            raise data_error(path, f"has the same stem as {found[path.stem]}; which one is meant is ambiguous")
+            raise data_error(
+                path, f"has the same stem as {found[path.stem]}; which one is meant is ambiguous"
+            )
         found[path.stem] = path
     return found
 
@@ -51,7 +53,8 @@ def _check_view_files(image_path: Path, mask_path: Path | None) -> None:
     mask = load_mask(mask_path)  # [1,H,W]
     if mask.shape[-2:] != image.shape[-2:]:
         (mask_h, mask_w), (image_h, image_w) = mask.shape[-2:], image.shape[-2:]
-        raise data_error(mask_path, f"mask is {mask_w}x{mask_h} (WxH) but image {image_path} is {image_w}x{image_h}")
+        raise data_error(mask_path,
+                         f"mask is {mask_w}x{mask_h} (WxH) but image {image_path} is {image_w}x{image_h}")
     if not mask.any():
         raise data_error(mask_path, "mask is empty (no pixel above half intensity)")
 
@@ -61,7 +64,8 @@ def _check_requirements(meta_path: Path, view_id: str, view: ViewMeta,
     if require_cameras:
         missing = [key for key in CAMERA_KEYS if getattr(view, key) is None]
         if missing:
-            where = "file is missing" if not meta_path.exists() else f"views.{view_id} lacks {', '.join(missing)}"
+            lacks = f"views.{view_id} lacks {', '.join(missing)}"
+            where = lacks if meta_path.exists() else "file is missing"
             raise data_error(meta_path, f"{where} (cameras required)")
     if require_keypoints and view.keypoints is None:
         where = "file is missing" if not meta_path.exists() else f"views.{view_id} lacks keypoints"
@@ -87,7 +91,8 @@ def scan_object(folder: Path, require_masks: bool = True, require_cameras: bool 
     for view_id, image_path in images.items():
         mask_path = masks.get(view_id)
         if mask_path is None and require_masks:
-            raise data_error(image_path, f"has no mask (expected {masks_dir / view_id}.png or another image type)")
+            raise data_error(image_path,
+                             f"has no mask (expected {masks_dir / view_id}.png or another image type)")
         _check_view_files(image_path, mask_path)
         view_meta = meta.views.get(view_id, ViewMeta())
         _check_requirements(meta_path, view_id, view_meta, require_cameras, require_keypoints)

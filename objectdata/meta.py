@@ -106,7 +106,8 @@ def read_meta(meta_path: Path) -> ObjectMeta:
 
     raw_views = content.get("views", {})
     if not isinstance(raw_views, dict):
-        raise data_error(meta_path, f"views must be an object keyed by view id, got {type(raw_views).__name__}")
+        raise data_error(meta_path,
+                         f"views must be an object keyed by view id, got {type(raw_views).__name__}")
     views = {view_id: _view_meta(meta_path, view_id, entry) for view_id, entry in raw_views.items()}
 
     keypoint_flip = _keypoint_flip(meta_path, content.get("keypoint_flip"), views)

@@ -150,8 +150,9 @@ def render_view(chair: Chair, azimuth: float, elevation: float, distance: float,
     for box in chair.boxes:
         corners = box.corners()  # [8,3]
         pixels, _ = project(corners, position, rotation, resolution)  # [8,2]
-        # PIL puts integer coords at pixel centres; continuous coords put them at corners.
-        pixels = pixels * SUPERSAMPLE - 0.5
+        # PIL polygon coords share our continuous convention (integers on pixel corners),
+        # so scaling is all it takes; the mirror test in tests/test_data.py pins this down.
+        pixels = pixels * SUPERSAMPLE
         for corner_ids, normal in _FACES:
             centre = corners[list(corner_ids)].mean(0)
             if np.dot(normal, position - centre) <= 0:
@@ -265,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(generate_chairs(args.out, args.objects, args.views, args.resolution, args.seed))
+    try:
+        print(generate_chairs(args.out, args.objects, args.views, args.resolution, args.seed))
+    except (FileExistsError, ValueError) as error:
+        parser.error(str(error))  # a usage message, not a traceback
 
 
 if __name__ == "__main__":

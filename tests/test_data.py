@@ -25,7 +25,7 @@ from objectdata import (
 )
 from objectdata import synthetic
 from objectdata.images import mask_array_from_pil, rgb_array_from_pil
-from objectdata.synthetic import KEYPOINT_FLIP, render_view, sample_chair
+from objectdata.synthetic import KEYPOINT_FLIP, camera_basis, project, render_view, sample_chair
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -36,7 +36,8 @@ def save_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
     return path
 
 
-def make_object(root: Path, name: str = "thing", views: int = 2, size=(16, 16), meta: dict | None = None) -> Path:
+def make_object(root: Path, name: str = "thing", views: int = 2, size=(16, 16),
+                meta: dict | None = None) -> Path:
     """Object folder with grey images and a centred square mask per view."""
     width, height = size
     folder = root / name
@@ -58,7 +59,8 @@ def write_meta(folder: Path, meta) -> Path:
 
 @pytest.fixture(scope="module")
 def chairs(tmp_path_factory) -> Path:
-    return generate_chairs(tmp_path_factory.mktemp("chairs") / "set", num_objects=3, views_per_object=3, seed=7)
+    out_dir = tmp_path_factory.mktemp("chairs") / "set"
+    return generate_chairs(out_dir, num_objects=3, views_per_object=3, seed=7)
 
 
 # ----------------------------------------------------------------------------- bad folders
@@ -259,7 +261,8 @@ def test_masks_are_binary_whatever_the_mode(tmp_path):
     Image.fromarray(values > 127).save(tmp_path / "one.png")  # mode "1"
     one_bit = load_mask(tmp_path / "one.png")
     assert torch.equal(one_bit[0, 0], expected) and one_bit.shape == (1, 1, 6)
-    assert mask_array_from_pil(Image.fromarray(np.array([[0.2, 0.7]], np.float32))).tolist() == [[False, True]]
+    floats = Image.fromarray(np.array([[0.2, 0.7]], np.float32))  # mode "F"
+    assert mask_array_from_pil(floats).tolist() == [[False, True]]
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -270,11 +273,12 @@ def make_marked_object(root: Path) -> Path:
     mask = np.zeros((32, 48), np.uint8)
     image[4:12, 10:18] = [255, 0, 0]  # off-centre so a flip moves it
     mask[4:12, 10:18] = 255
-    image[20:24, 28:32] = [0, 255, 0]
+    image[18:26, 26:34] = [0, 255, 0]
     folder = root / "marked"
     save_png(folder / "views" / "000.png", image)
     save_png(folder / "masks" / "000.png", mask)
-    # (29.0, 21.0) is the centre of pixel (28, 20); keypoint 1 lies in the cropped-away margin.
+    # (29.0, 21.0) is the centre of pixel (28, 20), inside the green block;
+    # keypoint 1 lies in the margin that the square crop removes.
     write_meta(folder, {"category": "toy", "views": {"000": {"azimuth": 30, "elevation": 10, "distance": 2.5,
                                                              "keypoints": [[29.0, 21.0], [2.0, 5.0]]}}})
     return folder
@@ -332,16 +336,17 @@ def test_flip_swaps_left_right_keypoints_and_mirrors_everything(chairs):
 
 def test_padding_views_of_and_collate_with_dataloader(tmp_path):
     make_object(tmp_path, name="a", views=2, size=(20, 12),
-                meta={"views": {"000": {"keypoints": [[1, 1], [2, 2], None]}, "001": {"azimuth": 5}}})
+                meta={"views": {"000": {"keypoints": [[5, 1], [10, 11], None]}, "001": {"azimuth": 5}}})
     make_object(tmp_path, name="b", views=1)
     dataset = ObjectViewsDataset(scan_objects(tmp_path), resolution=8, flip_prob=0.0)
     assert len(dataset) == 3 and dataset.max_keypoints == 3
     assert dataset.views_of(0) == [0, 1] and dataset.views_of(1) == [2]
     first = dataset[0]
     assert first["keypoint_valid"].tolist() == [True, True, False]
-    # 20x12 -> crop left=4: (2, 2) becomes (-2, 2): outside the square crop, so invalid.
-    first_b = dataset[2]
-    assert first_b["keypoints"].shape == (3, 2) and not first_b["keypoint_valid"].any()
+    # 20x12 is cropped to its central 12x12 (left = 4) before normalising.
+    assert torch.allclose(first["keypoints"], torch.tensor([[1 / 12, 1 / 12], [6 / 12, 11 / 12], [0, 0]]))
+    no_keypoints = dataset[2]
+    assert no_keypoints["keypoints"].shape == (3, 2) and not no_keypoints["keypoint_valid"].any()
     assert dataset[1]["camera"].tolist() == [5.0, 0.0, 0.0] and not dataset[1]["has_camera"]
 
     batch = next(iter(DataLoader(dataset, batch_size=3, collate_fn=collate)))
@@ -412,10 +417,26 @@ def test_mirrored_camera_renders_the_mirrored_view():
     _, mirror_mask, mirror_keypoints = render_view(chair, -40.0, 20.0, 2.5, 64)
     flipped = np.asarray(mask)[:, ::-1] > 0
     mirror = np.asarray(mirror_mask) > 0
-    assert (flipped & mirror).sum() / (flipped | mirror).sum() > 0.97
+    assert (flipped & mirror).sum() / (flipped | mirror).sum() > 0.99
     expected = keypoints[list(KEYPOINT_FLIP)].copy()
     expected[:, 0] = 64 - expected[:, 0]
     assert np.allclose(mirror_keypoints, expected, atol=1e-6)
+
+
+def test_painter_hides_leg_tops_under_the_seat():
+    # Seen from above, the tops of the back legs lie under the seat; drawn out of depth
+    # order they would show through it. Seat red, legs blue to tell them apart.
+    chair = sample_chair(np.random.default_rng(1))
+    for index, box in enumerate(chair.boxes):
+        box.colour = np.array([1.0, 0, 0]) if index == 0 else np.array([0, 0, 1.0])
+    image, _, _ = render_view(chair, 0.0, 30.0, 2.5, 64)
+    position, rotation = camera_basis(0.0, 30.0, 2.5)
+    for leg in chair.boxes[4:6]:  # back-right, back-left
+        top = leg.centre + np.array([0, leg.size[1] / 2, 0])
+        pixels, _ = project(top[None], position, rotation, 64)  # [1,2]
+        x, y = pixels[0]
+        red, _, blue = image.getpixel((int(x), int(y)))
+        assert red > 2 * blue + 20, (red, blue)
 
 
 def test_default_data_dir_honours_environment(monkeypatch, tmp_path):
