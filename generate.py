@@ -1,0 +1,110 @@
+"""Generate with a trained run: encode reference objects into the words, then sample any prompt.
+
+    python generate.py --run runs/default --prompt "a red chair in the shape of *s" \
+        --shape-from my_chairs/chair_001 --num 4
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from backbone import load_backbone
+from checkpointing import latest_checkpoint, load_checkpoint
+from concepts import CONCEPTS
+from configs.schema import ConfigError, load_config
+from objectdata import DataError, ObjectViewsDataset, collate, scan_objects
+from overlays import attention_grid
+from system import GuidedConcepts
+from tokens import TokenError, check_prompt
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu") -> tuple:
+    """-> (system with the run's heads, config). `checkpoint` defaults to the latest one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    needs_pixels = any(getattr(cfg.concepts[n], "use_image", False) for n in cfg.tokens)
+    backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
+    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions)
+    _, heads, _, _ = load_checkpoint(ckpt)
+    system.load_trainable_state(heads)
+    system.to(device).eval()
+    return system, cfg
+
+
+def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple[str, ...]) -> dict:
+    """One object's view as a batch of 1 (validated like training data)."""
+    records = scan_objects(folder, require_masks="mask" in needs, require_cameras="camera" in needs,
+                           require_keypoints="keypoints" in needs)
+    if len(records) != 1:
+        raise DataError(f"{folder}: expected one object folder (with views/), found {len(records)} objects")
+    dataset = ObjectViewsDataset(records, resolution, flip_prob=0.0)
+    if not 0 <= view < len(dataset):
+        raise DataError(f"{folder}: view {view} out of range, the object has {len(dataset)} views")
+    return collate([dataset[view]])
+
+
+def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | Path], num: int = 4,
+             seed: int = 0, steps: int = 20, guidance_scale: float = 5.0, view: int = 0):
+    """-> (reference image [3, H, W], images [num, 3, H, W], maps [num, C, h, w] or None)."""
+    check_prompt(prompt, system.table.specs.values())
+    missing = [n for n in system.tokens if n not in sources]
+    if missing:
+        raise ValueError(f"no reference object for {', '.join(missing)}: pass --{missing[0]}-from <object folder>")
+    # Each word is encoded from its own object, so words of different objects can be mixed.
+    device = next(system.backbone.unet.parameters()).device
+    outs, reference = {}, None
+    with torch.no_grad():
+        for name in system.tokens:
+            batch = reference_batch(sources[name], view, cfg.data.resolution, CONCEPTS[name][0].needs)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            outs[name] = system.concepts[name].encode(batch)
+            reference = batch["image"][0].cpu() if reference is None else reference
+    images, maps = [], []
+    for i in range(num):   # one seed per sample, so sample i is the same whatever `num` is
+        image, attn = system.sample([prompt], steps=steps, guidance_scale=guidance_scale, seed=seed + i, outs=outs)
+        images.append(image)
+        maps.append(attn)
+    maps = torch.cat(maps) if maps[0] is not None else None
+    return (reference.float() + 1) / 2, torch.cat(images), maps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder (runs/<name>)")
+    p.add_argument("--prompt", required=True, help="any prompt using the run's words, e.g. 'a chair in the shape of *s'")
+    for name in CONCEPTS:
+        p.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
+    p.add_argument("--view", type=int, default=0, help="which view of the reference object")
+    p.add_argument("--num", type=int, default=4, help="samples (seeds seed, seed+1, …)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
+    p.add_argument("--out", help="output PNG (default: <run>/samples/generated.png)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        system, cfg = load_run(args.run, args.checkpoint, args.device)
+        sources = {n: getattr(args, f"{n}_from") for n in system.tokens if getattr(args, f"{n}_from")}
+        reference, images, maps = generate(system, cfg, args.prompt, sources, args.num, args.seed, args.steps,
+                                           args.guidance_scale, args.view)
+    except (ConfigError, DataError, TokenError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    out = Path(args.out) if args.out else Path(args.run) / "samples" / "generated.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = [system.concepts[n].config.token for n in system.attention_concepts]
+    attention_grid(reference[None].repeat(len(images), 1, 1, 1), images, maps, names).save(out)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -103,9 +103,10 @@ class GuidedConcepts(nn.Module):
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, prompts: list[str], batch: dict, steps: int = 20, guidance_scale: float = 5.0,
-               seed: int = 0, height: int | None = None, width: int | None = None):
-        """Generate one image per prompt with the words encoded from `batch`.
+    def sample(self, prompts: list[str], batch: dict | None = None, steps: int = 20, guidance_scale: float = 5.0,
+               seed: int = 0, height: int | None = None, width: int | None = None, outs: dict | None = None):
+        """Generate one image per prompt with the words encoded from `batch` (or given as `outs`,
+        concept -> ConceptOutput, when each word comes from a different object).
 
         Returns (images [B, 3, H, W] in [0, 1], attention maps [B, C, h, w] averaged over the
         denoising steps, conditional half only).
@@ -121,7 +122,7 @@ class GuidedConcepts(nn.Module):
             scheduler=DDIMScheduler.from_config(bb.scheduler.config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        outs = self.encode(batch)
+        outs = outs if outs is not None else self.encode(batch)
         text, selection = self.text_embeddings(prompts, outs)
         negative, _ = self.text_embeddings([""] * len(prompts), {})
         size = bb.unet.config.sample_size * bb.vae_scale_factor

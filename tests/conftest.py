@@ -1,0 +1,61 @@
+"""Shared fixtures: one tiny model folder and one small synthetic data set per test session.
+
+Nothing is downloaded: the model is built from config and saved/loaded with the real
+save_pretrained/from_pretrained path; the data is generated procedurally.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before any project import: keep caches and wandb inside a throwaway folder, offline.
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="guided-concepts-tests-"))
+os.environ.setdefault("GUIDED_CONCEPTS_CACHE", str(_SESSION_TMP / "cache"))
+os.environ.setdefault("GUIDED_CONCEPTS_DATA", str(_SESSION_TMP / "cache" / "synthetic_chairs"))
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from backbone import ensure_tiny_model
+    return ensure_tiny_model()          # the default `tiny` folder, inside the session cache
+
+
+@pytest.fixture(scope="session")
+def chairs_dir() -> Path:
+    from objectdata import ensure_default_data
+    return ensure_default_data()        # the bundled default set (12 chairs x 4 views)
+
+
+@pytest.fixture
+def fresh_backbone(tiny_model_dir):
+    """A freshly loaded tiny backbone (placeholders mutate the tokenizer, so never share it)."""
+    from backbone import load_backbone
+    return load_backbone(str(tiny_model_dir))
+
+
+def make_system(backbone, tokens=("shape",), concepts=None, losses=None, resolutions=None):
+    from concepts import CONCEPTS
+    from system import GuidedConcepts
+    concepts = concepts or {}
+    losses = losses or {}
+    cc = {n: CONCEPTS[n][1](**concepts.get(n, {})) for n in CONCEPTS}
+    lc = {n: CONCEPTS[n][2](**losses.get(n, {})) for n in CONCEPTS}
+    return GuidedConcepts(backbone, cc, lc, list(tokens), resolutions)
+
+
+@pytest.fixture
+def chair_batch(chairs_dir):
+    from objectdata import ObjectViewsDataset, collate, scan_objects
+    records = scan_objects(chairs_dir)
+    dataset = ObjectViewsDataset(records[:4], resolution=64, flip_prob=0.0)
+    return collate([dataset[i] for i in (0, 5, 10, 15)])
