@@ -38,10 +38,16 @@ def mask_attention_loss(attn: torch.Tensor, mask: torch.Tensor, variant: str = "
     raise ValueError(f"mask attention variant must be one of {MASK_ATTENTION_VARIANTS}, got {variant!r}")
 
 
-def attention_iou(attn: torch.Tensor, mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """IoU of the map thresholded at `threshold` x its max against the mask.  [B, h, w], [B,1,H,W] -> [B]"""
+def attention_iou(attn: torch.Tensor, mask: torch.Tensor, threshold: float | str = "mean") -> torch.Tensor:
+    """IoU of the thresholded map against the mask.  attn [B, h, w], mask [B, 1, H, W] -> [B]
+
+    threshold "mean": pixels that get more than their share of the token's attention (no
+    tuning, robust for broad maps); a float: that fraction of the map's maximum.
+    """
     m = resize_mask(mask, attn.shape[-2:]) > 0.5
-    a = attn >= threshold * attn.flatten(1).amax(1)[:, None, None]
+    flat = attn.flatten(1)
+    level = flat.mean(1) if threshold == "mean" else float(threshold) * flat.amax(1)
+    a = attn > level[:, None, None]
     inter = (a & m).flatten(1).sum(1).float()
     union = (a | m).flatten(1).sum(1).float().clamp(min=1)
     return inter / union

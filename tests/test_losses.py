@@ -1,0 +1,80 @@
+"""Losses are pure functions returning one value per sample."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from losses import (attention_iou, attention_mass_inside, denoising_loss, denoising_target, mask_attention_loss,
+                    offset_l2)
+
+
+def square_mask(b=3, size=32, lo=8, hi=24):
+    m = torch.zeros(b, 1, size, size)
+    m[:, :, lo:hi, lo:hi] = 1
+    return m
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_denoising_target_follows_the_scheduler_config(kind):
+    scheduler = DDPMScheduler(prediction_type=kind)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    target = denoising_target(scheduler, latents, noise, t)
+    expected = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    assert torch.equal(target, expected)
+    if kind == "v_prediction":
+        assert not torch.allclose(target, noise)
+    with pytest.raises(ValueError, match="sample"):
+        denoising_target(DDPMScheduler(prediction_type="sample"), latents, noise, t)
+
+
+def test_masked_denoising_normalisations():
+    pred, target = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+    target[:, :, :4] = 1.0                       # error 1 in the top half, 0 below
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :4] = 1                           # sample 0: mask exactly on the error
+    mask[1, :, :2] = 1                           # sample 1: a quarter of the image, on the error
+    area = denoising_loss(pred, target, mask, "area")
+    mean = denoising_loss(pred, target, mask, "mean")
+    assert area.shape == (2,) and torch.allclose(area, torch.tensor([1.0, 1.0]))
+    assert torch.allclose(mean, torch.tensor([0.5, 0.25]))
+    assert torch.allclose(denoising_loss(pred, target), torch.tensor([0.5, 0.5]))
+
+
+@pytest.mark.parametrize("variant", ["mse_maxnorm", "mass_ratio"])
+def test_mask_attention_loss_prefers_maps_inside_the_mask(variant):
+    mask = square_mask()
+    inside = torch.nn.functional.interpolate(mask, size=(16, 16), mode="area").squeeze(1) * 0.01
+    outside = 0.01 - inside
+    uniform = torch.full_like(inside, 0.005)
+    loss = {name: mask_attention_loss(m, mask, variant) for name, m in
+            {"inside": inside, "outside": outside, "uniform": uniform}.items()}
+    assert loss["inside"].shape == (3,)
+    assert (loss["inside"] < 1e-6).all()
+    assert (loss["inside"] < loss["uniform"]).all() and (loss["uniform"] < loss["outside"]).all()
+
+
+def test_mass_ratio_is_scale_free_and_maxnorm_compares_shape():
+    mask = square_mask(b=2)
+    attn = torch.rand(2, 16, 16)
+    assert torch.allclose(mask_attention_loss(attn, mask, "mass_ratio"), mask_attention_loss(attn * 7, mask, "mass_ratio"))
+    assert torch.allclose(mask_attention_loss(attn, mask, "mse_maxnorm"), mask_attention_loss(attn * 7, mask, "mse_maxnorm"))
+    with pytest.raises(ValueError, match="mse_maxnorm"):
+        mask_attention_loss(attn, mask, "bogus")
+
+
+def test_attention_metrics():
+    mask = square_mask(b=1)
+    inside = torch.nn.functional.interpolate(mask, size=(16, 16), mode="area").squeeze(1)
+    assert torch.allclose(attention_mass_inside(inside, mask), torch.tensor([1.0]))
+    assert torch.allclose(attention_iou(inside, mask), torch.tensor([1.0]))
+    assert torch.allclose(attention_iou(1 - inside, mask), torch.tensor([0.0]))
+    half = torch.ones(1, 16, 16)
+    assert torch.allclose(attention_mass_inside(half, mask), torch.tensor([0.25]))
+
+
+def test_offset_l2_is_per_sample():
+    offset = torch.zeros(3, 2, 4)
+    offset[1] = 2.0
+    assert torch.equal(offset_l2(offset), torch.tensor([0.0, 4.0, 0.0]))

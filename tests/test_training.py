@@ -1,0 +1,193 @@
+"""The joint loop end to end on the tiny model: run folders, checkpoints, resume, bad input,
+what trains and what stays frozen, and the mask loss measured against weight 0."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate
+import train
+from metrics import attention_mask_metrics
+from objectdata import ObjectViewsDataset, collate, scan_objects
+from tests.conftest import make_system
+
+QUICK = ["--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "train.log_every=2",
+         "--set", "train.checkpoint_every=2", "--set", "train.sample_every=2", "--set", "sample.steps=2"]
+
+
+def args(out, name, *extra):
+    return ["--name", name, "--set", f"run.output_dir={out}", *QUICK, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir, chairs_dir):
+    out = tmp_path_factory.mktemp("runs")
+    return train.main(args(out, "r")), out
+
+
+def test_run_folder_layout(trained_run):
+    run, _ = trained_run
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "checkpoints", "samples", "metrics.jsonl", "tokens"}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert {p.name for p in (run / "checkpoints" / "step_000004").iterdir()} == {"heads.safetensors", "optimizer.pt", "state.json"}
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4]
+    assert {"denoise", "shape/mask_attention", "shape/offset_l2", "lr/shape"} <= set(train_lines[0])
+    assert any("val/shape/mass_inside@t100" in r for r in records)
+    assert (run / "tokens" / "chair_000" / "shape.safetensors").is_file()
+
+
+def test_saved_run_reloads_to_identical_embeddings(trained_run, chairs_dir):
+    """Heads written by training and read back by generate.load_run give the same words."""
+    run, _ = trained_run
+    system, cfg = generate.load_run(run)
+    batch = generate.reference_batch(chairs_dir / "chair_003", 0, cfg.data.resolution, ("mask",))
+    with torch.no_grad():
+        embeds = system.concepts["shape"].encode(batch).embeds[0]
+    exported = load_file(str(run / "tokens" / "chair_003" / "shape.safetensors"))["*s"]
+    assert torch.allclose(embeds, exported, atol=1e-6)
+    initializer = system.table.initializer_rows["shape"]
+    assert not torch.allclose(embeds[0], initializer)        # training moved it
+
+
+def test_resume_continues_the_step_count(trained_run, capsys):
+    run, out = trained_run
+    train.main(["--name", "r", "--set", f"run.output_dir={out}", "--set", "train.steps=6", "--resume"])
+    assert "resumed" in capsys.readouterr().out
+    assert (run / "checkpoints" / "step_000006").is_dir()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and 5 not in steps[:-3] and steps.count(4) >= 1
+    assert json.loads((run / "checkpoints" / "step_000006" / "state.json").read_text())["step"] == 6
+
+
+def test_existing_run_is_never_overwritten(trained_run):
+    run, out = trained_run
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already exists"):
+        train.main(args(out, "r"))
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "data.root={empty}"], "contains no object folders"),
+    (["--set", "train.stepz=3"], "unknown key train.stepz; valid keys of train: steps"),
+    (["--set", "train.steps=many"], "train.steps: expected int"),
+    (["--tokens", "shape,posture"], "unknown concept 'posture'"),
+    (["--set", "losses.shape.mask_variant=l1"], "mask_variant"),
+    (["--config", "{missing}"], "config file not found"),
+])
+def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, extra, message):
+    (tmp_path / "empty").mkdir()
+    extra = [e.format(empty=tmp_path / "empty", missing=tmp_path / "nope.yaml") for e in extra]
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit, match=message):
+        train.main(args(out, "bad", *extra))
+    assert not out.exists()
+
+
+def test_bad_data_file_is_named(tmp_path, chairs_dir):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(chairs_dir / "chair_000", data / "chair_000")
+    (data / "chair_000" / "masks" / "001.png").unlink()
+    with pytest.raises(SystemExit, match=r"chair_000.*001"):
+        train.main(args(tmp_path / "runs", "bad", "--set", f"data.root={data}"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_only_heads_and_placeholder_rows_train(fresh_backbone, chair_batch):
+    system = make_system(fresh_backbone, concepts={"shape": {"num_vectors": 2, "lr": 1e-2}})
+    frozen = {f"{i}.{k}": v.clone() for i, m in enumerate(fresh_backbone.frozen_modules())
+              for k, v in m.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in system.trainable_state().items()}
+    trainable = [p for p in system.concepts.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], ["shape"], random.Random(0))
+    for _ in range(2):
+        terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0))
+        optimizer.zero_grad()
+        sum(w * v.mean() for w, v in terms.values()).backward()
+        head = system.concepts["shape"].head
+        assert all(head.rows.grad[k].abs().sum() > 0 for k in range(2))          # every vector
+        assert head.mlp[-1].weight.grad.abs().sum() > 0
+        optimizer.step()
+    for name, value in (m for i, mod in enumerate(fresh_backbone.frozen_modules())
+                        for m in ((f"{i}.{k}", v) for k, v in mod.state_dict().items())):
+        assert torch.equal(value, frozen[name]), name
+    assert all(not p.requires_grad for m in fresh_backbone.frozen_modules() for p in m.parameters())
+    after = system.trainable_state()
+    assert all(not torch.equal(after[k], heads_before[k]) for k in after if k.endswith(("rows", "mlp.3.weight")))
+
+
+def test_frozen_modules_in_bf16_heads_stay_fp32(fresh_backbone, chair_batch):
+    system = make_system(fresh_backbone)
+    for module in fresh_backbone.frozen_modules():
+        module.to(torch.bfloat16)
+    prompts = ["a photo of a chair in the shape of *s"] * len(chair_batch["category"])
+    terms = system.training_losses(chair_batch, prompts)
+    sum(w * v.float().mean() for w, v in terms.values()).backward()
+    params = [p for p in system.concepts.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = train.main(args(tmp_path, "w", "--report-to", "wandb", "--set", "train.steps=2"))
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_generate_writes_a_grid_and_rejects_untrained_words(trained_run, chairs_dir, tmp_path):
+    run, _ = trained_run
+    out = generate.main(["--run", str(run), "--prompt", "a red chair in the shape of *s", "--shape-from",
+                         str(chairs_dir / "chair_011"), "--num", "2", "--steps", "2", "--out", str(tmp_path / "g.png")])
+    from PIL import Image
+    assert Image.open(out).size == (64 * 3, 64 * 2 + 14)      # reference | sample | *s overlay, 2 rows
+    with pytest.raises(SystemExit, match=r"\*p"):
+        generate.main(["--run", str(run), "--prompt", "a chair with pose *p", "--shape-from",
+                       str(chairs_dir / "chair_011"), "--steps", "2"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The mechanism: the mask loss pulls *s's attention into the object mask (held-out objects)
+# ----------------------------------------------------------------------------------------------
+def train_shape(backbone, records, mask_weight, steps=150, seed=0):
+    torch.manual_seed(seed)
+    system = make_system(backbone, concepts={"shape": {"lr": 1e-2}},
+                         losses={"shape": {"mask_weight": mask_weight, "mask_variant": "mass_ratio"}})
+    optimizer = torch.optim.AdamW([p for p in system.concepts.parameters() if p.requires_grad], lr=1e-2)
+    loader = torch.utils.data.DataLoader(ObjectViewsDataset(records, 64, 0.5), batch_size=8, shuffle=True,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+    rng, step = random.Random(seed), 0
+    while step < steps:
+        for batch in loader:
+            prompts = system.prompts_for(batch, ["a photo of a {category} {phrases}"], ["shape"], rng)
+            terms = system.training_losses(batch, prompts)
+            optimizer.zero_grad()
+            sum(w * v.mean() for w, v in terms.values()).backward()
+            optimizer.step()
+            step += 1
+            if step == steps:
+                break
+    return system
+
+
+def test_mask_loss_moves_attention_into_the_mask(tiny_model_dir, chairs_dir):
+    from backbone import load_backbone
+    records = scan_objects(chairs_dir)
+    held_out = ObjectViewsDataset(records[-2:], 64, 0.0)
+    batch = collate([held_out[i] for i in range(len(held_out))])
+    prompts = ["a photo of a chair in the shape of *s"] * len(held_out)
+    found = {}
+    for weight in (0.0, 1.0):
+        system = train_shape(load_backbone(str(tiny_model_dir)), records[:-2], weight)
+        m = attention_mask_metrics(system, batch, prompts, timestep=100)
+        found[weight] = (m["shape/mass_inside"].mean().item(), m["shape/iou"].mean().item())
+    print(f"held-out attention at t=100 (mass inside, IoU): weight 0 -> {found[0.0]}, weight 1 -> {found[1.0]}")
+    assert found[1.0][0] > found[0.0][0] + 0.05
+    assert found[1.0][1] > found[0.0][1]
