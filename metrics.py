@@ -8,11 +8,13 @@ from losses import attention_iou, attention_mass_inside
 
 
 @torch.no_grad()
-def attention_mask_metrics(system, batch: dict, prompts: list[str], timestep: int = 100, seed: int = 0) -> dict:
+def attention_mask_metrics(system, batch: dict, prompts: list[str], timestep: int = 100, seed: int = 0,
+                           return_maps: bool = False):
     """For every attention concept: the mass of its cross-attention inside the object mask, and
     the IoU of its map thresholded at half its max, on `batch` noised to `timestep`.
 
-    Returns {"<concept>/mass_inside": [B], "<concept>/iou": [B]}.
+    Returns {"<concept>/mass_inside": [B], "<concept>/iou": [B]} (and the maps [B, C, h, w] when
+    `return_maps`).
     """
     bb = system.backbone
     device = next(bb.unet.parameters()).device
@@ -33,4 +35,4 @@ def attention_mask_metrics(system, batch: dict, prompts: list[str], timestep: in
     for i, name in enumerate(system.attention_concepts):
         out[f"{name}/mass_inside"] = attention_mass_inside(maps[:, i], mask).cpu()
         out[f"{name}/iou"] = attention_iou(maps[:, i], mask).cpu()
-    return out
+    return (out, maps.cpu()) if return_maps else out

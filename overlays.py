@@ -1,4 +1,4 @@
-"""Validation grids: reference view | generated image | each token's attention overlaid."""
+"""Validation grids: each token's cross-attention overlaid on the reference view and on samples."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,22 +16,38 @@ def overlay(image: torch.Tensor, attn: torch.Tensor, alpha: float = 0.55) -> tor
     return (1 - alpha) * image + alpha * heat
 
 
-def attention_grid(references: torch.Tensor, images: torch.Tensor, maps: torch.Tensor | None,
-                   token_names: list[str], prompts: list[str] | None = None) -> Image.Image:
-    """references, images: [B, 3, H, W] in [0, 1]; maps: [B, C, h, w] or None. One row per sample."""
-    rows = []
-    for b in range(images.shape[0]):
-        cells = [references[b], images[b]]
-        if maps is not None:
-            cells += [overlay(images[b], maps[b, c]) for c in range(maps.shape[1])]
-        rows.append(torch.cat(cells, dim=-1))
-    grid = torch.cat(rows, dim=-2).clamp(0, 1)
+def columns_with_overlays(images: torch.Tensor, maps: torch.Tensor | None, label: str,
+                          token_names: list[str]) -> list[tuple[str, torch.Tensor]]:
+    """images [B, 3, H, W], maps [B, C, h, w] -> [(label, [B, 3, H, W]), ...]: the images, then one
+    overlay column per token."""
+    cols = [(label, images)]
+    if maps is not None:
+        for c, name in enumerate(token_names):
+            cols.append((f"{name}", torch.stack([overlay(images[b], maps[b, c]) for b in range(len(images))])))
+    return cols
+
+
+def image_grid(columns: list[tuple[str, torch.Tensor]]) -> Image.Image:
+    """columns: (header, [B, 3, H, W] in [0, 1]) side by side, one row per sample."""
+    grid = torch.cat([torch.cat(list(images), dim=-2) for _, images in columns], dim=-1).clamp(0, 1)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     header = 14
     canvas = Image.new("RGB", (array.shape[1], array.shape[0] + header), "white")
     canvas.paste(Image.fromarray(array), (0, header))
     draw = ImageDraw.Draw(canvas)
-    w = images.shape[-1]
-    for i, label in enumerate(["reference", "sample"] + (token_names if maps is not None else [])):
-        draw.text((i * w + 2, 1), label, fill="black")
+    x = 0
+    for label, images in columns:
+        draw.text((x + 2, 1), label, fill="black")
+        x += images.shape[-1]
     return canvas
+
+
+def attention_grid(references: torch.Tensor, images: torch.Tensor, maps: torch.Tensor | None,
+                   token_names: list[str], reference_maps: torch.Tensor | None = None) -> Image.Image:
+    """reference | its attention at low noise (if given) | sample | attention while sampling.
+
+    references, images: [B, 3, H, W] in [0, 1]; maps, reference_maps: [B, C, h, w] or None.
+    """
+    cols = columns_with_overlays(references, reference_maps, "reference", [f"{n} t=100" for n in token_names])
+    cols += columns_with_overlays(images, maps, "sample", token_names)
+    return image_grid(cols)

@@ -90,14 +90,15 @@ def validate(system: GuidedConcepts, cfg: Config, val, step: int, run_dir: Path,
     batch = to_device(first_views(val, cfg.sample.num_objects), device)
     prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0))
     images, maps = system.sample(prompts, batch, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.seed)
-    references = (batch["image"].float().cpu() + 1) / 2
+    reference_maps, found = None, {}
+    if system.attention_concepts:
+        _, reference_maps = attention_mask_metrics(system, batch, prompts, timestep=100, return_maps=True)
+        all_views = to_device(collate([val[i] for i in range(len(val))]), device)
+        all_prompts = system.prompts_for(all_views, cfg.prompt.templates[:1], system.tokens, random.Random(0))
+        found = attention_mask_metrics(system, all_views, all_prompts, timestep=100)
     names = [system.concepts[n].config.token for n in system.attention_concepts]
-    attention_grid(references, images, maps, names).save(run_dir / "samples" / f"step_{step:06d}.png")
-    if not system.attention_concepts:
-        return {}
-    all_views = to_device(collate([val[i] for i in range(len(val))]), device)
-    prompts = system.prompts_for(all_views, cfg.prompt.templates[:1], system.tokens, random.Random(0))
-    found = attention_mask_metrics(system, all_views, prompts, timestep=100)
+    references = (batch["image"].float().cpu() + 1) / 2
+    attention_grid(references, images, maps, names, reference_maps).save(run_dir / "samples" / f"step_{step:06d}.png")
     return {f"val/{k}@t100": v.mean().item() for k, v in found.items()}
 
 

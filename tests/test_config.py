@@ -1,0 +1,64 @@
+"""YAML -> dataclasses, overrides, clear errors, and the saved resolved config."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from concepts import CONCEPTS
+from configs.schema import ConfigError, Config, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, Config) and config.tokens
+
+
+def test_ablation_overrides_only_what_it_names():
+    base = load_config(CONFIGS / "base.yaml")
+    ablation = load_config(CONFIGS / "ablations" / "shape_no_mask_loss.yaml")
+    assert ablation.losses["shape"].mask_weight == 0.0 and base.losses["shape"].mask_weight > 0
+    assert ablation.losses["shape"].mask_variant == base.losses["shape"].mask_variant
+    assert ablation.train == base.train and ablation.concepts == base.concepts
+
+
+def test_overrides_and_types():
+    config = load_config(CONFIGS / "base.yaml", ["train.steps=7", "losses.shape.mask_weight=1",
+                                                   "attention.resolutions=[16]", "data.root=/x"], tokens="shape")
+    assert config.train.steps == 7
+    assert config.losses["shape"].mask_weight == 1.0 and isinstance(config.losses["shape"].mask_weight, float)
+    assert config.attention.resolutions == [16] and config.data.root == "/x"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=1", "unknown key train.stepz; valid keys of train: steps, batch_size"),
+    ("nosuch.key=1", "unknown key nosuch; valid keys: tokens, model"),
+    ("concepts.shape.tokn=x", "unknown key concepts.shape.tokn; valid keys of concepts.shape: token"),
+    ("concepts.colour.token=x", "unknown key concepts.colour; valid keys of concepts: shape"),
+    ("train.steps=1.5", "train.steps: expected int, got 1.5"),
+    ("model.mixed_precision=[1]", "model.mixed_precision: expected str"),
+    ("train.steps", "expected section.key=value"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(CONFIGS / "base.yaml", [override])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(CONFIGS / "base.yaml", ["train.steps=11", "losses.shape.mask_t_range=[0,200]"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_every_config_field_has_help():
+    from configs import schema
+    classes = [schema.ModelConfig, schema.DataConfig, schema.PromptConfig, schema.AttentionConfig,
+               schema.TrainConfig, schema.SampleConfig, schema.RunConfig]
+    classes += [c for spec in CONCEPTS.values() for c in spec[1:]]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
