@@ -32,17 +32,25 @@ class RunFolderError(FileExistsError):
     pass
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
-    """A new run never lands on an old one unless asked: resume continues it, overwrite replaces it."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """Read-only: a new run never lands on an old one unless asked (resume continues it,
+    overwrite replaces it). Raises before anything is written."""
     run_dir = Path(run_dir)
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise RunFolderError(f"{run_dir}: --resume given but there is no checkpoint in {run_dir / 'checkpoints'}")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunFolderError(f"{run_dir} already exists; pass --resume to continue it, --overwrite to replace "
+                             "it, or --name to start another run")
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """Create (or, with overwrite, replace) the run folder; main process only."""
+    run_dir = check_run_dir(run_dir, resume, overwrite)
+    if resume:
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunFolderError(f"{run_dir} already exists; pass --resume to continue it, --overwrite to replace "
-                                 "it, or --name to start another run")
+    if run_dir.exists() and overwrite:
         shutil.rmtree(run_dir)
     for sub in ("checkpoints", "samples", "tokens"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -30,11 +31,14 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
-    needs_pixels = any(getattr(cfg.concepts[n], "use_image", False) for n in cfg.tokens)
+    needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
-    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions)
+    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
+                            latent_size=cfg.data.resolution // backbone.vae_scale_factor)
     _, heads, _, _ = load_checkpoint(ckpt)
     system.load_trainable_state(heads)
+    for module in backbone.frozen_modules():   # the backbone is not a submodule: move it too
+        module.to(device)
     system.to(device).eval()
     return system, cfg
 
@@ -51,29 +55,60 @@ def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple
     return collate([dataset[view]])
 
 
-def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | Path], num: int = 4,
+def parse_camera(text: str) -> dict:
+    """'azimuth=30,elevation=10[,distance=2.5]' -> a batch of one with that camera."""
+    values = {"azimuth": None, "elevation": 0.0, "distance": None}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in values or not value:
+            raise ValueError(f"--pose {text!r}: expected azimuth=A,elevation=E[,distance=D]")
+        values[key.strip()] = float(value)
+    if values["azimuth"] is None:
+        raise ValueError(f"--pose {text!r}: azimuth is required")
+    return values
+
+
+def camera_batch(values: dict, distance_range) -> dict:
+    distance = values["distance"] if values["distance"] is not None else sum(distance_range or [2.5, 2.5]) / 2
+    camera = torch.tensor([[values["azimuth"], values["elevation"], distance]])
+    return {"camera": camera, "has_camera": torch.tensor([True]), "category": ["object"]}
+
+
+def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | Path | dict], num: int = 4,
              seed: int = 0, steps: int = 20, guidance_scale: float = 5.0, view: int = 0):
-    """-> (reference image [3, H, W], images [num, 3, H, W], maps [num, C, h, w] or None)."""
+    """-> (reference image [3, H, W], images [num, 3, H, W], maps [num, C, h, w] or None).
+
+    sources: concept -> object folder, or (pose) a camera dict from parse_camera. Only the words
+    the prompt uses need a source; each may come from a different object.
+    """
     check_prompt(prompt, system.table.specs.values())
-    missing = [n for n in system.tokens if n not in sources]
+    used = [n for n in system.tokens if re.search(rf"(?<![\w*]){re.escape(system.concepts[n].config.token)}(?!\w)", prompt)]
+    missing = [n for n in used if n not in sources]
     if missing:
-        raise ValueError(f"no reference object for {', '.join(missing)}: pass --{missing[0]}-from <object folder>")
+        raise ValueError(f"no reference for {', '.join(missing)}: pass --{missing[0]}-from <object folder>")
     # Each word is encoded from its own object, so words of different objects can be mixed.
     device = next(system.backbone.unet.parameters()).device
     outs, reference = {}, None
     with torch.no_grad():
-        for name in system.tokens:
-            batch = reference_batch(sources[name], view, cfg.data.resolution, CONCEPTS[name][0].needs)
+        for name in used:
+            if isinstance(sources[name], dict):
+                batch = camera_batch(sources[name], getattr(cfg.concepts[name], "distance_range", None))
+            else:
+                batch = reference_batch(sources[name], view, cfg.data.resolution,
+                                        CONCEPTS[name][0].needs_for(cfg.concepts[name]))
+                reference = batch["image"][0] if reference is None else reference
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             outs[name] = system.concepts[name].encode(batch)
-            reference = batch["image"][0].cpu() if reference is None else reference
+    if reference is None:
+        size = cfg.data.resolution
+        reference = torch.ones(3, size, size)
     images, maps = [], []
     for i in range(num):   # one seed per sample, so sample i is the same whatever `num` is
         image, attn = system.sample([prompt], steps=steps, guidance_scale=guidance_scale, seed=seed + i, outs=outs)
         images.append(image)
         maps.append(attn)
     maps = torch.cat(maps) if maps[0] is not None else None
-    return (reference.float() + 1) / 2, torch.cat(images), maps
+    return (reference.float().cpu() + 1) / 2, torch.cat(images), maps
 
 
 def main(argv=None):
@@ -82,6 +117,7 @@ def main(argv=None):
     p.add_argument("--prompt", required=True, help="any prompt using the run's words, e.g. 'a chair in the shape of *s'")
     for name in CONCEPTS:
         p.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
+    p.add_argument("--pose", help="explicit camera for *p: azimuth=30,elevation=10[,distance=2.5]")
     p.add_argument("--view", type=int, default=0, help="which view of the reference object")
     p.add_argument("--num", type=int, default=4, help="samples (seeds seed, seed+1, …)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,6 +130,8 @@ def main(argv=None):
     try:
         system, cfg = load_run(args.run, args.checkpoint, args.device)
         sources = {n: getattr(args, f"{n}_from") for n in system.tokens if getattr(args, f"{n}_from")}
+        if args.pose:
+            sources["pose"] = parse_camera(args.pose)
         reference, images, maps = generate(system, cfg, args.prompt, sources, args.num, args.seed, args.steps,
                                            args.guidance_scale, args.view)
     except (ConfigError, DataError, TokenError, ValueError) as err:

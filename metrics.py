@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from capture import AttentionStore, capture_attention
 from losses import attention_iou, attention_mass_inside
 
 
@@ -11,25 +10,21 @@ from losses import attention_iou, attention_mass_inside
 def attention_mask_metrics(system, batch: dict, prompts: list[str], timestep: int = 100, seed: int = 0,
                            return_maps: bool = False):
     """For every attention concept: the mass of its cross-attention inside the object mask, and
-    the IoU of its map thresholded at half its max, on `batch` noised to `timestep`.
+    the IoU of its map thresholded at its mean (pixels with more than their share), on `batch` noised to `timestep`.
 
     Returns {"<concept>/mass_inside": [B], "<concept>/iou": [B]} (and the maps [B, C, h, w] when
     `return_maps`).
     """
     bb = system.backbone
     device = next(bb.unet.parameters()).device
-    dtype = next(bb.unet.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
-    latents = bb.vae.encode(batch["image"].to(device, bb.vae.dtype)).latent_dist.mode() * bb.vae.config.scaling_factor
+    latents = bb.vae.encode(batch["image"].to(device, bb.vae.dtype)).latent_dist.mode().float() * bb.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     t = torch.full((latents.shape[0],), timestep, device=device, dtype=torch.long)
     noisy = bb.scheduler.add_noise(latents, noise, t)
     text, selection = system.text_embeddings(prompts, system.encode(batch))
-    store = AttentionStore(tuple(latents.shape[-2:]))
-    store.set_prompts(text, selection)
-    with capture_attention(bb.unet, store, system.attention_layers):
-        bb.unet(noisy.to(dtype), t, text.to(dtype))
-    maps = store.collect()                                                       # [B, C, h, w]
+    _, maps = system.unet_with_attention(noisy.float(), t, text, selection)   # maps [B, C, h, w]
+    system.store.end()
     mask = batch["mask"].to(device)
     out = {}
     for i, name in enumerate(system.attention_concepts):

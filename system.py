@@ -3,42 +3,85 @@ sample with attention overlays. train.py drives it; generate.py and the tests us
 from __future__ import annotations
 
 import random
-from pathlib import Path
+import re
 
 import torch
 from torch import nn
 
 from backbone import Backbone
-from capture import AttentionStore, capture_attention, choose_layers
+from capture import AttentionStore, choose_layers, install_capture
 from concepts import CONCEPTS, StepView
 from losses import denoising_loss, denoising_target
+from objectdata.sampling import partner_weights
 from tokens import PlaceholderSpec, PlaceholderTable, encode_prompts, placeholder_selection, tokenize
 
 
-def render_prompt(template: str, category: str, phrases: list[str]) -> str:
-    """'a photo of a {category} {phrases}' -> 'a photo of a chair in the shape of *s with pose *p'."""
-    text = template.format(category=category, phrases=" ".join(phrases))
-    return " ".join(text.split())   # an empty slot leaves no double space
+def render_prompt(template: str, category: str, clauses: dict[str, str]) -> str:
+    """Fill a template's slots: {category}; a concept's own slot ({shape}, {pose}, …) gets its
+    clause, or nothing when the concept is inactive; {phrases} gets every other active clause.
+
+    'a photo of a {category} {phrases}' -> 'a photo of a chair in the shape of *s with pose *p'
+    """
+    slots = {name: "" for name in CONCEPTS}
+    slots.update(clauses)
+    named = [n for n in CONCEPTS if "{" + n + "}" in template]
+    phrases = " ".join(c for n, c in clauses.items() if c and n not in named)
+    try:
+        text = template.format(category=category, phrases=phrases, **slots)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"prompt template {template!r}: unknown slot {err}; slots are {{category}}, "
+                         f"{{phrases}}, " + ", ".join("{" + n + "}" for n in CONCEPTS)) from err
+    text = " ".join(text.split())                        # an empty slot leaves no double space
+    text = re.sub(r"\s+([,.;:])", r"\1", text)            # nor a space before punctuation
+    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)    # nor doubled commas
+    return text.strip(" ,;:")
+
+
+def random_subsets(names: list[str], count: int, rng: random.Random) -> list[list[str]]:
+    """Union sampling (Break-A-Scene): a random non-empty subset of `names` per sample, uniform
+    over the 2^n - 1 subsets, so every word must also work alone."""
+    n = len(names)
+    out = []
+    for _ in range(count):
+        bits = rng.randrange(1, 2 ** n)
+        out.append([name for i, name in enumerate(names) if bits >> i & 1])
+    return out
+
+
+class Heads(nn.ModuleDict):
+    """The concepts' heads. Their forward is what accelerate/DDP wraps, so gradients of every
+    head are averaged across GPUs."""
+
+    def forward(self, batch: dict, names: list[str] | None = None) -> dict:
+        return {n: self[n].encode(batch) for n in (names or list(self.keys()))}
 
 
 class GuidedConcepts(nn.Module):
     """Heads of the active concepts (the only trainable part) plus the frozen backbone."""
 
     def __init__(self, backbone: Backbone, concept_configs: dict, loss_configs: dict, tokens: list[str],
-                 attention_resolutions=None):
+                 attention_resolutions=None, latent_size: int | None = None):
+        """latent_size: the training latent size (data resolution / VAE factor); the attention
+        layers are chosen for it. Default: the UNet's native sample size."""
         super().__init__()
         self.backbone = backbone
         self.tokens = list(tokens)
         specs = [PlaceholderSpec(n, concept_configs[n].token, concept_configs[n].initializer,
                                  concept_configs[n].num_vectors) for n in self.tokens]
         self.table = PlaceholderTable(backbone.text_side, specs)
-        self.concepts = nn.ModuleDict({
+        self.concepts = Heads({
             n: CONCEPTS[n][0](concept_configs[n], loss_configs[n], self.table.initializer_rows[n],
                               backbone.image_encoder)
             for n in self.tokens})
         self.attention_concepts = [n for n in self.tokens if self.concepts[n].attention]
-        self.latent_size = backbone.unet.config.sample_size
+        self.latent_size = latent_size or backbone.unet.config.sample_size
+        for n in self.tokens:       # a bad clause or template slot fails here, before training
+            self.clause(n)
         self.attention_layers = choose_layers(backbone.unet, self.latent_size, attention_resolutions)
+        # Capture processors stay installed (stock fused attention everywhere else): gradient
+        # checkpointing re-runs them in backward. They record only while a store is begun.
+        self.store = AttentionStore()
+        install_capture(backbone.unet, self.store, self.attention_layers if self.attention_concepts else [])
 
     # -- parameters ------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -52,12 +95,34 @@ class GuidedConcepts(nn.Module):
             raise ValueError(f"checkpoint does not match the concepts: missing {missing}, unexpected {unexpected}")
 
     # -- text side -------------------------------------------------------------------------------
-    def prompts_for(self, batch: dict, templates: list[str], active: list[str], rng: random.Random) -> list[str]:
-        phrases = [self.concepts[n].config.phrase.format(token=self.concepts[n].config.token) for n in active]
-        return [render_prompt(rng.choice(templates), c, phrases) for c in batch["category"]]
+    def clause(self, name: str) -> str:
+        config = self.concepts[name].config
+        return config.phrase.format(token=config.token)
+
+    def prompts_for(self, batch: dict, templates: list[str], active: list[str], rng: random.Random,
+                    by_category: dict | None = None) -> list[str]:
+        """The same active words in every sample's prompt."""
+        return self.make_prompts(batch, templates, rng, union=False, by_category=by_category, active=active)[0]
+
+    def make_prompts(self, batch: dict, templates: list[str], rng: random.Random, union: bool = False,
+                     by_category: dict | None = None, active: list[str] | None = None):
+        """-> prompts [B], present {concept: bool [B]} (which words each prompt uses).
+
+        union: each sample uses a random non-empty subset of the active words.
+        by_category: category -> templates, overriding `templates` for that category.
+        """
+        active = list(active or self.tokens)
+        categories = list(batch["category"])
+        subsets = random_subsets(active, len(categories), rng) if union else [active] * len(categories)
+        prompts = []
+        for category, subset in zip(categories, subsets):
+            choices = (by_category or {}).get(category) or templates
+            prompts.append(render_prompt(rng.choice(choices), category, {n: self.clause(n) for n in subset}))
+        present = {n: torch.tensor([n in s for s in subsets]) for n in self.tokens}
+        return prompts, present
 
     def encode(self, batch: dict, active: list[str] | None = None) -> dict:
-        return {n: self.concepts[n].encode(batch) for n in (active or self.tokens)}
+        return self.concepts(batch, active)
 
     def text_embeddings(self, prompts: list[str], outs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> text embeddings [B, L, D] and placeholder selection [B, L, C_attention]."""
@@ -67,39 +132,53 @@ class GuidedConcepts(nn.Module):
 
     # -- one training step -----------------------------------------------------------------------
     def training_losses(self, batch: dict, prompts: list[str], generator: torch.Generator | None = None,
-                        loss_weights: dict | None = None) -> dict[str, tuple[float, torch.Tensor]]:
-        """All loss terms of one step: name -> (weight, per-sample values [B]). The caller reduces."""
+                        present: dict[str, torch.Tensor] | None = None,
+                        outs: dict | None = None) -> dict[str, tuple[float, torch.Tensor]]:
+        """All loss terms of one step: name -> (weight, per-sample values [B]). The caller reduces.
+
+        present: concept -> bool [B], which prompts use the word (union sampling); a word's
+        guidance losses count only where its prompt uses it.
+        outs: the heads' outputs when the caller ran them (through DDP); else they run here.
+        """
         bb = self.backbone
         device = next(bb.unet.parameters()).device
-        dtype = next(bb.unet.parameters()).dtype
         with torch.no_grad():
             latents = bb.vae.encode(batch["image"].to(device, bb.vae.dtype)).latent_dist.sample(generator)
-            latents = latents * bb.vae.config.scaling_factor                     # [B, 4, h, w]
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          generator=generator, device=device)
+            latents = latents.float() * bb.vae.config.scaling_factor               # [B, 4, h, w]
+        # Random draws on the generator's device (CPU by default), then moved: works on any device.
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
         noisy = bb.scheduler.add_noise(latents, noise, t)
 
-        outs = self.encode(batch)
+        outs = outs if outs is not None else self.concepts(batch)
         text, selection = self.text_embeddings(prompts, outs)
-        store = AttentionStore(tuple(latents.shape[-2:]))
-        attention = None
-        if self.attention_concepts:
-            store.set_prompts(text, selection)
-            with capture_attention(bb.unet, store, self.attention_layers):
-                pred = bb.unet(noisy.to(dtype), t, text.to(dtype)).sample
-            maps = store.collect()                                               # [B, C, h, w]
-            attention = {n: maps[:, i] for i, n in enumerate(self.attention_concepts)}
-        else:
-            pred = bb.unet(noisy.to(dtype), t, text.to(dtype)).sample
+        pred, maps = self.unet_with_attention(noisy, t, text, selection)
+        attention = {n: maps[:, i] for i, n in enumerate(self.attention_concepts)} if maps is not None else None
         target = denoising_target(bb.scheduler, latents, noise, t)
 
         losses = {"denoise": (1.0, denoising_loss(pred, target))}
-        view = StepView(timesteps=t, attention=attention, pred=pred, target=target)
+        same_object = same_camera = None
+        if "object_index" in batch and "camera" in batch:
+            same_object, same_camera = partner_weights(batch["object_index"], batch["camera"], batch["has_camera"])
+        view = StepView(timesteps=t, attention=attention, pred=pred, target=target,
+                        same_object=same_object, same_camera=same_camera)
         for n, out in outs.items():
+            used = present[n].to(device).float() if present is not None else None
             for name, (weight, value) in self.concepts[n].guidance_losses(out, batch, view).items():
-                losses[f"{n}/{name}"] = (weight, value)
+                losses[f"{n}/{name}"] = (weight, value * used if used is not None else value)
         return losses
+
+    def unet_with_attention(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, selection: torch.Tensor):
+        """One UNet call -> (prediction [B, 4, h, w] in fp32, maps [B, C, h', w'] or None)."""
+        unet = self.backbone.unet
+        dtype = next(unet.parameters()).dtype
+        if not self.attention_concepts:
+            return unet(noisy.to(dtype), t, text.to(dtype)).sample.float(), None
+        self.store.begin(text.to(dtype), selection, tuple(noisy.shape[-2:]), layout_known=True)
+        pred = unet(noisy.to(dtype), t, text.to(dtype)).sample.float()
+        maps = self.store.collect()
+        self.store.recording = False     # prompts stay set for checkpoint recomputation
+        return pred, maps
 
     # -- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -125,15 +204,19 @@ class GuidedConcepts(nn.Module):
         outs = outs if outs is not None else self.encode(batch)
         text, selection = self.text_embeddings(prompts, outs)
         negative, _ = self.text_embeddings([""] * len(prompts), {})
-        size = bb.unet.config.sample_size * bb.vae_scale_factor
+        size = self.latent_size * bb.vae_scale_factor
         height, width = height or size, width or size
-        store = AttentionStore((height // bb.vae_scale_factor, width // bb.vae_scale_factor))
-        store.accumulate = True
-        store.set_prompts(text.to(dtype), selection)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        with capture_attention(bb.unet, store, self.attention_layers if self.attention_concepts else []):
+        maps = None
+        if self.attention_concepts:
+            self.store.begin(text.to(dtype), selection, (height // bb.vae_scale_factor, width // bb.vae_scale_factor),
+                             accumulate=True)
+        try:
             images = pipe(prompt_embeds=text.to(dtype), negative_prompt_embeds=negative.to(dtype),
                           num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                           height=height, width=width, output_type="pt").images
-        maps = store.collect() if self.attention_concepts else None
-        return images.float().cpu(), (maps.cpu() if maps is not None else None)
+            if self.attention_concepts:
+                maps = self.store.collect().cpu()
+        finally:
+            self.store.end()
+        return images.float().cpu(), maps

@@ -1,7 +1,7 @@
 """Train guided-concept words on a frozen Stable Diffusion model.
 
     python train.py --tokens shape                     # tiny model, bundled synthetic chairs
-    accelerate launch train.py --model runwayml/stable-diffusion-v1-5 --set data.root=my_chairs \
+    accelerate launch train.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --set data.root=my_chairs \
         --set data.resolution=512 --set model.mixed_precision=fp16
 
 The only file that knows accelerate. The CLI builds and validates a config; everything else is
@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm import tqdm
 
 from backbone import load_backbone
-from checkpointing import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from checkpointing import check_run_dir, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from concepts import CONCEPTS
 from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
 from metrics import attention_mask_metrics
-from objectdata import DataError, ObjectViewsDataset, collate, ensure_default_data, scan_objects
+from objectdata import (DataError, ObjectViewsDataset, ShuffledBatchSampler, TripletBatchSampler, collate,
+                        ensure_default_data, scan_objects)
 from overlays import attention_grid
 from system import GuidedConcepts
 from tokens.export import save_token
@@ -62,15 +63,29 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 # ----------------------------------------------------------------------------------------------
 # Data: everything is validated before the run folder is touched
 # ----------------------------------------------------------------------------------------------
-def build_data(cfg: Config, needs: set[str]):
+def build_data(cfg: Config):
+    needs = {k for n in cfg.tokens for k in CONCEPTS[n][0].needs_for(cfg.concepts[n])}
     root = Path(cfg.data.root) if cfg.data.root else ensure_default_data()
     records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
                            require_keypoints="keypoints" in needs)
+    info = dataset_info(records)
+    for n in cfg.tokens:     # e.g. camera bounds; saved in config.yaml so generation reuses them
+        cfg.concepts[n] = CONCEPTS[n][0].fit_to_data(cfg.concepts[n], info)
     holdout = min(cfg.data.holdout, len(records) - 1)
     train_records, val_records = records[:len(records) - holdout], records[len(records) - holdout:]
     train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed)
     val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0)
     return train, val
+
+
+def dataset_info(records) -> dict:
+    """Dataset-wide bounds the heads rescale with."""
+    views = [v for r in records for v in r.views]
+    def bounds(key):
+        values = [getattr(v, key) for v in views if getattr(v, key) is not None]
+        return (min(values), max(values)) if values else None
+    return {"elevation": bounds("elevation"), "distance": bounds("distance"),
+            "num_keypoints": max((len(v.keypoints or []) for v in views), default=0)}
 
 
 def first_views(dataset, count: int) -> dict:
@@ -88,18 +103,30 @@ def to_device(batch: dict, device) -> dict:
 # ----------------------------------------------------------------------------------------------
 def validate(system: GuidedConcepts, cfg: Config, val, step: int, run_dir: Path, device) -> dict:
     batch = to_device(first_views(val, cfg.sample.num_objects), device)
-    prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0))
+    prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0), cfg.prompt.by_category)
     images, maps = system.sample(prompts, batch, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.seed)
-    reference_maps, found = None, {}
+    reference_maps = None
     if system.attention_concepts:
         _, reference_maps = attention_mask_metrics(system, batch, prompts, timestep=100, return_maps=True)
-        all_views = to_device(collate([val[i] for i in range(len(val))]), device)
-        all_prompts = system.prompts_for(all_views, cfg.prompt.templates[:1], system.tokens, random.Random(0))
-        found = attention_mask_metrics(system, all_views, all_prompts, timestep=100)
+    parts: dict[str, list] = {}
+    for start in range(0, len(val), cfg.train.batch_size):       # chunks: held-out sets can be large
+        views = to_device(collate([val[i] for i in range(start, min(start + cfg.train.batch_size, len(val)))]), device)
+        found = {}
+        if system.attention_concepts:
+            view_prompts = system.prompts_for(views, cfg.prompt.templates[:1], system.tokens, random.Random(0),
+                                              cfg.prompt.by_category)
+            found = {f"{k}@t100": v for k, v in attention_mask_metrics(system, views, view_prompts, 100).items()}
+        with torch.no_grad():
+            for name, out in system.encode(views).items():
+                found.update({f"{name}/{k}": v.cpu() for k, v in system.concepts[name].validation_metrics(out, views).items()})
+        for k, v in found.items():
+            parts.setdefault(k, []).append(v)
+    found = {k: torch.cat(v) for k, v in parts.items()}
     names = [system.concepts[n].config.token for n in system.attention_concepts]
     references = (batch["image"].float().cpu() + 1) / 2
     attention_grid(references, images, maps, names, reference_maps).save(run_dir / "samples" / f"step_{step:06d}.png")
-    return {f"val/{k}@t100": v.mean().item() for k, v in found.items()}
+    # Errors as medians (robust to a few flipped poses), everything else as means.
+    return {f"val/{k}": (v.median() if "error" in k else v.mean()).item() for k, v in found.items()}
 
 
 def export_tokens(system: GuidedConcepts, datasets, run_dir: Path, device):
@@ -120,22 +147,26 @@ def export_tokens(system: GuidedConcepts, datasets, run_dir: Path, device):
 def main(argv=None):
     try:
         cfg, args = parse_args(argv)
-        needs = {k for n in cfg.tokens for k in CONCEPTS[n][0].needs}
-        train_set, val_set = build_data(cfg, needs)
-        run_dir = prepare_run_dir(Path(cfg.run.output_dir) / cfg.run.name, args.resume, args.overwrite)
+        train_set, val_set = build_data(cfg)
+        run_dir = check_run_dir(Path(cfg.run.output_dir) / cfg.run.name, args.resume, args.overwrite)
     except (ConfigError, DataError, FileExistsError) as err:
         sys.exit(f"error: {err}")
-    save_config(cfg, run_dir / "config.yaml")
-
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with=None if cfg.run.report_to == "none" else cfg.run.report_to)
+                              log_with=None if cfg.run.report_to == "none" else cfg.run.report_to,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, args.resume, args.overwrite)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # Frozen backbone in the mixed-precision dtype; heads stay fp32.
-    needs_pixels = any(getattr(cfg.concepts[n], "use_image", False) for n in cfg.tokens)
+    needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
-    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions)
+    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
+                            latent_size=cfg.data.resolution // backbone.vae_scale_factor)
     for module in backbone.frozen_modules():
         module.to(accelerator.device)
         if weight_dtype != torch.float32:
@@ -148,27 +179,37 @@ def main(argv=None):
     groups = [{"params": [p for p in system.concepts[n].parameters() if p.requires_grad],
                "lr": cfg.concepts[n].lr, "name": n} for n in cfg.tokens]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False,
-                                         collate_fn=collate, num_workers=cfg.data.num_workers,
-                                         generator=torch.Generator().manual_seed(cfg.train.seed))
+    sampler = (TripletBatchSampler(train_set, max(1, cfg.train.batch_size // 3), seed=cfg.train.seed)
+               if cfg.data.triplets else ShuffledBatchSampler(len(train_set), cfg.train.batch_size, seed=cfg.train.seed))
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.data.num_workers)
     heads, optimizer, loader = accelerator.prepare(system.concepts, optimizer, loader)
 
-    step = 0
+    # Resume: heads, optimizer (and fp16 scaler), and the position in the epoch.
+    step, epoch, skip = 0, 0, 0
     if args.resume:
         ckpt = latest_checkpoint(run_dir)
-        step, head_state, opt_state, _ = load_checkpoint(ckpt)
+        step, head_state, opt_state, state = load_checkpoint(ckpt)
+        if state.get("tokens", cfg.tokens) != cfg.tokens:
+            sys.exit(f"error: {ckpt} trained tokens {state['tokens']}, not {cfg.tokens}; resume with the same --tokens")
         system.load_trainable_state(head_state)
-        optimizer.load_state_dict(opt_state)
-        set_seed(cfg.train.seed + step)
-        accelerator.print(f"resumed {run_dir} from {ckpt.name}: step {step}, heads and optimizer state restored")
+        optimizer.load_state_dict(opt_state["optimizer"])
+        if accelerator.scaler is not None and opt_state.get("scaler"):
+            accelerator.scaler.load_state_dict(opt_state["scaler"])
+        epoch, skip = state.get("epoch", 0), state.get("batch_in_epoch", 0)
+        if accelerator.is_main_process:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+        accelerator.print(f"resumed {run_dir} from {ckpt.name}: step {step}, epoch {epoch} batch {skip}; "
+                          "heads, optimizer and data position restored")
     if accelerator.is_main_process and cfg.run.report_to != "none":
         accelerator.init_trackers("guided-concepts", config=config_to_dict(cfg),
                                   init_kwargs={"wandb": {"name": cfg.run.name, "dir": str(run_dir)}})
 
-    def checkpoint(step):
+    def checkpoint(step, epoch, batch_in_epoch):
         if accelerator.is_main_process:
-            save_checkpoint(run_dir, step, system.trainable_state(), optimizer.state_dict(),
-                            {"tokens": cfg.tokens, "model": cfg.model.name})
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            save_checkpoint(run_dir, step, system.trainable_state(), {"optimizer": optimizer.state_dict(), "scaler": scaler},
+                            {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
 
     def log(record: dict):
         if accelerator.is_main_process:
@@ -181,15 +222,20 @@ def main(argv=None):
     # Loop
     # ------------------------------------------------------------------------------------------
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    rng, epoch, running, count, started = random.Random(cfg.train.seed + step), step, {}, 0, time.time()
+    rng, running, count, started = random.Random(cfg.train.seed + step), {}, 0, time.time()
     heads.train()
     while step < cfg.train.steps:
         train_set.set_epoch(epoch)
-        epoch += 1
-        for batch in loader:
+        sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batch_in_epoch = skip
+        for batch in batches:
+            batch_in_epoch += 1
             with accelerator.accumulate(heads), accelerator.autocast():
-                prompts = system.prompts_for(batch, cfg.prompt.templates, cfg.tokens, rng)
-                terms = system.training_losses(batch, prompts)
+                prompts, present = system.make_prompts(batch, cfg.prompt.templates, rng, cfg.train.union_sampling,
+                                                       cfg.prompt.by_category)
+                outs = heads(batch)                                   # through DDP on several GPUs
+                terms = system.training_losses(batch, prompts, present=present, outs=outs)
                 loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -210,8 +256,9 @@ def main(argv=None):
                      **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
                      "time": round(time.time() - started, 2)})
                 running, count = {}, 0
+            done_epoch = batch_in_epoch >= len(loader)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                checkpoint(step)
+                checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch)
             sample_now = cfg.train.sample_every and step % cfg.train.sample_every == 0
             if accelerator.is_main_process and (sample_now or step == cfg.train.steps):
                 heads.eval()
@@ -219,12 +266,20 @@ def main(argv=None):
                 heads.train()
             if step >= cfg.train.steps:
                 break
+        epoch, skip = epoch + 1, 0
     bar.close()
     if accelerator.is_main_process:
         export_tokens(system, [train_set, val_set], run_dir, accelerator.device)
         accelerator.print(f"done: {run_dir} (checkpoints/, samples/, tokens/, metrics.jsonl)")
     accelerator.end_training()
     return run_dir
+
+
+def truncate_metrics(path: Path, step: int):
+    """On resume, drop lines logged after the restored checkpoint (they will be logged again)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
+from einops import rearrange, reduce
 
 
 def cross_attention_layers(unet) -> dict[str, int]:
@@ -59,22 +60,37 @@ def choose_layers(unet, latent_size: int, resolutions: list[int] | None) -> list
 class AttentionStore:
     """Holds the maps captured in one UNet call (training) or averaged over a sampling run.
 
-    set_prompts(text_embeds [B, L, D], selection [B, L, C]) tells which prompts carry which
-    placeholder columns. A captured layer matches each incoming sample to these prompts by
-    content, so classifier-free guidance (or any other batch layout) works: samples with no
-    match (the unconditional half) are ignored.
+    begin(text_embeds [B, L, D], selection [B, L, C], ...) says which prompts carry which
+    placeholder columns. With `layout_known` (training), incoming sample i is prompt i. Otherwise
+    each incoming sample is matched to a prompt by content, so classifier-free guidance (or any
+    other batch layout) works: samples with no match (the unconditional half) are ignored.
+
+    After a training forward, `recording` goes off but the prompts stay set: gradient
+    checkpointing recomputes the captured layers during backward, and they must run the same ops.
     """
 
-    def __init__(self, latent_hw: tuple[int, int]):
+    def __init__(self, latent_hw: tuple[int, int] | None = None):
         self.latent_hw = latent_hw
         self.text_embeds = None
         self.selection = None
         self.accumulate = False
+        self.layout_known = False
+        self.recording = True
         self.reset()
 
     def reset(self):
         self.maps: dict[str, torch.Tensor] = {}     # layer -> [B, C, h, w] (sum over calls)
         self.counts: dict[str, int] = {}
+
+    def begin(self, text_embeds: torch.Tensor, selection: torch.Tensor, latent_hw: tuple[int, int],
+              accumulate: bool = False, layout_known: bool = False):
+        self.reset()
+        self.text_embeds, self.selection = text_embeds.detach(), selection
+        self.latent_hw, self.accumulate, self.layout_known, self.recording = tuple(latent_hw), accumulate, layout_known, True
+
+    def end(self):
+        self.text_embeds = self.selection = None
+        self.recording = False
 
     def set_prompts(self, text_embeds: torch.Tensor, selection: torch.Tensor):
         self.text_embeds, self.selection = text_embeds.detach(), selection
@@ -82,6 +98,8 @@ class AttentionStore:
     def match(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """For each incoming sample, the index of its prompt or -1.  -> [B_in]"""
         ref = self.text_embeds.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+        if self.layout_known and encoder_hidden_states.shape == ref.shape:
+            return torch.arange(ref.shape[0])
         if encoder_hidden_states.shape[1:] != ref.shape[1:]:
             return torch.full((encoder_hidden_states.shape[0],), -1, dtype=torch.long)
         diff = (encoder_hidden_states.detach()[:, None] - ref[None]).abs().flatten(2).amax(-1)  # [B_in, B]
@@ -97,14 +115,16 @@ class AttentionStore:
                 used[index[i]] = True
         return index
 
-    def add(self, layer: str, probs: torch.Tensor, prompt_index: torch.Tensor, keep: torch.Tensor):
-        """probs [B_keep, N, C] of the kept samples, prompt_index [B_keep]."""
+    def add(self, layer: str, probs: torch.Tensor, prompt_index: torch.Tensor):
+        """probs [b, N, C] of the matched samples, prompt_index [b] (their prompts)."""
+        if not self.recording:
+            return
         n = probs.shape[1]
         factor = math.sqrt(self.latent_hw[0] * self.latent_hw[1] / n)
         h, w = round(self.latent_hw[0] / factor), round(self.latent_hw[1] / factor)
-        maps = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], h, w)  # [B_keep, C, h, w]
+        maps = rearrange(probs, "b (h w) c -> b c h w", h=h, w=w)
         full = maps.new_zeros((self.text_embeds.shape[0],) + maps.shape[1:])
-        full = full.index_add(0, prompt_index, maps)   # in the prompts' order, whatever came in
+        full = full.index_add(0, prompt_index.to(maps.device), maps)   # in the prompts' order
         if self.accumulate and layer in self.maps:
             full = self.maps[layer] + full.detach()
             self.counts[layer] += 1
@@ -147,22 +167,26 @@ class CaptureProcessor(AttnProcessor2_0):
         hs, ehs = hidden_states[keep], encoder_hidden_states[keep]
         if attn.norm_cross:
             ehs = attn.norm_encoder_hidden_states(ehs)
-        query = attn.head_to_batch_dim(attn.to_q(hs))                      # [b*h, N, d]
-        key = attn.head_to_batch_dim(attn.to_k(ehs))                       # [b*h, L, d]
-        probs = attn.get_attention_scores(query, key, None)                # [b*h, N, L]
-        probs = probs.view(hs.shape[0], attn.heads, *probs.shape[1:]).mean(1)  # [b, N, L]
+        query = attn.head_to_batch_dim(attn.to_q(hs))                      # [b*heads, N, d]
+        key = attn.head_to_batch_dim(attn.to_k(ehs))                       # [b*heads, L, d]
+        probs = attn.get_attention_scores(query, key, None)                # [b*heads, N, L]
+        probs = reduce(probs, "(b heads) n l -> b n l", "mean", heads=attn.heads)
         selection = self.store.selection.to(probs.device, probs.dtype)[prompt_index[keep]]  # [b, L, C]
-        self.store.add(self.layer, torch.bmm(probs, selection).float(), prompt_index[keep], keep)
+        self.store.add(self.layer, torch.bmm(probs, selection).float(), prompt_index[keep])   # [b, N, C]
         return out
+
+
+def install_capture(unet, store: AttentionStore, layers: list[str]) -> None:
+    """Capture processors in `layers`, stock fused AttnProcessor2_0 everywhere else."""
+    unet.set_attn_processor({name: (CaptureProcessor(store, name) if name in layers else AttnProcessor2_0())
+                             for name in unet.attn_processors})
 
 
 @contextmanager
 def capture_attention(unet, store: AttentionStore, layers: list[str]):
     """Install capture processors in `layers` (stock AttnProcessor2_0 elsewhere); restore after."""
     original = unet.attn_processors
-    processors = {name: (CaptureProcessor(store, name) if name in layers else AttnProcessor2_0())
-                  for name in original}
-    unet.set_attn_processor(processors)
+    install_capture(unet, store, layers)
     try:
         yield store
     finally:

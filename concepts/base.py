@@ -49,8 +49,8 @@ class OffsetHead(nn.Module):
         return ConceptOutput(embeds=self.rows + self.scale * offset, offset=offset)
 
 
-class MaskEncoder(nn.Module):
-    """A small CNN: mask [B, 1, H, W] -> features [B, width*4]."""
+class ConvEncoder(nn.Module):
+    """A small CNN: maps [B, C, H, W] (masks, heatmaps, pixels) -> features [B, width*4]."""
 
     def __init__(self, in_channels: int = 1, width: int = 16, size: int = 64):
         super().__init__()
@@ -71,8 +71,9 @@ class MaskEncoder(nn.Module):
 class Concept(nn.Module):
     """One learned word: `encode(batch)` gives its embeddings, `guidance_losses` its losses.
 
-    Subclasses set `name`, `needs` (batch keys the head reads; the data check uses it) and
-    `attention` (True if a loss reads the word's cross-attention map).
+    Subclasses set `name`, `needs` (data the head or losses require: "mask", "camera",
+    "keypoints"; checked before training) and `attention` (True if a loss reads the word's
+    cross-attention map).
     """
     name = "concept"
     needs: tuple[str, ...] = ()
@@ -82,8 +83,28 @@ class Concept(nn.Module):
         raise NotImplementedError
 
     def guidance_losses(self, out: ConceptOutput, batch: dict, step: "StepView") -> dict[str, tuple[float, torch.Tensor]]:
-        """name -> (weight, per-sample loss [B]). The loop weights, reduces and logs each."""
+        """name -> (weight, per-sample value [B]). The loop weights, reduces and logs each; a
+        weight of 0 is a metric: logged, not optimised."""
         raise NotImplementedError
+
+    def validation_metrics(self, out: ConceptOutput, batch: dict) -> dict[str, torch.Tensor]:
+        """Held-out measurements (name -> [B]) logged at each validation."""
+        return {}
+
+    @classmethod
+    def needs_for(cls, config) -> tuple[str, ...]:
+        """Data fields this concept's head or losses require (checked before training)."""
+        return cls.needs
+
+    @classmethod
+    def uses_image_encoder(cls, config) -> bool:
+        return bool(getattr(config, "use_image", False))
+
+    @classmethod
+    def fit_to_data(cls, config, dataset_info: dict):
+        """Fill config fields that come from the data (e.g. camera bounds) before building.
+        Returns the config; the filled values are saved in the run's config.yaml."""
+        return config
 
 
 @dataclass
@@ -93,3 +114,11 @@ class StepView:
     attention: dict[str, torch.Tensor] | None        # concept -> [B, h, w] cross-attention map
     pred: torch.Tensor                               # [B, C, h, w] UNet output
     target: torch.Tensor                             # [B, C, h, w] denoising target
+    same_object: torch.Tensor | None = None          # [B, B] bool: other views of the same object
+    same_camera: torch.Tensor | None = None          # [B, B] bool: other objects at the same camera
+
+
+def in_timestep_range(timesteps: torch.Tensor, t_range) -> torch.Tensor:
+    """[B] float 0/1: where an attention loss applies (at high noise the object is not visible)."""
+    lo, hi = t_range
+    return ((timesteps >= lo) & (timesteps < hi)).float()

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from concepts.base import Concept, ConceptConfig, ConceptOutput, MaskEncoder, OffsetHead, StepView
-from losses import MASK_ATTENTION_VARIANTS, mask_attention_loss, offset_l2
+from concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
+from losses import MASK_ATTENTION_VARIANTS, consistency_loss, mask_attention_loss, offset_l2
 
 
 @dataclass
@@ -25,6 +25,7 @@ class ShapeLossConfig:
     mask_variant: str = field(default="mse_maxnorm", metadata={"help": f"one of {MASK_ATTENTION_VARIANTS}"})
     mask_t_range: tuple[int, int] = field(default=(0, 600), metadata={"help": "timesteps [lo, hi) where the mask loss applies; at high noise the object is not visible"})
     offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
+    view_consistency_weight: float = field(default=0.1, metadata={"help": "pull *s of one object's views together (needs multi-view batches)"})
 
     def __post_init__(self):
         if self.mask_variant not in MASK_ATTENTION_VARIANTS:
@@ -41,7 +42,7 @@ class ShapeConcept(Concept):
                  image_encoder=None):
         super().__init__()
         self.config, self.loss_config = config, loss_config
-        self.mask_encoder = MaskEncoder(width=config.mask_width)
+        self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width)
         in_dim = self.mask_encoder.out_dim
         self.image_encoder = image_encoder if config.use_image else None
         if config.use_image:
@@ -61,8 +62,8 @@ class ShapeConcept(Concept):
         lc = self.loss_config
         losses = {"offset_l2": (lc.offset_weight, offset_l2(out.offset))}
         if lc.mask_weight > 0 and step.attention is not None:
-            lo, hi = lc.mask_t_range
-            in_range = ((step.timesteps >= lo) & (step.timesteps < hi)).float()        # [B]
             per_sample = mask_attention_loss(step.attention[self.name], batch["mask"], lc.mask_variant)
-            losses["mask_attention"] = (lc.mask_weight, per_sample * in_range)
+            losses["mask_attention"] = (lc.mask_weight, per_sample * in_timestep_range(step.timesteps, lc.mask_t_range))
+        if lc.view_consistency_weight > 0 and step.same_object is not None:
+            losses["view_consistency"] = (lc.view_consistency_weight, consistency_loss(out.offset, step.same_object))
         return losses

@@ -5,6 +5,7 @@ An unknown key is an error that lists the valid ones; a value of the wrong type 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,11 @@ class ModelConfig:
     name: str = field(default="tiny", metadata={"help": "'tiny', a diffusers SD folder, or a hub id"})
     revision: str | None = field(default=None, metadata={"help": "hub revision"})
     image_encoder: str | None = field(default=None, metadata={"help": "CLIP vision model for heads that read pixels (default: the model's own image_encoder/)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16: frozen modules run in it, heads stay fp32"})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no | fp16 | bf16 (frozen modules run in it, heads stay fp32); null = accelerate's own setting (accelerate launch --mixed_precision)"})
+
+    def __post_init__(self):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"model.mixed_precision: {self.mixed_precision!r} is not one of no, fp16, bf16")
     gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing (saves memory on real models)"})
 
 
@@ -33,6 +38,7 @@ class DataConfig:
     resolution: int = field(default=64, metadata={"help": "training image size (512 for SD 1.5)"})
     flip_prob: float = field(default=0.5, metadata={"help": "horizontal flip probability (image and mask together)"})
     holdout: int = field(default=2, metadata={"help": "objects held out for validation samples and metrics"})
+    triplets: bool = field(default=True, metadata={"help": "batches of (view, same object other view, other object same camera) for the consistency losses"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
 
 
@@ -40,7 +46,8 @@ class DataConfig:
 class PromptConfig:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {category} {phrases}",
                                                           "a rendering of a {category} {phrases}"],
-                                 metadata={"help": "{category} from meta.json, {phrases} the active concepts' clauses"})
+                                 metadata={"help": "{category} from meta.json; {shape}, {pose}, … a concept's clause (empty when inactive); {phrases} the other active clauses"})
+    by_category: dict = field(default_factory=dict, metadata={"help": "category -> templates, overriding `templates` for that category"})
 
 
 @dataclass
@@ -51,7 +58,8 @@ class AttentionConfig:
 @dataclass
 class TrainConfig:
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "per device"})
+    batch_size: int = field(default=9, metadata={"help": "samples per device batch (with data.triplets: batch_size // 3 anchors)"})
+    union_sampling: bool = field(default=True, metadata={"help": "each prompt uses a random non-empty subset of the words (Break-A-Scene)"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -90,11 +98,22 @@ class Config:
     losses: dict = field(default_factory=dict, metadata={"help": "per-concept loss weights"})
 
 
+class RawValue(str):
+    """Text of a --set override: parsed as YAML, except where the field is a string (so that
+    --name 001 or data.root=/data/a: b stay text)."""
+
+
 def _check_value(key: str, value, hint):
     """Coerce obvious cases (int for float, list for tuple) and reject the rest, naming the key."""
+    if isinstance(value, RawValue):
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = typing.get_args(hint) if union else (hint,)
+        if str in allowed and value.strip() not in ("null", "~", "None"):
+            return str(value)
+        value = yaml.safe_load(value) if value.strip() else None
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))
@@ -129,6 +148,8 @@ def build_dataclass(cls, data: dict | None, prefix: str):
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
+            if isinstance(value, RawValue):
+                value = yaml.safe_load(value)
             kwargs[name] = build_dataclass(hint, value, f"{prefix}.{name}".lstrip("."))
         else:
             kwargs[name] = _check_value(f"{prefix}.{name}".lstrip("."), value, hint)
@@ -141,6 +162,8 @@ def build_dataclass(cls, data: dict | None, prefix: str):
 def build_config(raw: dict) -> Config:
     raw = dict(raw or {})
     tokens = raw.get("tokens", ["shape"])
+    if isinstance(tokens, RawValue):
+        tokens = yaml.safe_load(tokens)
     if isinstance(tokens, str):
         tokens = [t.strip() for t in tokens.split(",") if t.strip()]
     unknown = [t for t in tokens if t not in CONCEPTS]
@@ -167,7 +190,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    return key.strip().split("."), RawValue(value)
 
 
 def apply_override(raw: dict, path: list[str], value) -> None:

@@ -2,20 +2,28 @@
 
 from .dataset import ObjectViewsDataset, collate
 from .folder import scan_objects
+from .heatmaps import has_keypoints, keypoint_heatmaps
 from .images import load_mask, load_rgb
 from .records import DataError, ObjectRecord, ViewRecord
-from .synthetic import default_data_dir, ensure_default_data, generate_chairs
+from .sampling import ShuffledBatchSampler, TripletBatchSampler, partner_weights
+from .synthetic import CAMERA_POOL, default_data_dir, ensure_default_data, generate_chairs
 
 __all__ = [
+    "CAMERA_POOL",
     "DataError",
     "ObjectRecord",
     "ObjectViewsDataset",
+    "ShuffledBatchSampler",
+    "TripletBatchSampler",
     "ViewRecord",
     "collate",
     "default_data_dir",
     "ensure_default_data",
     "generate_chairs",
+    "has_keypoints",
+    "keypoint_heatmaps",
     "load_mask",
     "load_rgb",
+    "partner_weights",
     "scan_objects",
 ]

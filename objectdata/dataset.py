@@ -85,8 +85,14 @@ class ObjectViewsDataset(Dataset):
         return [i for i, (o, _) in enumerate(self.index_pairs) if o == object_index]
 
     def _should_flip(self, index: int) -> bool:
+        return self.will_flip(index, self.epoch)
+
+    def will_flip(self, index: int, epoch: int) -> bool:
+        """Whether item `index` is flipped in `epoch` (samplers use it to pair flipped cameras)."""
+        if self.flip_prob <= 0:
+            return False
         # SeedSequence mixes the three integers into an independent, well-spread seed.
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0])
+        seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1, np.uint64)[0])
         generator = torch.Generator().manual_seed(seed)
         return bool(torch.rand((), generator=generator) < self.flip_prob)
 

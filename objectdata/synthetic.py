@@ -3,6 +3,10 @@
 Each chair is a few boxes (seat, back, 4 legs, optional arms) rendered with a pinhole camera,
 painter's algorithm and Lambert shading via PIL polygons. meta.json records each view's camera
 and the 2D projections of 10 fixed semantic 3D points.
+
+By default every view's camera comes from a small pool shared by all chairs (CAMERA_POOL), so
+different chairs are seen from exactly the same cameras: training can pair "same object, other
+view" and "other object, same view" (see objectdata.sampling.TripletBatchSampler).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from PIL import Image, ImageDraw
 
 CATEGORY = "chair"
 DATA_ENV_VAR = "GUIDED_CONCEPTS_DATA"
-DEFAULT_DIR_NAME = "synthetic_chairs_v1"  # bump the version whenever the output changes
+DEFAULT_DIR_NAME = "synthetic_chairs_v2"  # bump the version whenever the output changes
+DEFAULT_NUM_OBJECTS = 12
+DEFAULT_VIEWS_PER_OBJECT = 6
 
 # Chair frame: x = chair's right(+)/left(-), y = up, z = front(+). Azimuth 0 sees the front.
 KEYPOINT_NAMES = (
@@ -176,6 +182,25 @@ def render_view(chair: Chair, azimuth: float, elevation: float, distance: float,
     return image, mask, keypoints
 
 
+# Shared camera pool: 8 azimuths 45 degrees apart, offset by 22.5 so no view is exactly frontal,
+# side-on or from behind, times 2 elevations, at one distance. The azimuths are symmetric under
+# negation, so a horizontally flipped view (camera at -azimuth) still lands on a pool camera.
+POOL_AZIMUTHS = tuple(-157.5 + 45.0 * i for i in range(8))  # -157.5, -112.5, ..., 157.5
+POOL_ELEVATIONS = (10.0, 30.0)
+POOL_DISTANCE = 2.5
+CAMERA_POOL = tuple((azimuth, elevation, POOL_DISTANCE)
+                    for elevation in POOL_ELEVATIONS for azimuth in POOL_AZIMUTHS)  # 16 cameras
+
+
+def pool_cameras(rng: np.random.Generator, views: int) -> list[tuple[float, float, float]]:
+    """`views` distinct cameras from CAMERA_POOL, drawn by the object's own generator, in pool order."""
+    if views > len(CAMERA_POOL):
+        raise ValueError(f"the camera pool has {len(CAMERA_POOL)} cameras; cannot take {views} distinct "
+                         f"views per object (use camera_pool=False for random cameras)")
+    chosen = np.sort(rng.choice(len(CAMERA_POOL), size=views, replace=False))
+    return [CAMERA_POOL[int(i)] for i in chosen]
+
+
 def view_cameras(rng: np.random.Generator, views: int) -> list[tuple[float, float, float]]:
     """Azimuths spread around the circle with a random offset; random elevation and distance."""
     offset = rng.uniform(0, 360 / views)
@@ -209,27 +234,43 @@ def write_chair(folder: Path, chair: Chair, cameras, resolution: int) -> None:
     (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def generate_chairs(out_dir: Path | str, num_objects: int = 12, views_per_object: int = 4,
-                    resolution: int = 64, seed: int = 0) -> Path:
-    """Write chair_000/ ... into `out_dir` (which must be missing or empty). Same seed -> same bytes."""
+def plan_chairs(num_objects: int = DEFAULT_NUM_OBJECTS, views_per_object: int = DEFAULT_VIEWS_PER_OBJECT,
+                seed: int = 0, camera_pool: bool = True) -> list[tuple[Chair, list[tuple[float, float, float]]]]:
+    """(chair, cameras) per object, without rendering anything: what generate_chairs will write."""
     if num_objects < 1 or views_per_object < 1:
         raise ValueError(f"need at least one object and one view, got {num_objects} x {views_per_object}")
+    plans = []
+    for object_index in range(num_objects):
+        rng = np.random.default_rng([seed, object_index])  # per object: adding objects keeps the others
+        chair = sample_chair(rng)
+        cameras = pool_cameras(rng, views_per_object) if camera_pool else view_cameras(rng, views_per_object)
+        plans.append((chair, cameras))
+    return plans
+
+
+def generate_chairs(out_dir: Path | str, num_objects: int = DEFAULT_NUM_OBJECTS,
+                    views_per_object: int = DEFAULT_VIEWS_PER_OBJECT, resolution: int = 64, seed: int = 0,
+                    camera_pool: bool = True) -> Path:
+    """Write chair_000/ ... into `out_dir` (which must be missing or empty). Same seed -> same bytes.
+
+    camera_pool=True: each chair's views use `views_per_object` distinct cameras of CAMERA_POOL
+    (at most 16), so several chairs share each camera. False: random cameras per chair, spread
+    around the circle (no two chairs share a camera).
+    """
     if resolution < 8:
         raise ValueError(f"resolution must be at least 8, got {resolution}")
+    plans = plan_chairs(num_objects, views_per_object, seed, camera_pool)  # validates before any writing
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: not empty; refusing to mix a new set with old files")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for object_index in range(num_objects):
-        rng = np.random.default_rng([seed, object_index])  # per object: adding objects keeps the others
-        chair = sample_chair(rng)
-        cameras = view_cameras(rng, views_per_object)
+    for object_index, (chair, cameras) in enumerate(plans):
         write_chair(out_dir / f"chair_{object_index:03d}", chair, cameras, resolution)
     return out_dir
 
 
 def default_data_dir() -> Path:
-    """$GUIDED_CONCEPTS_DATA if set, else ~/.cache/guided_concepts/synthetic_chairs_v1."""
+    """$GUIDED_CONCEPTS_DATA if set, else ~/.cache/guided_concepts/<DEFAULT_DIR_NAME>."""
     override = os.environ.get(DATA_ENV_VAR)
     if override:
         return Path(override).expanduser()
@@ -237,7 +278,10 @@ def default_data_dir() -> Path:
 
 
 def ensure_default_data(path: Path | str | None = None) -> Path:
-    """Generate the default set at `path` unless it exists; never leaves a half-written set."""
+    """Generate the default set (12 chairs x 6 pool views) at `path` unless it exists.
+
+    Never leaves a half-written set.
+    """
     path = Path(path) if path is not None else default_data_dir()
     if path.is_dir():
         return path
@@ -261,13 +305,16 @@ def ensure_default_data(path: Path | str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate procedural synthetic chairs.")
     parser.add_argument("out", type=Path, help="output folder (must be missing or empty)")
-    parser.add_argument("--objects", type=int, default=12)
-    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--objects", type=int, default=DEFAULT_NUM_OBJECTS)
+    parser.add_argument("--views", type=int, default=DEFAULT_VIEWS_PER_OBJECT)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-camera-pool", dest="camera_pool", action="store_false",
+                        help=f"random cameras per chair instead of the shared pool of {len(CAMERA_POOL)}")
     args = parser.parse_args(argv)
     try:
-        print(generate_chairs(args.out, args.objects, args.views, args.resolution, args.seed))
+        print(generate_chairs(args.out, args.objects, args.views, args.resolution, args.seed,
+                              camera_pool=args.camera_pool))
     except (FileExistsError, ValueError) as error:
         parser.error(str(error))  # a usage message, not a traceback
 

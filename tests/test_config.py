@@ -38,14 +38,22 @@ def test_overrides_and_types():
     ("train.stepz=1", "unknown key train.stepz; valid keys of train: steps, batch_size"),
     ("nosuch.key=1", "unknown key nosuch; valid keys: tokens, model"),
     ("concepts.shape.tokn=x", "unknown key concepts.shape.tokn; valid keys of concepts.shape: token"),
-    ("concepts.colour.token=x", "unknown key concepts.colour; valid keys of concepts: shape"),
+    ("concepts.colour.token=x", "unknown key concepts.colour; valid keys of concepts: shape, pose, appearance, style"),
     ("train.steps=1.5", "train.steps: expected int, got 1.5"),
-    ("model.mixed_precision=[1]", "model.mixed_precision: expected str"),
+    ("train.union_sampling=maybe", "train.union_sampling: expected bool"),
+    ("model.mixed_precision=fp8", "model.mixed_precision: 'fp8' is not one of"),
     ("train.steps", "expected section.key=value"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
         load_config(CONFIGS / "base.yaml", [override])
+
+
+def test_string_fields_keep_override_text():
+    config = load_config(CONFIGS / "base.yaml", ["run.name=001", "data.root=/data/a: b", "run.output_dir=on",
+                                                   "model.image_encoder=null"])
+    assert config.run.name == "001" and config.data.root == "/data/a: b" and config.run.output_dir == "on"
+    assert config.model.image_encoder is None
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -380,9 +380,10 @@ def test_synthetic_set_matches_the_folder_format(chairs):
     assert [r.name for r in records] == ["chair_000", "chair_001", "chair_002"]
     for record in records:
         assert record.category == "chair" and len(record.views) == 3
-        azimuths = [v.azimuth for v in record.views]
-        assert all(-180 <= a < 180 for a in azimuths) and len(set(azimuths)) == 3
-        assert all(5 <= v.elevation <= 35 and v.distance > 0 for v in record.views)
+        cameras = [(v.azimuth, v.elevation, v.distance) for v in record.views]
+        assert all(camera in synthetic.CAMERA_POOL for camera in cameras)  # shared pool by default
+        assert len(set(cameras)) == 3  # distinct views of one chair
+        assert all(-180 <= a < 180 and 5 <= e <= 35 and d > 0 for a, e, d in cameras)
         for view in record.views:
             mask = load_mask(view.mask_path)[0].numpy().astype(bool)  # [64,64]
             assert mask.shape == (64, 64)
@@ -443,7 +444,7 @@ def test_default_data_dir_honours_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("GUIDED_CONCEPTS_DATA", str(tmp_path / "custom"))
     assert default_data_dir() == tmp_path / "custom"
     monkeypatch.delenv("GUIDED_CONCEPTS_DATA")
-    assert default_data_dir() == Path.home() / ".cache" / "guided_concepts" / "synthetic_chairs_v1"
+    assert default_data_dir() == Path.home() / ".cache" / "guided_concepts" / "synthetic_chairs_v2"
 
 
 def small_set(out_dir):

@@ -5,14 +5,27 @@ from contextlib import contextmanager
 
 import torch
 
-from tokens.placeholders import PlaceholderTable
+from tokens.placeholders import PlaceholderTable, TokenError
 
 
 def tokenize(table: PlaceholderTable, prompts: list[str]) -> list[torch.Tensor]:
-    """Prompts -> token ids [B, L] per text encoder (padded to the tokenizer's max length)."""
+    """Prompts -> token ids [B, L] per text encoder (padded to the tokenizer's max length).
+
+    A prompt so long that truncation would cut a placeholder off is an error, not a silent
+    prompt without its word.
+    """
     prompts = [table.expand(p) for p in prompts]
-    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids for tok, _ in table.text_side]
+    out = []
+    for (tok, _), ids_by_concept in zip(table.text_side, table.token_ids):
+        placeholder_ids = {i for ids in ids_by_concept.values() for i in ids}
+        for prompt, full in zip(prompts, tok(prompts, add_special_tokens=True).input_ids):
+            cut = [i for i in full[tok.model_max_length - 1:] if i in placeholder_ids]
+            if cut:
+                raise TokenError(f"prompt {prompt!r} is {len(full)} tokens; its placeholder falls past the text "
+                                 f"encoder's {tok.model_max_length}-token limit, shorten the prompt")
+        out.append(tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids)
+    return out
 
 
 @contextmanager
