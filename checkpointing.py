@@ -85,5 +85,6 @@ def load_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
     """-> (step, heads state, optimizer state, state.json)."""
     state = json.loads((Path(path) / "state.json").read_text())
     heads = load_file(str(Path(path) / "heads.safetensors"))
-    optimizer = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
+    # Our own file (optimizer, scaler and RNG states, incl. Python's random state tuples).
+    optimizer = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=False)
     return state["step"], heads, optimizer, state

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm import tqdm
 
@@ -149,6 +150,10 @@ def main(argv=None):
         cfg, args = parse_args(argv)
         train_set, val_set = build_data(cfg)
         run_dir = check_run_dir(Path(cfg.run.output_dir) / cfg.run.name, args.resume, args.overwrite)
+        if args.resume:
+            trained = json.loads((latest_checkpoint(run_dir) / "state.json").read_text()).get("tokens", cfg.tokens)
+            if trained != cfg.tokens:
+                raise ConfigError(f"{run_dir} trained tokens {trained}, not {cfg.tokens}; resume with the same --tokens")
     except (ConfigError, DataError, FileExistsError) as err:
         sys.exit(f"error: {err}")
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
@@ -187,15 +192,17 @@ def main(argv=None):
 
     # Resume: heads, optimizer (and fp16 scaler), and the position in the epoch.
     step, epoch, skip = 0, 0, 0
+    # Noise, timesteps and VAE sampling draw from their own generator (one stream per process), so a
+    # resumed run continues the exact same stream whatever else touched the global RNG.
+    noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
     if args.resume:
         ckpt = latest_checkpoint(run_dir)
         step, head_state, opt_state, state = load_checkpoint(ckpt)
-        if state.get("tokens", cfg.tokens) != cfg.tokens:
-            sys.exit(f"error: {ckpt} trained tokens {state['tokens']}, not {cfg.tokens}; resume with the same --tokens")
         system.load_trainable_state(head_state)
         optimizer.load_state_dict(opt_state["optimizer"])
         if accelerator.scaler is not None and opt_state.get("scaler"):
             accelerator.scaler.load_state_dict(opt_state["scaler"])
+        noise_rng.set_state(opt_state["rng"]["noise"])
         epoch, skip = state.get("epoch", 0), state.get("batch_in_epoch", 0)
         if accelerator.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -208,7 +215,9 @@ def main(argv=None):
     def checkpoint(step, epoch, batch_in_epoch):
         if accelerator.is_main_process:
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-            save_checkpoint(run_dir, step, system.trainable_state(), {"optimizer": optimizer.state_dict(), "scaler": scaler},
+            rngs = {"noise": noise_rng.get_state(), "prompts": rng.getstate()}
+            save_checkpoint(run_dir, step, system.trainable_state(),
+                            {"optimizer": optimizer.state_dict(), "scaler": scaler, "rng": rngs},
                             {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
 
     def log(record: dict):
@@ -222,7 +231,9 @@ def main(argv=None):
     # Loop
     # ------------------------------------------------------------------------------------------
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    rng, running, count, started = random.Random(cfg.train.seed + step), {}, 0, time.time()
+    rng, running, count, started = random.Random(cfg.train.seed), {}, 0, time.time()
+    if args.resume:
+        rng.setstate(opt_state["rng"]["prompts"])
     heads.train()
     while step < cfg.train.steps:
         train_set.set_epoch(epoch)
@@ -235,7 +246,7 @@ def main(argv=None):
                 prompts, present = system.make_prompts(batch, cfg.prompt.templates, rng, cfg.train.union_sampling,
                                                        cfg.prompt.by_category)
                 outs = heads(batch)                                   # through DDP on several GPUs
-                terms = system.training_losses(batch, prompts, present=present, outs=outs)
+                terms = system.training_losses(batch, prompts, noise_rng, present=present, outs=outs)
                 loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -272,6 +283,9 @@ def main(argv=None):
         export_tokens(system, [train_set, val_set], run_dir, accelerator.device)
         accelerator.print(f"done: {run_dir} (checkpoints/, samples/, tokens/, metrics.jsonl)")
     accelerator.end_training()
+    # accelerate keeps its state per process; reset it so main() can run again in this process
+    # (sweeps, tests) with other settings, e.g. another mixed precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
     return run_dir
 
 

@@ -117,14 +117,14 @@ class AttentionStore:
 
     def add(self, layer: str, probs: torch.Tensor, prompt_index: torch.Tensor):
         """probs [b, N, C] of the matched samples, prompt_index [b] (their prompts)."""
-        if not self.recording:
-            return
         n = probs.shape[1]
         factor = math.sqrt(self.latent_hw[0] * self.latent_hw[1] / n)
         h, w = round(self.latent_hw[0] / factor), round(self.latent_hw[1] / factor)
         maps = rearrange(probs, "b (h w) c -> b c h w", h=h, w=w)
         full = maps.new_zeros((self.text_embeds.shape[0],) + maps.shape[1:])
         full = full.index_add(0, prompt_index.to(maps.device), maps)   # in the prompts' order
+        if not self.recording:   # checkpoint recomputation: same ops as the forward, nothing kept
+            return
         if self.accumulate and layer in self.maps:
             full = self.maps[layer] + full.detach()
             self.counts[layer] += 1

@@ -101,3 +101,11 @@ def test_exported_token_loads_in_diffusers_textual_inversion(fresh_backbone, tin
     with torch.no_grad():
         theirs = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_prompt_too_long_for_its_placeholder_is_an_error(fresh_backbone):
+    table = table_for(fresh_backbone, PlaceholderSpec("shape", "*s", "object"))
+    long_prompt = "a photo of a chair " * 20 + "in the shape of *s"
+    with pytest.raises(TokenError, match="past the text encoder's 77-token limit"):
+        tokenize(table, [long_prompt])
+    assert tokenize(table, ["*s " + "a photo of a chair " * 20])[0].shape == (1, 77)   # early word: fine
