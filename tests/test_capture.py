@@ -120,3 +120,32 @@ def test_captured_maps_carry_gradients_to_the_text_embeddings(fresh_backbone):
         unet(latents, torch.tensor([10, 10]), text)
     store.collect()[:, 0, :8].sum().backward()
     assert text.grad is not None and text.grad[:, 5].abs().sum() > 0   # the placeholder position
+
+
+def test_captured_map_equals_a_manual_softmax_column(fresh_backbone):
+    """The stored map is softmax(QK^T / sqrt(d)) of the placeholder columns, averaged over heads,
+    laid out row-major like the UNet's own (h w) flattening."""
+    unet = fresh_backbone.unet
+    latents, text, selection = inputs(unet)
+    layer = choose_layers(unet, 16, None)[0]
+    module = unet.get_submodule(layer.removesuffix(".processor"))
+    seen = {}
+    handle = module.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(hs=args[0] if args else kwargs["hidden_states"],
+                                            ehs=kwargs["encoder_hidden_states"]), with_kwargs=True)
+    store = AttentionStore((16, 16))
+    store.set_prompts(text, selection)
+    with torch.no_grad(), capture_attention(unet, store, [layer]):
+        unet(latents, torch.tensor([10, 10]), text)
+    handle.remove()
+    hs, ehs = seen["hs"], seen["ehs"]
+    b, n, _ = hs.shape
+    heads = module.heads
+    q = module.to_q(hs).view(b, n, heads, -1).transpose(1, 2)              # [b, heads, N, d]
+    k = module.to_k(ehs).view(b, ehs.shape[1], heads, -1).transpose(1, 2)  # [b, heads, L, d]
+    probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)   # [b, N, L]
+    expected = torch.stack([probs[..., 5], probs[..., 7] + probs[..., 8]], dim=-1)        # [b, N, 2]
+    expected = expected.transpose(1, 2).reshape(b, 2, 16, 16)
+    assert torch.allclose(store.maps[layer], expected, atol=1e-5)
+    # Row-major: pixel (row 3, col 11) is sequence position 3 * 16 + 11.
+    assert torch.allclose(store.maps[layer][:, 0, 3, 11], probs[:, 3 * 16 + 11, 5], atol=1e-6)

@@ -80,4 +80,6 @@ def placeholder_selection(table: PlaceholderTable, input_ids: torch.Tensor, conc
     """
     ids_by_concept = table.token_ids[0]
     columns = [torch.isin(input_ids, torch.tensor(ids_by_concept[c])) for c in concepts]
+    if not columns:                                        # no word reads attention
+        return input_ids.new_zeros(input_ids.shape + (0,), dtype=torch.float)
     return torch.stack(columns, dim=-1).float()
