@@ -31,3 +31,19 @@ def attention_mask_metrics(system, batch: dict, prompts: list[str], timestep: in
         out[f"{name}/mass_inside"] = attention_mass_inside(maps[:, i], mask).cpu()
         out[f"{name}/iou"] = attention_iou(maps[:, i], mask).cpu()
     return (out, maps.cpu()) if return_maps else out
+
+
+def variance_ratio(vectors: torch.Tensor, groups: torch.Tensor) -> float:
+    """Within-group ÷ between-group variance of word vectors.
+
+    vectors [N, ...] (flattened per sample), groups [N] int (object id for *s, camera id for *p).
+    Small means the word depends on the group and little else (e.g. *s the same across one
+    object's views). Groups with a single member are skipped for the within part.
+    """
+    x = vectors.float().flatten(1)
+    ids = groups.unique()
+    means = torch.stack([x[groups == g].mean(0) for g in ids])                          # [G, F]
+    within = [(x[groups == g] - means[i]).pow(2).sum(1).mean() for i, g in enumerate(ids)
+              if (groups == g).sum() > 1]
+    between = (means - means.mean(0)).pow(2).sum(1).mean()
+    return (torch.stack(within).mean() / between.clamp(min=1e-12)).item()
