@@ -156,3 +156,12 @@ def test_prompt_with_an_untrained_word_and_unknown_tokens_are_clear_errors(joint
         generate.generate(system, cfg, "a chair like *q", {}, num=1, steps=1)
     with pytest.raises(SystemExit, match="unknown concept 'colour'; valid: shape, pose, appearance, style"):
         train.main(["--name", "x", "--set", f"run.output_dir={tmp_path}", "--tokens", "shape,colour"])
+
+
+def test_templates_per_category(fresh_backbone):
+    system = make_system(fresh_backbone, tokens=("shape", "pose"))
+    batch = {"category": ["chair", "dog", "chair"]}
+    prompts, _ = system.make_prompts(batch, ["a photo of a {category} {phrases}"], random.Random(0),
+                                     by_category={"dog": ["a {category} in the shape of {shape}, {pose}"]})
+    assert prompts[1] == "a dog in the shape of *s, with pose *p"
+    assert prompts[0] == prompts[2] == "a photo of a chair in the shape of *s with pose *p"
