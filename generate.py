@@ -43,13 +43,15 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     return system, cfg
 
 
-def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple[str, ...]) -> dict:
-    """One object's view as a batch of 1 (validated like training data)."""
+def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple[str, ...],
+                    set_size: int = 0) -> dict:
+    """One object's view as a batch of 1 (validated like training data); with set_size, also
+    the object's masks (up to set_size views) for set encoders."""
     records = scan_objects(folder, require_masks="mask" in needs, require_cameras="camera" in needs,
                            require_keypoints="keypoints" in needs)
     if len(records) != 1:
         raise DataError(f"{folder}: expected one object folder (with views/), found {len(records)} objects")
-    dataset = ObjectViewsDataset(records, resolution, flip_prob=0.0)
+    dataset = ObjectViewsDataset(records, resolution, flip_prob=0.0, mask_set_size=set_size if "mask_set" in needs else 0)
     if not 0 <= view < len(dataset):
         raise DataError(f"{folder}: view {view} out of range, the object has {len(dataset)} views")
     return collate([dataset[view]])
@@ -75,12 +77,18 @@ def camera_batch(values: dict, distance_range) -> dict:
 
 
 def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | Path | dict], num: int = 4,
-             seed: int = 0, steps: int = 20, guidance_scale: float = 5.0, view: int = 0):
+             seed: int = 0, steps: int = 20, guidance_scale: float = 5.0, view: int = 0,
+             diversity: float = 0.0, shape_source: str = "masks"):
     """-> (reference image [3, H, W], images [num, 3, H, W], maps [num, C, h, w] or None).
 
     sources: concept -> object folder, or (pose) a camera dict from parse_camera. Only the words
     the prompt uses need a source; each may come from a different object.
+    diversity: tau for stochastic words (the shape set encoder): 0 = the mean, 1 = the trained
+    spread, > 1 more varied; sample i draws its own code (seed + i).
+    shape_source: "masks" (all the object's masks) or "image" (one RGB view, image branch).
     """
+    if shape_source not in ("masks", "image"):
+        raise ValueError(f"shape source must be 'masks' or 'image', got {shape_source!r}")
     check_prompt(prompt, system.table.specs.values())
     used = [n for n in system.tokens if re.search(rf"(?<![\w*]){re.escape(system.concepts[n].config.token)}(?!\w)", prompt)]
     missing = [n for n in used if n not in sources]
@@ -88,22 +96,30 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
         raise ValueError(f"no reference for {', '.join(missing)}: pass --{missing[0]}-from <object folder>")
     # Each word is encoded from its own object, so words of different objects can be mixed.
     device = next(system.backbone.unet.parameters()).device
-    outs, reference = {}, None
-    with torch.no_grad():
-        for name in used:
-            if isinstance(sources[name], dict):
-                batch = camera_batch(sources[name], getattr(cfg.concepts[name], "distance_range", None))
-            else:
-                batch = reference_batch(sources[name], view, cfg.data.resolution,
-                                        CONCEPTS[name][0].needs_for(cfg.concepts[name]))
-                reference = batch["image"][0] if reference is None else reference
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            outs[name] = system.concepts[name].encode(batch)
+    if "shape" in system.tokens:
+        system.concepts["shape"].source = shape_source
+    batches, reference = {}, None
+    for name in used:
+        if isinstance(sources[name], dict):
+            batch = camera_batch(sources[name], getattr(cfg.concepts[name], "distance_range", None))
+        else:
+            needs = () if (name == "shape" and shape_source == "image") else CONCEPTS[name][0].needs_for(cfg.concepts[name])
+            batch = reference_batch(sources[name], view, cfg.data.resolution, needs,
+                                    getattr(cfg.concepts[name], "max_views", 0))
+            reference = batch["image"][0] if reference is None else reference
+        batches[name] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if reference is None:
         size = cfg.data.resolution
         reference = torch.ones(3, size, size)
     images, maps = [], []
     for i in range(num):   # one seed per sample, so sample i is the same whatever `num` is
+        with torch.no_grad():
+            outs = {}
+            for name, batch in batches.items():
+                concept = system.concepts[name]
+                concept.diversity = diversity
+                concept.noise_generator = torch.Generator().manual_seed(seed + i)
+                outs[name] = concept.encode(batch)
         image, attn = system.sample([prompt], steps=steps, guidance_scale=guidance_scale, seed=seed + i, outs=outs)
         images.append(image)
         maps.append(attn)
@@ -118,6 +134,10 @@ def main(argv=None):
     for name in CONCEPTS:
         p.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
     p.add_argument("--pose", help="explicit camera for *p: azimuth=30,elevation=10[,distance=2.5]")
+    p.add_argument("--diversity", type=float, default=0.0,
+                   help="tau: 0 = the shape code's mean (faithful), 1 = the trained spread, >1 more varied")
+    p.add_argument("--shape-source", choices=["masks", "image"], default="masks",
+                   help="encode *s from the object's masks, or from one RGB view (needs an image branch)")
     p.add_argument("--view", type=int, default=0, help="which view of the reference object")
     p.add_argument("--num", type=int, default=4, help="samples (seeds seed, seed+1, …)")
     p.add_argument("--seed", type=int, default=0)
@@ -133,7 +153,7 @@ def main(argv=None):
         if args.pose:
             sources["pose"] = parse_camera(args.pose)
         reference, images, maps = generate(system, cfg, args.prompt, sources, args.num, args.seed, args.steps,
-                                           args.guidance_scale, args.view)
+                                           args.guidance_scale, args.view, args.diversity, args.shape_source)
     except (ConfigError, DataError, TokenError, ValueError) as err:
         sys.exit(f"error: {err}")
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "generated.png"

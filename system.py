@@ -77,6 +77,9 @@ class GuidedConcepts(nn.Module):
         self.latent_size = latent_size or backbone.unet.config.sample_size
         for n in self.tokens:       # a bad clause or template slot fails here, before training
             self.clause(n)
+        if "shape" in self.tokens and loss_configs["shape"].attention_target == "shape_pose_union" \
+                and "pose" not in self.tokens:
+            raise ValueError("losses.shape.attention_target: shape_pose_union needs the pose token (--tokens shape,pose)")
         self.attention_layers = choose_layers(backbone.unet, self.latent_size, attention_resolutions)
         # Capture processors stay installed (stock fused attention everywhere else): gradient
         # checkpointing re-runs them in backward. They record only while a store is begun.

@@ -74,8 +74,11 @@ def build_data(cfg: Config):
         cfg.concepts[n] = CONCEPTS[n][0].fit_to_data(cfg.concepts[n], info)
     holdout = min(cfg.data.holdout, len(records) - 1)
     train_records, val_records = records[:len(records) - holdout], records[len(records) - holdout:]
-    train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed)
-    val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0)
+    set_size = max((getattr(cfg.concepts[n], "max_views", 0) for n in cfg.tokens if "mask_set" in
+                    CONCEPTS[n][0].needs_for(cfg.concepts[n])), default=0)
+    train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
+                               mask_set_size=set_size, random_set_size=True)
+    val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size)
     return train, val
 
 
@@ -131,8 +134,11 @@ def validate(system: GuidedConcepts, cfg: Config, val, step: int, run_dir: Path,
 
 
 def export_tokens(system: GuidedConcepts, datasets, run_dir: Path, device):
-    """tokens/<object>/<concept>.safetensors, loadable by diffusers' load_textual_inversion."""
-    for dataset in datasets:
+    """tokens/<object>/<concept>.safetensors (first view, all masks, mean code), loadable by
+    diffusers' load_textual_inversion."""
+    system.concepts.eval()
+    for data in datasets:
+        dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size)
         batch = to_device(first_views(dataset, len(dataset.records)), device)
         with torch.no_grad():
             outs = system.encode(batch)

@@ -1,69 +1,183 @@
-"""Shape `*s`: a head reads the object mask (and optionally the RGB view through a frozen image
-encoder); its cross-attention map is pulled toward the mask of the view being denoised."""
+"""Shape `*s`: a head reads the object's masks, from one view or, with the set encoder, from
+all its views; its cross-attention map is pulled toward the mask of the view being denoised.
+
+The set encoder pools any number of masks (with their cameras) into a Gaussian shape code
+(mu, log sigma^2); training samples it, and at generation `diversity` tau scales sigma: tau = 0 is
+the mean (deterministic, most faithful), 1 the trained spread, > 1 more varied. This is the
+seeds' "diversity compensation". An optional image branch (a frozen image encoder) predicts the
+same code from one RGB view, tied to the mask branch by an alignment loss, so `*s` can come from
+masks alone or from one image alone.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
-from losses import MASK_ATTENTION_VARIANTS, consistency_loss, mask_attention_loss, offset_l2
+from losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss, gaussian_kl,
+                    mask_attention_loss, offset_l2)
 
+SHAPE_ENCODERS = ("set", "view")
+ATTENTION_TARGETS = ("shape", "shape_pose_union")
 
 @dataclass
 class ShapeConfig(ConceptConfig):
     token: str = field(default="*s", metadata={"help": "placeholder word for the shape"})
     initializer: str = field(default="object", metadata={"help": "vocabulary word the embedding starts from"})
     phrase: str = field(default="in the shape of {token}", metadata={"help": "prompt clause"})
-    use_image: bool = field(default=False, metadata={"help": "also feed the RGB view through the frozen image encoder"})
+    encoder: str = field(default="set", metadata={"help": "set: all the object's masks (+cameras) pooled into a Gaussian code; view: the denoised view's mask only"})
+    max_views: int = field(default=8, metadata={"help": "set encoder: masks per object it sees (a random 1..max subset in training)"})
+    use_cameras: bool = field(default=True, metadata={"help": "set encoder: each mask token also carries its camera angles"})
+    code_dim: int = field(default=32, metadata={"help": "size of the shape code z"})
+    use_image: bool = field(default=False, metadata={"help": "image branch: the frozen image encoder predicts the code from one RGB view"})
     mask_width: int = field(default=16, metadata={"help": "channels of the mask CNN's first layer"})
 
+    def __post_init__(self):
+        if self.encoder not in SHAPE_ENCODERS:
+            raise ValueError(f"concepts.shape.encoder: {self.encoder!r} is not one of {SHAPE_ENCODERS}")
 
 @dataclass
 class ShapeLossConfig:
     mask_weight: float = field(default=0.1, metadata={"help": "mask cross-attention loss weight (seeds: 0.1)"})
     mask_variant: str = field(default="mse_maxnorm", metadata={"help": f"one of {MASK_ATTENTION_VARIANTS}"})
     mask_t_range: tuple[int, int] = field(default=(0, 600), metadata={"help": "timesteps [lo, hi) where the mask loss applies; at high noise the object is not visible"})
+    attention_target: str = field(default="shape", metadata={"help": "shape: *s's map vs the view's mask; shape_pose_union: *s + *p maps vs the mask (needs pose)"})
     offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
     view_consistency_weight: float = field(default=0.1, metadata={"help": "pull *s of one object's views together (needs multi-view batches)"})
+    kl_weight: float = field(default=1e-3, metadata={"help": "set encoder: KL of the shape code toward N(0, I)"})
+    align_weight: float = field(default=0.1, metadata={"help": "image branch: tie its code to the mask branch's"})
+    align_kind: str = field(default="infonce", metadata={"help": f"one of {ALIGNMENT_KINDS}"})
 
     def __post_init__(self):
         if self.mask_variant not in MASK_ATTENTION_VARIANTS:
             raise ValueError(f"losses.shape.mask_variant: {self.mask_variant!r} is not one of {MASK_ATTENTION_VARIANTS}")
+        if self.attention_target not in ATTENTION_TARGETS:
+            raise ValueError(f"losses.shape.attention_target: {self.attention_target!r} is not one of {ATTENTION_TARGETS}")
+        if self.align_kind not in ALIGNMENT_KINDS:
+            raise ValueError(f"losses.shape.align_kind: {self.align_kind!r} is not one of {ALIGNMENT_KINDS}")
         self.mask_t_range = tuple(self.mask_t_range)
 
+class MaskSetEncoder(nn.Module):
+    """masks [B, S, 1, r, r] (+ valid [B, S], cameras [B, S, 3]) -> (mu, logvar) [B, Z] each.
+
+    Attention pooling with a learned query: invariant to the order of the views, any S >= 1.
+    """
+
+    def __init__(self, width: int, code_dim: int, use_cameras: bool):
+        super().__init__()
+        self.cnn = ConvEncoder(in_channels=1, width=width)
+        dim = self.cnn.out_dim
+        self.use_cameras = use_cameras
+        self.camera = nn.Linear(3, dim) if use_cameras else None   # (sin az, cos az, elevation/90)
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pool = nn.MultiheadAttention(dim, num_heads=4, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.to_stats = nn.Linear(dim, 2 * code_dim)
+
+    def forward(self, masks, valid, cameras=None):
+        b, s = masks.shape[:2]
+        tokens = self.cnn(masks.flatten(0, 1)).view(b, s, -1)                 # [B, S, F]
+        if self.camera is not None and cameras is not None:
+            az = torch.deg2rad(cameras[..., 0].float())
+            angles = torch.stack([az.sin(), az.cos(), cameras[..., 1].float() / 90], dim=-1)
+            tokens = tokens + self.camera(angles)
+        pooled, _ = self.pool(self.query.expand(b, -1, -1), tokens, tokens, key_padding_mask=~valid)  # [B, 1, F]
+        mu, logvar = self.to_stats(self.norm(pooled[:, 0])).chunk(2, dim=-1)  # [B, Z] each
+        return mu, logvar.clamp(-8, 4)
 
 class ShapeConcept(Concept):
     name = "shape"
     needs = ("mask",)
     attention = True
 
+    @classmethod
+    def needs_for(cls, config: ShapeConfig) -> tuple[str, ...]:
+        return ("mask", "mask_set") if config.encoder == "set" else ("mask",)
+
     def __init__(self, config: ShapeConfig, loss_config: ShapeLossConfig, initializer_row: torch.Tensor,
                  image_encoder=None):
         super().__init__()
         self.config, self.loss_config = config, loss_config
-        self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width)
-        in_dim = self.mask_encoder.out_dim
-        self.image_encoder = image_encoder if config.use_image else None
+        self.diversity = 0.0          # tau at generation (training always samples tau = 1)
+        self.source = "masks"         # or "image": the code from one RGB view (image branch)
+        self.noise_generator: torch.Generator | None = None
+        if config.encoder == "set":
+            self.set_encoder = MaskSetEncoder(config.mask_width, config.code_dim, config.use_cameras)
+            in_dim = config.code_dim
+        else:
+            self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width)
+            in_dim = self.mask_encoder.out_dim
+        self.image_encoder = None
         if config.use_image:
             if image_encoder is None:
                 raise ValueError("concepts.shape.use_image is true but the model has no image encoder")
-            in_dim += image_encoder.out_dim
+            self.image_encoder = image_encoder
+            self.image_to_code = nn.Sequential(nn.Linear(image_encoder.out_dim, config.hidden_dim),
+                                               nn.LayerNorm(config.hidden_dim), nn.SiLU(),
+                                               nn.Linear(config.hidden_dim, in_dim))
         self.head = OffsetHead(in_dim, initializer_row, config.num_vectors, config.hidden_dim, config.scale,
                                config.train_rows)
 
+    def mask_code(self, batch: dict):
+        """-> (z, mu, logvar) from the masks; mu/logvar are None for the single-view encoder."""
+        if self.config.encoder == "view":
+            z = self.mask_encoder(batch["mask"])
+            return z, None, None
+        if "mask_set" in batch:
+            masks, valid, cameras = batch["mask_set"], batch["mask_set_valid"], batch.get("mask_set_camera")
+        else:   # no set given: the view's own mask is a set of one
+            masks, valid, cameras = batch["mask"][:, None], torch.ones_like(batch["mask"][:, 0, 0, 0]).bool()[:, None], \
+                batch.get("camera", None)
+            cameras = cameras[:, None] if cameras is not None else None
+        mu, logvar = self.set_encoder(masks, valid.bool(), cameras if self.config.use_cameras else None)
+        tau = 1.0 if self.training else self.diversity
+        if tau == 0:
+            return mu, mu, logvar
+        noise = torch.randn(mu.shape, generator=self.noise_generator).to(mu.device)
+        return mu + tau * (0.5 * logvar).exp() * noise, mu, logvar
+
     def encode(self, batch: dict) -> ConceptOutput:
-        features = self.mask_encoder(batch["mask"])                       # [B, F]
-        if self.image_encoder is not None:
-            features = torch.cat([features, self.image_encoder(batch["image"])], dim=1)
-        return self.head(features)
+        extras = {}
+        if self.source == "image" and not self.training:
+            z = self.image_code(batch)
+        else:
+            z, mu, logvar = self.mask_code(batch)
+            extras.update(mu=mu, logvar=logvar)
+            if self.image_encoder is not None:
+                extras["image_code"] = self.image_code(batch)
+        out = self.head(z)
+        out.extras.update({"code": z, **{k: v for k, v in extras.items() if v is not None}})
+        return out
+
+    def image_code(self, batch: dict) -> torch.Tensor:
+        if self.image_encoder is None:
+            raise ValueError("shape source 'image' needs concepts.shape.use_image: true at training")
+        return self.image_to_code(self.image_encoder(batch["image"]))
 
     def guidance_losses(self, out: ConceptOutput, batch: dict, step: StepView):
         lc = self.loss_config
         losses = {"offset_l2": (lc.offset_weight, offset_l2(out.offset))}
         if lc.mask_weight > 0 and step.attention is not None:
-            per_sample = mask_attention_loss(step.attention[self.name], batch["mask"], lc.mask_variant)
+            attn = step.attention[self.name]
+            if lc.attention_target == "shape_pose_union":   # shape and pose together explain the view
+                attn = attn + step.attention["pose"]
+            per_sample = mask_attention_loss(attn, batch["mask"], lc.mask_variant)
             losses["mask_attention"] = (lc.mask_weight, per_sample * in_timestep_range(step.timesteps, lc.mask_t_range))
         if lc.view_consistency_weight > 0 and step.same_object is not None:
             losses["view_consistency"] = (lc.view_consistency_weight, consistency_loss(out.offset, step.same_object))
+        if "mu" in out.extras and lc.kl_weight > 0:
+            losses["kl"] = (lc.kl_weight, gaussian_kl(out.extras["mu"], out.extras["logvar"]))
+        if "image_code" in out.extras and lc.align_weight > 0:
+            target = out.extras.get("mu", out.extras["code"])
+            losses["align"] = (lc.align_weight, alignment_loss(target, out.extras["image_code"],
+                                                                batch.get("object_index"), lc.align_kind))
         return losses
+
+    def validation_metrics(self, out: ConceptOutput, batch: dict) -> dict[str, torch.Tensor]:
+        if "image_code" not in out.extras:
+            return {}
+        target = out.extras.get("mu", out.extras["code"])
+        return {"mask_image_cosine": F.cosine_similarity(target, out.extras["image_code"], dim=-1)}

@@ -49,7 +49,12 @@ class ObjectViewsDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[ObjectRecord], resolution: int = 64,
-                 flip_prob: float = 0.5, seed: int = 0) -> None:
+                 flip_prob: float = 0.5, seed: int = 0, mask_set_size: int = 0,
+                 mask_set_resolution: int = 64, random_set_size: bool = False) -> None:
+        """mask_set_size > 0 adds each item's object's masks (up to that many views, in random
+        order, flipped with the item) for set encoders: "mask_set" [S, 1, r, r], "mask_set_valid"
+        [S], "mask_set_camera" [S, 3]. random_set_size draws how many views (1..S) per item, so
+        a set encoder also learns from few views."""
         if not records:
             raise ValueError("no object records; call scan_objects() on a data folder first")
         if resolution < 1:
@@ -60,6 +65,9 @@ class ObjectViewsDataset(Dataset):
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.records = list(records)
         self.resolution = resolution
+        self.mask_set_size = mask_set_size
+        self.mask_set_resolution = mask_set_resolution
+        self.random_set_size = random_set_size
         self.flip_prob = flip_prob
         self.seed = seed
         self.epoch = 0
@@ -138,7 +146,7 @@ class ObjectViewsDataset(Dataset):
         keypoints[~valid] = 0.0
 
         camera = torch.tensor([azimuth, view.elevation or 0.0, view.distance or 0.0], dtype=torch.float32)
-        return {
+        item = {
             "image": image * 2.0 - 1.0,  # [3,R,R] in [-1,1]
             "mask": mask,  # [1,R,R] in {0,1}
             "has_mask": torch.tensor(view.mask_path is not None),
@@ -152,6 +160,37 @@ class ObjectViewsDataset(Dataset):
             "category": record.category,
             "object_name": record.name,
         }
+        if self.mask_set_size > 0:
+            item.update(self._mask_set(record, index, flipped))
+        return item
+
+    def _mask_set(self, record: ObjectRecord, index: int, flipped: bool) -> dict[str, torch.Tensor]:
+        """The object's masks as a padded set, in a random (per item and epoch) order."""
+        size, res = self.mask_set_size, self.mask_set_resolution
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, index, 1]).generate_state(1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(record.views), generator=generator).tolist()
+        count = min(size, len(order))
+        if self.random_set_size:
+            count = int(torch.randint(1, count + 1, (), generator=generator))
+        masks = torch.zeros(size, 1, res, res)
+        valid = torch.zeros(size, dtype=torch.bool)
+        cameras = torch.zeros(size, 3)
+        for slot, v in enumerate(order[:count]):
+            view = record.views[v]
+            if view.mask_path is None:
+                continue
+            mask = load_mask(view.mask_path)
+            side = min(mask.shape[-2:])
+            top, left = (mask.shape[-2] - side) // 2, (mask.shape[-1] - side) // 2
+            mask = mask[:, top:top + side, left:left + side]
+            mask = (F.interpolate(mask[None], size=(res, res), mode="area")[0] > 0.5).float()
+            azimuth = view.azimuth or 0.0
+            if flipped:          # the whole object is mirrored with the item
+                mask, azimuth = hflip(mask), -azimuth
+            masks[slot], valid[slot] = mask, True
+            cameras[slot] = torch.tensor([azimuth, view.elevation or 0.0, view.distance or 0.0])
+        return {"mask_set": masks, "mask_set_valid": valid, "mask_set_camera": cameras}
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def chairs_dir() -> Path:
     from objectdata import ensure_default_data
-    return ensure_default_data()        # the bundled default set (12 chairs x 4 views)
+    return ensure_default_data()        # the bundled default set (12 chairs x 6 views)
 
 
 @pytest.fixture
@@ -57,5 +57,10 @@ def make_system(backbone, tokens=("shape",), concepts=None, losses=None, resolut
 def chair_batch(chairs_dir):
     from objectdata import ObjectViewsDataset, collate, scan_objects
     records = scan_objects(chairs_dir)
-    dataset = ObjectViewsDataset(records[:4], resolution=64, flip_prob=0.0)
-    return collate([dataset[i] for i in (0, 5, 10, 15)])
+    dataset = ObjectViewsDataset(records[:4], resolution=64, flip_prob=0.0, mask_set_size=8)
+    chosen, cameras = [], set()
+    for o in range(4):        # 4 chairs, each seen from a camera the others are not
+        index = next(i for i in dataset.views_of(o) if tuple(dataset[i]["camera"].tolist()) not in cameras)
+        cameras.add(tuple(dataset[index]["camera"].tolist()))
+        chosen.append(dataset[index])
+    return collate(chosen)

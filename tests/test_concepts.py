@@ -15,6 +15,8 @@ ROWS = [
     ("shape", {}, {}),
     ("shape", {"num_vectors": 3}, {"mask_variant": "mass_ratio"}),
     ("shape", {"use_image": True}, {}),
+    ("shape", {"encoder": "view"}, {"mask_variant": "mass_ratio"}),
+    ("shape", {"encoder": "view", "use_image": True}, {"align_kind": "cosine"}),
     ("pose", {}, {}),
     ("pose", {"inputs": ["keypoints"], "num_keypoints": 10}, {}),
     ("pose", {"inputs": ["image", "camera"], "num_vectors": 2}, {}),
@@ -46,6 +48,7 @@ def test_registry_entries_are_complete():
 
 def test_fresh_word_is_its_initializer(row_system, chair_batch):
     name, system = row_system
+    system.concepts.eval()
     with torch.no_grad():
         out = system.concepts[name].encode(chair_batch)
     k = system.concepts[name].config.num_vectors
@@ -80,7 +83,9 @@ def test_gradient_reaches_every_trainable_parameter(row_system, chair_batch):
 
 
 def test_encoding_depends_on_the_input_and_is_deterministic(row_system, chair_batch):
+    """At evaluation (and at diversity 0 for stochastic heads) a word is a function of its input."""
     name, system = row_system
+    system.concepts.eval()
     with torch.no_grad():
         system.concepts[name].head.mlp[-1].weight.normal_(std=1e-2)
         a = system.concepts[name].encode(chair_batch).embeds

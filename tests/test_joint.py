@@ -162,6 +162,6 @@ def test_templates_per_category(fresh_backbone):
     system = make_system(fresh_backbone, tokens=("shape", "pose"))
     batch = {"category": ["chair", "dog", "chair"]}
     prompts, _ = system.make_prompts(batch, ["a photo of a {category} {phrases}"], random.Random(0),
-                                     by_category={"dog": ["a {category} in the shape of {shape}, {pose}"]})
+                                     by_category={"dog": ["a {category} {shape}, {pose}"]})
     assert prompts[1] == "a dog in the shape of *s, with pose *p"
     assert prompts[0] == prompts[2] == "a photo of a chair in the shape of *s with pose *p"
