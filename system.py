@@ -55,6 +55,13 @@ class Heads(nn.ModuleDict):
     def forward(self, batch: dict, names: list[str] | None = None) -> dict:
         return {n: self[n].encode(batch) for n in (names or list(self.keys()))}
 
+    def set_noise_generator(self, generator: torch.Generator | None):
+        """Stochastic heads (the shape set encoder) draw from `generator`, e.g. the run's own
+        noise stream, so a resumed run reproduces an uninterrupted one."""
+        for concept in self.values():
+            if hasattr(concept, "noise_generator"):
+                concept.noise_generator = generator
+
 
 class GuidedConcepts(nn.Module):
     """Heads of the active concepts (the only trainable part) plus the frozen backbone."""

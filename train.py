@@ -201,6 +201,7 @@ def main(argv=None):
     # Noise, timesteps and VAE sampling draw from their own generator (one stream per process), so a
     # resumed run continues the exact same stream whatever else touched the global RNG.
     noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
+    system.concepts.set_noise_generator(noise_rng)
     if args.resume:
         ckpt = latest_checkpoint(run_dir)
         step, head_state, opt_state, state = load_checkpoint(ckpt)
