@@ -73,6 +73,9 @@ class GuidedConcepts(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.tokens = list(tokens)
+        if "shape" in self.tokens and loss_configs["shape"].attention_target == "shape_pose_union" \
+                and "pose" not in self.tokens:
+            raise ValueError("losses.shape.attention_target: shape_pose_union needs the pose token (--tokens shape,pose)")
         specs = [PlaceholderSpec(n, concept_configs[n].token, concept_configs[n].initializer,
                                  concept_configs[n].num_vectors) for n in self.tokens]
         self.table = PlaceholderTable(backbone.text_side, specs)
@@ -84,9 +87,6 @@ class GuidedConcepts(nn.Module):
         self.latent_size = latent_size or backbone.unet.config.sample_size
         for n in self.tokens:       # a bad clause or template slot fails here, before training
             self.clause(n)
-        if "shape" in self.tokens and loss_configs["shape"].attention_target == "shape_pose_union" \
-                and "pose" not in self.tokens:
-            raise ValueError("losses.shape.attention_target: shape_pose_union needs the pose token (--tokens shape,pose)")
         self.attention_layers = choose_layers(backbone.unet, self.latent_size, attention_resolutions)
         # Capture processors stay installed (stock fused attention everywhere else): gradient
         # checkpointing re-runs them in backward. They record only while a store is begun.

@@ -165,19 +165,23 @@ def main(argv=None):
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=None if cfg.run.report_to == "none" else cfg.run.report_to,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(cfg.train.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Frozen backbone in the mixed-precision dtype; heads stay fp32. Built before the run folder
+    # is touched, so a model that does not fit the config is an error that writes nothing.
+    try:
+        needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
+        backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
+        system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
+                                latent_size=cfg.data.resolution // backbone.vae_scale_factor)
+    except (ValueError, OSError) as err:
+        sys.exit(f"error: {err}")
     accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
         save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    set_seed(cfg.train.seed)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    # Frozen backbone in the mixed-precision dtype; heads stay fp32.
-    needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
-    backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
-    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
-                            latent_size=cfg.data.resolution // backbone.vae_scale_factor)
     for module in backbone.frozen_modules():
         module.to(accelerator.device)
         if weight_dtype != torch.float32:

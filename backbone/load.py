@@ -79,6 +79,9 @@ def load_backbone(name: str, image_encoder: str | None = None, need_image_encode
     transformers.utils.logging.disable_progress_bar()
 
     path = resolve_model_path(name)
+    missing = [sub for sub in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if not Path(path, sub).is_dir()]
+    if Path(path).exists() and missing:
+        raise ValueError(f"{path}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/)")
     kw = {"revision": revision} if revision else {}
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)

@@ -183,6 +183,8 @@ def build_config(raw: dict) -> Config:
         sections[key] = {n: build_dataclass(spec[index], given.get(n), f"{key}.{n}") for n, spec in CONCEPTS.items()}
     config = build_dataclass(Config, raw, "")
     config.concepts, config.losses = sections["concepts"], sections["losses"]
+    if "shape" in tokens and config.losses["shape"].attention_target == "shape_pose_union" and "pose" not in tokens:
+        raise ConfigError("losses.shape.attention_target: shape_pose_union needs the pose token (--tokens shape,pose)")
     return config
 
 

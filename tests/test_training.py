@@ -83,6 +83,8 @@ def test_existing_run_is_never_overwritten(trained_run):
     (["--tokens", "shape,posture"], "unknown concept 'posture'"),
     (["--set", "losses.shape.mask_variant=l1"], "mask_variant"),
     (["--config", "{missing}"], "config file not found"),
+    (["--set", "losses.shape.attention_target=shape_pose_union"], "needs the pose token"),
+    (["--model", "{empty}"], "not a diffusers Stable Diffusion folder"),
 ])
 def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, extra, message):
     (tmp_path / "empty").mkdir()
