@@ -88,3 +88,10 @@ def load_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
     # Our own file (optimizer, scaler and RNG states, incl. Python's random state tuples).
     optimizer = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=False)
     return state["step"], heads, optimizer, state
+
+
+def truncate_metrics(path: Path, step: int):
+    """On resume, drop lines logged after the restored checkpoint (they will be logged again)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))

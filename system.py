@@ -203,7 +203,6 @@ class GuidedConcepts(nn.Module):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         bb = self.backbone
-        device = next(bb.unet.parameters()).device
         dtype = next(bb.unet.parameters()).dtype
         tokenizer, text_encoder = bb.text_side[0]
         pipe = StableDiffusionPipeline(

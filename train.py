@@ -23,15 +23,14 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm import tqdm
 
 from backbone import load_backbone
-from checkpointing import check_run_dir, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from checkpointing import (check_run_dir, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint,
+                           truncate_metrics)
 from concepts import CONCEPTS
 from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
-from metrics import attention_mask_metrics
 from objectdata import (DataError, ObjectViewsDataset, ShuffledBatchSampler, TripletBatchSampler, collate,
                         ensure_default_data, scan_objects)
-from overlays import attention_grid
 from system import GuidedConcepts
-from tokens.export import save_token
+from validation import export_tokens, validate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,6 +47,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--report-to", choices=["none", "wandb"], help="also log to wandb (run.report_to)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one run per value, then evaluate all (see sweep.py)")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
     for flag, key in (("model", "model.name"), ("name", "run.name"), ("report_to", "run.report_to")):
@@ -92,66 +92,14 @@ def dataset_info(records) -> dict:
             "num_keypoints": max((len(v.keypoints or []) for v in views), default=0)}
 
 
-def first_views(dataset, count: int) -> dict:
-    """One batch with the first view of up to `count` objects."""
-    n = len(dataset.records)
-    return collate([dataset[dataset.views_of(i)[0]] for i in range(min(count, n))])
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation: sample grid with attention overlays, and attention-vs-mask metrics
-# ----------------------------------------------------------------------------------------------
-def validate(system: GuidedConcepts, cfg: Config, val, step: int, run_dir: Path, device) -> dict:
-    batch = to_device(first_views(val, cfg.sample.num_objects), device)
-    prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0), cfg.prompt.by_category)
-    images, maps = system.sample(prompts, batch, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.seed)
-    reference_maps = None
-    if system.attention_concepts:
-        _, reference_maps = attention_mask_metrics(system, batch, prompts, timestep=100, return_maps=True)
-    parts: dict[str, list] = {}
-    for start in range(0, len(val), cfg.train.batch_size):       # chunks: held-out sets can be large
-        views = to_device(collate([val[i] for i in range(start, min(start + cfg.train.batch_size, len(val)))]), device)
-        found = {}
-        if system.attention_concepts:
-            view_prompts = system.prompts_for(views, cfg.prompt.templates[:1], system.tokens, random.Random(0),
-                                              cfg.prompt.by_category)
-            found = {f"{k}@t100": v for k, v in attention_mask_metrics(system, views, view_prompts, 100).items()}
-        with torch.no_grad():
-            for name, out in system.encode(views).items():
-                found.update({f"{name}/{k}": v.cpu() for k, v in system.concepts[name].validation_metrics(out, views).items()})
-        for k, v in found.items():
-            parts.setdefault(k, []).append(v)
-    found = {k: torch.cat(v) for k, v in parts.items()}
-    names = [system.concepts[n].config.token for n in system.attention_concepts]
-    references = (batch["image"].float().cpu() + 1) / 2
-    attention_grid(references, images, maps, names, reference_maps).save(run_dir / "samples" / f"step_{step:06d}.png")
-    # Errors as medians (robust to a few flipped poses), everything else as means.
-    return {f"val/{k}": (v.median() if "error" in k else v.mean()).item() for k, v in found.items()}
-
-
-def export_tokens(system: GuidedConcepts, datasets, run_dir: Path, device):
-    """tokens/<object>/<concept>.safetensors (first view, all masks, mean code), loadable by
-    diffusers' load_textual_inversion."""
-    system.concepts.eval()
-    for data in datasets:
-        dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size)
-        batch = to_device(first_views(dataset, len(dataset.records)), device)
-        with torch.no_grad():
-            outs = system.encode(batch)
-        for name, out in outs.items():
-            for b, obj in enumerate(batch["object_name"]):
-                save_token(run_dir / "tokens" / obj / f"{name}.safetensors", system.concepts[name].config.token,
-                           out.embeds[b])
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--sweep" or a.startswith("--sweep=") for a in argv):
+        from sweep import run_sweep
+        return run_sweep(argv)
     try:
         cfg, args = parse_args(argv)
         train_set, val_set = build_data(cfg)
@@ -298,13 +246,6 @@ def main(argv=None):
     # (sweeps, tests) with other settings, e.g. another mixed precision.
     AcceleratorState._reset_state(reset_partial_state=True)
     return run_dir
-
-
-def truncate_metrics(path: Path, step: int):
-    """On resume, drop lines logged after the restored checkpoint (they will be logged again)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 if __name__ == "__main__":

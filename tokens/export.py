@@ -1,12 +1,35 @@
-"""Learned words as files in diffusers' textual-inversion format (`pipe.load_textual_inversion`)."""
+"""Learned words as files other tools load.
+
+- diffusers: `{token: [K, D]}` safetensors, what `StableDiffusionPipeline.load_textual_inversion`
+  reads (the `learned_embeds.safetensors` layout). `save_token` / `save_diffusers`.
+- AUTOMATIC1111 / ComfyUI: `{"emb_params": [K, D]}` safetensors (one word per file; the word is
+  the file name), or the legacy `.pt` dict `{"string_to_param": {"*": [K, D]}, "name", "step"}`.
+  diffusers loads both too (pass `token=` for the safetensors one). `save_a1111`.
+- `manifest.json`: which file holds which word, from which source, run and checkpoint.
+"""
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from checkpointing import atomic_write
+
+A1111_KEY = "emb_params"
+MANIFEST_VERSION = 1
+
+
+def _vectors(vectors: torch.Tensor) -> torch.Tensor:
+    vectors = vectors.detach().float().cpu()
+    if vectors.dim() == 1:
+        vectors = vectors[None]
+    if vectors.dim() != 2:
+        raise ValueError(f"expected vectors [K, D], got shape {tuple(vectors.shape)}")
+    return vectors.contiguous()
 
 
 def save_token(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
@@ -23,3 +46,93 @@ def load_token(path: str | Path) -> tuple[str, torch.Tensor]:
         raise ValueError(f"{path}: expected one token, found keys {sorted(tensors)}")
     (token, vectors), = tensors.items()
     return token, vectors
+
+
+def _shareable(path: Path) -> Path:
+    """atomic_write's temp files are private (0600); exported files get the usual umask mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
+# -- names --------------------------------------------------------------------------------------
+def _default_placeholders() -> dict[str, str]:
+    from concepts import CONCEPTS
+    return {CONCEPTS[n][1]().token: n for n in CONCEPTS}
+
+
+def safe_token_name(run_name: str, concept: str) -> str:
+    """A file- and prompt-safe word for one run's concept: ('default', 'shape') -> 'default_shape'.
+
+    `concept` is a concept name or its default placeholder word (`*s` -> shape). Only
+    [A-Za-z0-9_.-] remain (anything else becomes '_'); no leading '.' or '-' (hidden files,
+    command-line flags).
+    """
+    concept = _default_placeholders().get(concept, concept)
+
+    def clean(text: str) -> str:
+        text = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
+        return re.sub(r"_+", "_", text).strip("_").lstrip(".-")
+
+    run, name = clean(run_name), clean(concept)
+    if not name:
+        raise ValueError(f"concept {concept!r} has no filesystem-safe characters")
+    return f"{run}_{name}" if run else name
+
+
+# -- formats ------------------------------------------------------------------------------------
+def save_diffusers(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
+    """diffusers textual inversion: {token: [K, D]} (pipe.load_textual_inversion(path))."""
+    return _shareable(save_token(path, token, _vectors(vectors)))
+
+
+def save_a1111(path: str | Path, token: str, vectors: torch.Tensor, step: int | None = None,
+               base_model: str | None = None) -> Path:
+    """AUTOMATIC1111 / ComfyUI embedding, one word per file. The layout follows the suffix:
+
+    - `.safetensors`: {"emb_params": [K, D]} (A1111 and ComfyUI name the word after the file;
+      diffusers: pipe.load_textual_inversion(path, token=token)).
+    - `.pt`: {"string_to_token": {"*": 265}, "string_to_param": {"*": [K, D]}, "name": token,
+      "step": step, "sd_checkpoint": None, "sd_checkpoint_name": base_model} (torch.save).
+    """
+    path = Path(path)
+    vectors = _vectors(vectors)
+    if path.suffix == ".safetensors":
+        metadata = {"name": token, "format": "a1111"}
+        if step is not None:
+            metadata["step"] = str(int(step))
+        atomic_write(path, lambda tmp: save_file({A1111_KEY: vectors}, str(tmp), metadata=metadata))
+    elif path.suffix == ".pt":
+        data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": token,
+                "step": None if step is None else int(step), "sd_checkpoint": None,
+                "sd_checkpoint_name": base_model}
+        atomic_write(path, lambda tmp: torch.save(data, tmp))
+    else:
+        raise ValueError(f"{path}: an A1111 embedding file ends in .safetensors or .pt")
+    return _shareable(path)
+
+
+def load_a1111(path: str | Path) -> torch.Tensor:
+    """The [K, D] vectors of an A1111 embedding (either layout)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+        if A1111_KEY not in tensors:
+            raise ValueError(f"{path}: no {A1111_KEY!r} key (found {sorted(tensors)})")
+        return tensors[A1111_KEY]
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    return data["string_to_param"]["*"]
+
+
+def write_manifest(folder: str | Path, entries: list[dict], base_model: dict | str, seeds: dict | None = None,
+                   **extra) -> Path:
+    """folder/manifest.json (atomically): the base model, the seeds, and one entry per exported word
+    (concept, token, files, num_vectors, dim, source, run, checkpoint step, ...)."""
+    path = Path(folder) / "manifest.json"
+    manifest = {"format_version": MANIFEST_VERSION,
+                "base_model": {"name": base_model} if isinstance(base_model, str) else dict(base_model),
+                "seeds": dict(seeds or {}), **extra, "tokens": list(entries)}
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return _shareable(path)

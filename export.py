@@ -1,0 +1,173 @@
+"""Export a run's words as embedding files for other tools: encode each word once from its source
+(an object folder, or explicit angles for the pose), write it for diffusers and AUTOMATIC1111 /
+ComfyUI, and a manifest.
+
+    python export.py --run runs/default --shape-from my_chairs/chair_001 --pose azimuth=30,elevation=10
+
+writes runs/default/export/:
+
+    default_shape.safetensors         diffusers: pipe.load_textual_inversion(path); prompt word default_shape
+    default_shape.a1111.safetensors   A1111 / ComfyUI embeddings folder ({"emb_params": [K, D]})
+    default_pose.safetensors, default_pose.a1111.safetensors
+    manifest.json                     base model, tokens, files, sources, run, checkpoint step, seeds
+
+The words are encoded in eval mode at diversity 0 (the shape code's mean), so an export is
+deterministic. Only the words the run trained can be exported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from checkpointing import latest_checkpoint
+from concepts import CONCEPTS
+from configs.schema import ConfigError, load_config
+from generate import camera_batch, load_run, parse_camera, reference_batch
+from objectdata import DataError
+from tokens import TokenError
+from tokens.export import safe_token_name, save_a1111, save_diffusers, write_manifest
+
+A1111_SUFFIX = ".a1111.safetensors"
+
+
+def source_flags() -> list[str]:
+    flags = []
+    for name in CONCEPTS:
+        if name == "pose":
+            flags.append("--pose")
+        flags.append(f"--{name}-from")
+    return flags
+
+
+def _check_sources(sources: dict, trained: list[str], run_dir: Path):
+    if not sources:
+        raise ValueError(f"nothing to export: give a source for at least one word ({', '.join(source_flags())})")
+    unknown = [n for n in sources if n not in CONCEPTS]
+    if unknown:
+        raise ValueError(f"unknown concept {unknown[0]!r}; valid: {', '.join(CONCEPTS)}")
+    untrained = [n for n in sources if n not in trained]
+    if untrained:
+        n = untrained[0]
+        raise ValueError(f"{run_dir}: this run did not train {n!r} (trained: {', '.join(trained)}), "
+                         f"so there is no {n} word to export; drop --{n}-from")
+    for name, source in sources.items():
+        if isinstance(source, dict) and name != "pose":
+            raise ValueError(f"{name}: explicit values are only for the pose; give an object folder")
+        if source is None or (not isinstance(source, dict) and not str(source)):
+            raise ValueError(f"{name}: empty source")
+
+
+def _resolve_checkpoint(run_dir: Path, checkpoint) -> tuple[Path, int]:
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
+    state = ckpt / "state.json"
+    if not state.is_file() or not (ckpt / "heads.safetensors").is_file():
+        raise ConfigError(f"{ckpt}: not a checkpoint folder (needs state.json and heads.safetensors)")
+    return ckpt, int(json.loads(state.read_text())["step"])
+
+
+def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, dict]:
+    """-> (vectors [K, D], the source as recorded in the manifest)."""
+    concept = system.concepts[name]
+    config = cfg.concepts[name]
+    if isinstance(source, dict):
+        if "camera" not in getattr(config, "inputs", ()):
+            raise ValueError(f"this run's pose head reads {', '.join(config.inputs)}, not the camera: "
+                             "use --pose-from <object folder> instead of --pose")
+        batch = camera_batch(source, getattr(config, "distance_range", None))
+        azimuth, elevation, distance = (float(v) for v in batch["camera"][0])
+        recorded = {"type": "camera", "azimuth": azimuth, "elevation": elevation, "distance": distance}
+    else:
+        needs = CONCEPTS[name][0].needs_for(config)
+        batch = reference_batch(source, view, cfg.data.resolution, needs, getattr(config, "max_views", 0))
+        recorded = {"type": "object", "path": str(Path(source).resolve()), "object": batch["object_name"][0]
+                    if "object_name" in batch else Path(source).name, "view": view}
+    device = next(system.backbone.unet.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    concept.eval()
+    if hasattr(concept, "source"):
+        concept.source = "masks"
+    concept.diversity = 0.0                        # the shape code's mean: deterministic
+    concept.noise_generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        vectors = concept.encode(batch).embeds[0].detach().float().cpu()
+    return vectors, recorded
+
+
+def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None = None, view: int = 0,
+                  checkpoint: str | Path | None = None, device: str = "cpu", pt: bool = False) -> Path:
+    """Encode each word from its source and write it for diffusers and A1111/ComfyUI. -> manifest path.
+
+    sources: concept -> object folder, or (pose) a camera dict from generate.parse_camera.
+    out_dir: default <run>/export. pt: also write the legacy A1111 `.pt` file.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    trained = list(load_config(run_dir / "config.yaml").tokens)
+    sources = {k: v for k, v in sources.items() if v is not None}
+    _check_sources(sources, trained, run_dir)
+    ckpt, step = _resolve_checkpoint(run_dir, checkpoint)
+    system, cfg = load_run(run_dir, ckpt, device)
+    if len(system.table.embedding_dims) != 1:
+        raise ValueError("export supports one text encoder (SD 1.x / 2.x); this run has "
+                         f"{len(system.table.embedding_dims)}")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    run_name = run_dir.resolve().name
+    encoded = {n: _encode(system, cfg, n, sources[n], view) for n in system.tokens if n in sources}
+    entries = []
+    for name, (vectors, recorded) in encoded.items():     # all encoded before anything is written
+        token = safe_token_name(run_name, name)
+        files = {"diffusers": f"{token}.safetensors", "a1111": f"{token}{A1111_SUFFIX}"}
+        save_diffusers(out_dir / files["diffusers"], token, vectors)
+        save_a1111(out_dir / files["a1111"], token, vectors, step=step, base_model=cfg.model.name)
+        if pt:
+            files["a1111_pt"] = f"{token}.pt"
+            save_a1111(out_dir / files["a1111_pt"], token, vectors, step=step, base_model=cfg.model.name)
+        entries.append({
+            "concept": name, "placeholder": system.concepts[name].config.token, "token": token,
+            "a1111_word": Path(files["a1111"]).name[:-len(".safetensors")],
+            "files": files, "num_vectors": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
+            "source": recorded, "run": run_name, "checkpoint": str(ckpt.resolve()), "checkpoint_step": step,
+            "seed": cfg.train.seed, "diversity": 0.0,
+        })
+    base = {"name": cfg.model.name, "revision": cfg.model.revision, "path": str(system.backbone.path)}
+    return write_manifest(out_dir, entries, base, seeds={"train": cfg.train.seed, "sample": cfg.sample.seed},
+                          run={"name": run_name, "folder": str(run_dir.resolve()), "trained": trained,
+                               "checkpoint": str(ckpt.resolve()), "checkpoint_step": step})
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder (runs/<name>)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
+    for name in CONCEPTS:
+        p.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
+    p.add_argument("--pose", help="explicit camera for the pose word: azimuth=30,elevation=10[,distance=2.5]")
+    p.add_argument("--view", type=int, default=0, help="which view of each reference object")
+    p.add_argument("--out", help="output folder (default: <run>/export)")
+    p.add_argument("--pt", action="store_true", help="also write the legacy A1111 .pt embedding")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        sources = {n: getattr(args, f"{n}_from") for n in CONCEPTS if getattr(args, f"{n}_from")}
+        if args.pose:
+            if "pose" in sources:
+                raise ValueError("give either --pose or --pose-from, not both")
+            sources["pose"] = parse_camera(args.pose)
+        manifest = export_tokens(args.run, sources, args.out, args.view, args.checkpoint, args.device, args.pt)
+    except (ConfigError, DataError, TokenError, ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    for entry in json.loads(manifest.read_text())["tokens"]:
+        print(f"{entry['concept']}: {', '.join(str(manifest.parent / f) for f in entry['files'].values())}")
+    print(f"wrote {manifest}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

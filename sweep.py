@@ -1,0 +1,65 @@
+"""`python train.py --sweep section.key=v1,v2,...`: one run per value in a sweep folder, then
+every run evaluated and one report (table, plots, sample grid) written in that folder.
+
+    python train.py --sweep losses.shape.mask_weight=0.01,0.05,0.1,0.2,0.3,0.5,1.0 --set train.steps=150
+
+Finished runs (a checkpoint at train.steps) are reused, so an interrupted sweep continues where
+it stopped when run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import train
+from checkpointing import latest_checkpoint
+from configs.schema import ConfigError
+from evaluation.image_metrics import ClipScorer
+from evaluation.report import write_report
+from evaluation.runner import EvalSettings, evaluate_run, write_results
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    key, sep, values = text.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or "." not in key or not items:
+        raise ConfigError(f"--sweep {text!r}: expected section.key=v1,v2,...")
+    return key.strip(), items
+
+
+def run_sweep(argv: list[str]):
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--eval-samples", type=int, default=2)
+    p.add_argument("--eval-steps", type=int, default=10)
+    p.add_argument("--clip")
+    sweep_args, rest = p.parse_known_args(argv)
+    try:
+        key, values = parse_sweep(sweep_args.sweep)
+        # Validate the key and every value before the first run starts.
+        configs = [train.parse_args(rest + ["--set", f"{key}={v}"])[0] for v in values]
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    base = configs[0]
+    name = base.run.name if "--name" in rest else f"sweep_{key.replace('.', '_')}"
+    sweep_dir = Path(base.run.output_dir) / name
+    rest = [a for i, a in enumerate(rest) if a != "--name" and (i == 0 or rest[i - 1] != "--name")]
+    run_dirs = []
+    for value, cfg in zip(values, configs):
+        run_name = f"{name}/{key}={value}"
+        run_dir = Path(base.run.output_dir) / run_name
+        done = latest_checkpoint(run_dir)
+        if done is None or json.loads((done / "state.json").read_text())["step"] < cfg.train.steps \
+                or "--overwrite" in rest:
+            print(f"sweep: {key}={value}")
+            train.main(rest + ["--set", f"{key}={value}", "--name", run_name])
+        run_dirs.append(run_dir)
+    settings = EvalSettings(num_samples=sweep_args.eval_samples, steps=sweep_args.eval_steps, clip=sweep_args.clip)
+    clip = ClipScorer(settings.clip)
+    results = [evaluate_run(run_dir, settings, clip) for run_dir in run_dirs]
+    write_results(results, sweep_dir)
+    report = write_report(results, sweep_dir, key, values, base.run.report_to)
+    print(f"sweep report: {report}")
+    return sweep_dir

@@ -1,0 +1,66 @@
+"""Validation during training and the token export at its end: sample grids with attention
+overlays, held-out metrics, per-object token files. Used by train.py; no accelerate here."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from metrics import attention_mask_metrics
+from objectdata import ObjectViewsDataset, collate
+from overlays import attention_grid
+from tokens.export import save_token
+
+
+def first_views(dataset, count: int) -> dict:
+    """One batch with the first view of up to `count` objects."""
+    n = len(dataset.records)
+    return collate([dataset[dataset.views_of(i)[0]] for i in range(min(count, n))])
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def validate(system, cfg, val, step: int, run_dir: Path, device) -> dict:
+    batch = to_device(first_views(val, cfg.sample.num_objects), device)
+    prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0), cfg.prompt.by_category)
+    images, maps = system.sample(prompts, batch, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.seed)
+    reference_maps = None
+    if system.attention_concepts:
+        _, reference_maps = attention_mask_metrics(system, batch, prompts, timestep=100, return_maps=True)
+    parts: dict[str, list] = {}
+    for start in range(0, len(val), cfg.train.batch_size):       # chunks: held-out sets can be large
+        views = to_device(collate([val[i] for i in range(start, min(start + cfg.train.batch_size, len(val)))]), device)
+        found = {}
+        if system.attention_concepts:
+            view_prompts = system.prompts_for(views, cfg.prompt.templates[:1], system.tokens, random.Random(0),
+                                              cfg.prompt.by_category)
+            found = {f"{k}@t100": v for k, v in attention_mask_metrics(system, views, view_prompts, 100).items()}
+        with torch.no_grad():
+            for name, out in system.encode(views).items():
+                found.update({f"{name}/{k}": v.cpu() for k, v in system.concepts[name].validation_metrics(out, views).items()})
+        for k, v in found.items():
+            parts.setdefault(k, []).append(v)
+    found = {k: torch.cat(v) for k, v in parts.items()}
+    names = [system.concepts[n].config.token for n in system.attention_concepts]
+    references = (batch["image"].float().cpu() + 1) / 2
+    attention_grid(references, images, maps, names, reference_maps).save(run_dir / "samples" / f"step_{step:06d}.png")
+    # Errors as medians (robust to a few flipped poses), everything else as means.
+    return {f"val/{k}": (v.median() if "error" in k else v.mean()).item() for k, v in found.items()}
+
+
+def export_tokens(system, datasets, run_dir: Path, device):
+    """tokens/<object>/<concept>.safetensors (first view, all masks, mean code), loadable by
+    diffusers' load_textual_inversion."""
+    system.concepts.eval()
+    for data in datasets:
+        dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size)
+        batch = to_device(first_views(dataset, len(dataset.records)), device)
+        with torch.no_grad():
+            outs = system.encode(batch)
+        for name, out in outs.items():
+            for b, obj in enumerate(batch["object_name"]):
+                save_token(run_dir / "tokens" / obj / f"{name}.safetensors", system.concepts[name].config.token,
+                           out.embeds[b])
