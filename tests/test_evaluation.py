@@ -71,3 +71,71 @@ def test_plugins_load_by_name():
     assert load_callable(None, mask_iou) is mask_iou
     with pytest.raises(ValueError, match="module:function"):
         load_callable("evaluation.image_metrics", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: evaluation CLI, sweeps, report
+# ----------------------------------------------------------------------------------------------
+def test_sweep_trains_evaluates_and_reports(tmp_path):
+    import csv
+    import json
+    import train
+    sweep_dir = train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}",
+                            "--set", "train.steps=2", "--set", "train.sample_every=0", "--set", "sample.steps=1",
+                            "--eval-samples", "2", "--eval-steps", "2", "--name", "sw"])
+    assert sweep_dir == tmp_path / "sw"
+    runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert runs == ["losses.shape.mask_weight=0", "losses.shape.mask_weight=1"]
+    for run in runs:
+        config = (sweep_dir / run / "config.yaml").read_text()
+        assert f"mask_weight: {float(run.split('=')[1])}" in config
+    report = (sweep_dir / "report.md").read_text()
+    assert "sweep of `losses.shape.mask_weight`" in report and "Backbone: `tiny`" in report
+    assert "editability (CLIP-T) skipped" in report and "weights are random" in report
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and "attention/shape/iou" in table[0]
+    for name in ("metrics_vs_value.png", "samples_grid.png", "fidelity_vs_editability.png", "rows.csv", "results.json"):
+        assert (sweep_dir / name).is_file(), name
+    rows = list(csv.DictReader(open(sweep_dir / "rows.csv")))
+    assert len(rows) == 2 * 2 * 4          # runs x held-out objects x prompts
+    assert {r["prompt_key"] for r in rows} == {"base", "leopard", "red", "alone"}
+    results = json.loads((sweep_dir / "results.json").read_text())
+    assert all(0 <= r["summary"]["silhouette_iou"] <= 1 for r in results)
+    # Run again: finished runs are reused, not retrained.
+    mtime = (sweep_dir / runs[0] / "metrics.jsonl").stat().st_mtime
+    train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2",
+                "--set", "train.sample_every=0", "--eval-samples", "1", "--eval-steps", "1", "--name", "sw"])
+    assert (sweep_dir / runs[0] / "metrics.jsonl").stat().st_mtime == mtime
+
+
+def test_bad_sweep_is_an_error_before_any_run(tmp_path):
+    import train
+    with pytest.raises(SystemExit, match="expected section.key=v1,v2"):
+        train.main(["--sweep", "mask_weight", "--set", f"run.output_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="unknown key losses.shape.mask_wieght"):
+        train.main(["--sweep", "losses.shape.mask_wieght=0,1", "--set", f"run.output_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_clip_t_with_a_tiny_clip_model(tmp_path):
+    """Editability runs end to end with a CLIP model given by path (a tiny one built from config)."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer,
+                              CLIPVisionConfig)
+    from backbone.tiny import tiny_vocab_and_merges
+    vocab, merges = tiny_vocab_and_merges()
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                   pad_token_id=1).to_dict(),
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2).to_dict(), projection_dim=8))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                              tokenizer=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77))
+    model.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    scorer = ClipScorer(str(tmp_path / "clip"))
+    assert scorer.available, scorer.reason
+    images = torch.rand(2, 3, 64, 64)
+    scores = scorer.text_image(images, ["a red chair", "a photo of a chair"])
+    assert scores.shape == (2,) and ((scores >= -1) & (scores <= 1)).all()
