@@ -58,13 +58,16 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(run_dir: Path, step: int, heads: dict, optimizer_state: dict, extra: dict | None = None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, heads: dict, optimizer_state: dict, extra: dict | None = None,
+                    adapters: dict | None = None) -> Path:
     """checkpoints/step_XXXXXX/{heads.safetensors, optimizer.pt, state.json}, written to a temp
     folder and renamed into place, so a checkpoint is either whole or absent."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
+        if adapters:
+            save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapters.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
         if final.exists():
@@ -79,6 +82,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted(Path(run_dir, "checkpoints").glob("step_*[0-9]"))
     found = [p for p in found if (p / "state.json").exists()]
     return found[-1] if found else None
+
+
+def load_adapters(path: Path) -> dict | None:
+    """The adapter deltas saved with a checkpoint (or a per-object artefact), if any."""
+    file = Path(path) / "adapters.safetensors"
+    return load_file(str(file)) if file.exists() else None
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:

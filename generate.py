@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from backbone import load_backbone
-from checkpointing import latest_checkpoint, load_checkpoint
+from backbone.adapters import UNetAdapters
+from checkpointing import latest_checkpoint, load_adapters, load_checkpoint
 from concepts import CONCEPTS
 from configs.schema import ConfigError, load_config
 from objectdata import DataError, ObjectViewsDataset, collate, scan_objects
@@ -22,21 +24,28 @@ from system import GuidedConcepts
 from tokens import TokenError, check_prompt
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu") -> tuple:
-    """-> (system with the run's heads, config). `checkpoint` defaults to the latest one."""
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
+             artefact: str | Path | None = None) -> tuple:
+    """-> (system with the run's heads, config). `checkpoint` defaults to the latest one;
+    `artefact` (a tune.py output folder) replaces the heads and adapters with the tuned ones."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    ckpt = Path(artefact) if artefact else (Path(checkpoint) if checkpoint else latest_checkpoint(run_dir))
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
     needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
     system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                             latent_size=cfg.data.resolution // backbone.vae_scale_factor)
-    _, heads, _, _ = load_checkpoint(ckpt)
+    heads = load_file(str(ckpt / "heads.safetensors")) if artefact else load_checkpoint(ckpt)[1]
     system.load_trainable_state(heads)
+    if cfg.adapters.kind != "none":       # the run's UNet adapters (E4T domain tuning)
+        system.adapters = UNetAdapters(backbone.unet, cfg.adapters)
+        state = load_adapters(ckpt)
+        if state is not None:
+            system.adapters.load_state_dict(state)
     for module in backbone.frozen_modules():   # the backbone is not a submodule: move it too
         module.to(device)
     system.to(device).eval()
@@ -144,11 +153,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
+    p.add_argument("--artefact", help="a per-object artefact from tune.py (tuned heads + adapters)")
     p.add_argument("--out", help="output PNG (default: <run>/samples/generated.png)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        system, cfg = load_run(args.run, args.checkpoint, args.device)
+        system, cfg = load_run(args.run, args.checkpoint, args.device, args.artefact)
         sources = {n: getattr(args, f"{n}_from") for n in system.tokens if getattr(args, f"{n}_from")}
         if args.pose:
             sources["pose"] = parse_camera(args.pose)

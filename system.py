@@ -142,13 +142,14 @@ class GuidedConcepts(nn.Module):
 
     # -- one training step -----------------------------------------------------------------------
     def training_losses(self, batch: dict, prompts: list[str], generator: torch.Generator | None = None,
-                        present: dict[str, torch.Tensor] | None = None,
-                        outs: dict | None = None) -> dict[str, tuple[float, torch.Tensor]]:
+                        present: dict[str, torch.Tensor] | None = None, outs: dict | None = None,
+                        timesteps: int | None = None) -> dict[str, tuple[float, torch.Tensor]]:
         """All loss terms of one step: name -> (weight, per-sample values [B]). The caller reduces.
 
         present: concept -> bool [B], which prompts use the word (union sampling); a word's
         guidance losses count only where its prompt uses it.
         outs: the heads' outputs when the caller ran them (through DDP); else they run here.
+        timesteps: one fixed timestep for every sample (evaluation); default: uniformly random.
         """
         bb = self.backbone
         device = next(bb.unet.parameters()).device
@@ -158,6 +159,8 @@ class GuidedConcepts(nn.Module):
         # Random draws on the generator's device (CPU by default), then moved: works on any device.
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        if timesteps is not None:
+            t = torch.full_like(t, timesteps)
         noisy = bb.scheduler.add_noise(latents, noise, t)
 
         outs = outs if outs is not None else self.concepts(batch)

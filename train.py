@@ -23,8 +23,9 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm import tqdm
 
 from backbone import load_backbone
-from checkpointing import (check_run_dir, latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint,
-                           truncate_metrics)
+from backbone.adapters import UNetAdapters
+from checkpointing import (check_run_dir, latest_checkpoint, load_adapters, load_checkpoint, prepare_run_dir,
+                           save_checkpoint, truncate_metrics)
 from concepts import CONCEPTS
 from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
 from objectdata import (DataError, ObjectViewsDataset, ShuffledBatchSampler, TripletBatchSampler, collate,
@@ -123,8 +124,11 @@ def main(argv=None):
         backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
         system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                                 latent_size=cfg.data.resolution // backbone.vae_scale_factor)
+        adapters = UNetAdapters(backbone.unet, cfg.adapters) if cfg.adapters.kind != "none" else None
     except (ValueError, OSError) as err:
         sys.exit(f"error: {err}")
+    # Phase 1: heads only; phase 2 (from adapters.start_step) adds the adapters with their own lr.
+    phase2 = cfg.adapters.start_step if cfg.adapters.start_step >= 0 else cfg.train.steps // 2
     accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
@@ -148,6 +152,11 @@ def main(argv=None):
                                          num_workers=cfg.data.num_workers)
     heads, optimizer, loader = accelerator.prepare(system.concepts, optimizer, loader)
 
+    def start_phase2():
+        """Adapters join the same optimizer as a new group: the heads keep their Adam state."""
+        adapters.set_trainable(True)
+        optimizer.add_param_group({"params": adapters.parameters(), "lr": cfg.adapters.lr, "name": "adapters"})
+
     # Resume: heads, optimizer (and fp16 scaler), and the position in the epoch.
     step, epoch, skip = 0, 0, 0
     # Noise, timesteps and VAE sampling draw from their own generator (one stream per process), so a
@@ -158,6 +167,10 @@ def main(argv=None):
         ckpt = latest_checkpoint(run_dir)
         step, head_state, opt_state, state = load_checkpoint(ckpt)
         system.load_trainable_state(head_state)
+        if adapters is not None:
+            adapters.load_state_dict(load_adapters(ckpt))
+            if step >= phase2:
+                start_phase2()
         optimizer.load_state_dict(opt_state["optimizer"])
         if accelerator.scaler is not None and opt_state.get("scaler"):
             accelerator.scaler.load_state_dict(opt_state["scaler"])
@@ -177,7 +190,8 @@ def main(argv=None):
             rngs = {"noise": noise_rng.get_state(), "prompts": rng.getstate()}
             save_checkpoint(run_dir, step, system.trainable_state(),
                             {"optimizer": optimizer.state_dict(), "scaler": scaler, "rng": rngs},
-                            {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+                            {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                            adapters.state_dict() if adapters is not None else None)
 
     def log(record: dict):
         if accelerator.is_main_process:
@@ -201,15 +215,24 @@ def main(argv=None):
         batch_in_epoch = skip
         for batch in batches:
             batch_in_epoch += 1
+            if adapters is not None and step == phase2 and not adapters.parameters()[0].requires_grad:
+                start_phase2()
             with accelerator.accumulate(heads), accelerator.autocast():
                 prompts, present = system.make_prompts(batch, cfg.prompt.templates, rng, cfg.train.union_sampling,
                                                        cfg.prompt.by_category)
                 outs = heads(batch)                                   # through DDP on several GPUs
                 terms = system.training_losses(batch, prompts, noise_rng, present=present, outs=outs)
+                if adapters is not None and cfg.adapters.kind == "e4t" and step >= phase2:
+                    terms["adapters/l2"] = (cfg.adapters.l2_weight, adapters.penalty().expand(len(prompts)))
                 loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.train.max_grad_norm)
+                    if adapters is not None and accelerator.num_processes > 1:   # the UNet is not DDP-wrapped
+                        for p in adapters.parameters():
+                            if p.grad is not None:
+                                p.grad = accelerator.reduce(p.grad, reduction="mean")
+                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                cfg.train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for name, (_, value) in terms.items():

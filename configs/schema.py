@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from backbone.adapters import AdapterConfig
 from concepts import CONCEPTS
 
 
@@ -85,6 +86,18 @@ class RunConfig:
 
 
 @dataclass
+class TuneConfig:
+    steps: int = field(default=15, metadata={"help": "per-object tuning steps (tune.py)"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of the heads while tuning"})
+    adapter_lr: float = field(default=1e-4, metadata={"help": "learning rate of the adapters while tuning"})
+    train_adapters: bool = field(default=True, metadata={"help": "tune the adapters too (when the run has them)"})
+    batch_size: int = field(default=4, metadata={"help": "views per tuning batch"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation while tuning"})
+    losses: dict = field(default_factory=lambda: {"shape": {"mask_weight": 0.0}},
+                         metadata={"help": "loss overrides while tuning, e.g. {shape: {mask_weight: 0}} (the seeds: mask loss in pre-training only)"})
+
+
+@dataclass
 class Config:
     tokens: list[str] = field(default_factory=lambda: ["shape"], metadata={"help": "active concepts"})
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -94,6 +107,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     concepts: dict = field(default_factory=dict, metadata={"help": "per-concept token/head settings"})
     losses: dict = field(default_factory=dict, metadata={"help": "per-concept loss weights"})
 

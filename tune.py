@@ -1,0 +1,160 @@
+"""Per-object tuning (E4T stage 2): start from a domain run, encode a new object with its heads,
+then tune the heads (and the UNet adapters, when the run has them) for a few steps on the
+object's views. Writes a small artefact that generate.py loads.
+
+    python tune.py --run runs/default --object my_chairs/chair_042            # 15 steps
+    python generate.py --run runs/default --artefact runs/default/objects/chair_042 \
+        --prompt "a red chair in the shape of *s" --shape-from my_chairs/chair_042
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import generate
+from configs.schema import ConfigError
+from objectdata import DataError, ObjectViewsDataset, collate, scan_objects
+from tokens.export import save_token
+
+EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@torch.no_grad()
+def object_denoise_loss(system, batch: dict, prompts: list[str]) -> float:
+    """Mean denoising loss over the object's views at fixed timesteps and fixed noise."""
+    values = []
+    for t in EVAL_TIMESTEPS:
+        terms = system.training_losses(batch, prompts, torch.Generator().manual_seed(t),
+                                       outs=system.encode(batch), timesteps=t)
+        values.append(terms["denoise"][1].mean().item())
+    return sum(values) / len(values)
+
+
+def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mode: str = "encoder",
+                overrides: dict | None = None, seed: int = 0) -> dict:
+    """mode "encoder": tune the heads (+ adapters) from the run; "textual_inversion": the baseline,
+    each word a free vector starting at its initializer word, same steps and lr."""
+    system, cfg = generate.load_run(run_dir)
+    tc = cfg.tune
+    for key, value in (overrides or {}).items():
+        setattr(tc, key, value)
+    steps = tc.steps if steps is None else steps
+    for name, changes in tc.losses.items():            # e.g. no mask loss while tuning (the seeds)
+        if name in system.concepts:
+            for key, value in changes.items():
+                if not hasattr(system.concepts[name].loss_config, key):
+                    raise ConfigError(f"tune.losses.{name}.{key}: no such loss setting")
+                setattr(system.concepts[name].loss_config, key, value)
+    records = scan_objects(object_dir)
+    if len(records) != 1:
+        raise DataError(f"{object_dir}: expected one object folder (with views/)")
+    set_size = getattr(cfg.concepts.get("shape"), "max_views", 0)
+    views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size)
+    all_views = collate([views[i] for i in range(len(views))])
+    prompts_all = system.prompts_for(all_views, cfg.prompt.templates[:1], system.tokens, random.Random(0))
+
+    params = []
+    if mode == "textual_inversion":
+        for concept in system.concepts.values():
+            with torch.no_grad():
+                concept.head.mlp[-1].weight.zero_()
+                concept.head.mlp[-1].bias.zero_()
+                concept.head.rows.copy_(system.table.initializer_rows[concept.name].expand_as(concept.head.rows))
+            concept.requires_grad_(False)
+            concept.head.rows.requires_grad_(True)
+            params.append(concept.head.rows)
+        groups = [{"params": params, "lr": tc.lr}]
+    elif mode == "encoder":
+        groups = [{"params": [p for p in system.concepts.parameters() if p.requires_grad], "lr": tc.lr}]
+        adapters = getattr(system, "adapters", None)
+        if adapters is not None and tc.train_adapters:
+            adapters.set_trainable(True)
+            groups.append({"params": adapters.parameters(), "lr": tc.adapter_lr})
+    else:
+        raise ValueError(f"mode must be 'encoder' or 'textual_inversion', got {mode!r}")
+    before = object_denoise_loss(system.eval(), all_views, prompts_all)
+
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    training = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=cfg.data.flip_prob, seed=seed,
+                                  mask_set_size=set_size, random_set_size=True)
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    system.concepts.train()
+    system.concepts.set_noise_generator(generator)
+    started = time.time()
+    for step in range(steps):
+        for _ in range(tc.grad_accum):                   # explicit: tuning is sensitive to batch size
+            indices = [rng.randrange(len(training)) for _ in range(tc.batch_size)]
+            batch = collate([training[i] for i in indices])
+            prompts = system.prompts_for(batch, cfg.prompt.templates, system.tokens, rng)
+            terms = system.training_losses(batch, prompts, generator)
+            loss = sum(w * v.float().mean() for w, v in terms.values()) / tc.grad_accum
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.time() - started
+    system.concepts.eval()
+    after = object_denoise_loss(system, all_views, prompts_all)
+
+    out_dir = Path(out_dir) if out_dir else Path(run_dir) / "objects" / records[0].name
+    adapters = getattr(system, "adapters", None)
+    return _write_artefact(system, cfg, out_dir, all_views, records[0].name, adapters,
+                           {"run": str(run_dir), "object": str(object_dir), "mode": mode, "steps": steps,
+                            "batch_size": tc.batch_size, "grad_accum": tc.grad_accum, "seconds": round(seconds, 3),
+                            "denoise_before": before, "denoise_after": after, "tune_losses": tc.losses})
+
+
+def _write_artefact(system, cfg, out_dir: Path, views: dict, name: str, adapters, info: dict) -> dict:
+    """<out>/{heads.safetensors, adapters.safetensors, tokens/<concept>.safetensors, lora/, artefact.json}."""
+    import shutil
+    import tempfile
+    from safetensors.torch import save_file
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in system.trainable_state().items()},
+                  str(tmp / "heads.safetensors"))
+        with torch.no_grad():
+            first = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in views.items()}
+            for concept, out in system.encode(first).items():
+                save_token(tmp / "tokens" / f"{concept}.safetensors", system.concepts[concept].config.token, out.embeds[0])
+        if adapters is not None:
+            save_file(adapters.state_dict(), str(tmp / "adapters.safetensors"))
+            adapters.export_lora(tmp / "lora")
+        info["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        (tmp / "artefact.json").write_text(json.dumps(info, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.replace(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**info, "path": str(out_dir)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the domain run (runs/<name>)")
+    p.add_argument("--object", required=True, help="the new object's folder (views/, masks/, meta.json)")
+    p.add_argument("--steps", type=int, help="tuning steps (default: the run's tune.steps, 15)")
+    p.add_argument("--mode", choices=["encoder", "textual_inversion"], default="encoder",
+                   help="tune the run's heads (+adapters), or the textual-inversion baseline")
+    p.add_argument("--batch-size", type=int, help="views per step (tune.batch_size)")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation (tune.grad_accum)")
+    p.add_argument("--out", help="artefact folder (default: <run>/objects/<object>)")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v is not None}
+    try:
+        info = tune_object(args.run, args.object, args.steps, args.out, args.mode, overrides)
+    except (ConfigError, DataError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    print(json.dumps(info, indent=1))
+    return info
+
+
+if __name__ == "__main__":
+    main()
