@@ -110,6 +110,9 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
     batches, reference = {}, None
     for name in used:
         if isinstance(sources[name], dict):
+            if "camera" not in getattr(cfg.concepts[name], "inputs", ["camera"]):
+                raise ValueError(f"--pose gives a camera, but this run's pose head reads {cfg.concepts[name].inputs}; "
+                                 "use --pose-from <object folder>")
             batch = camera_batch(sources[name], getattr(cfg.concepts[name], "distance_range", None))
         else:
             needs = () if (name == "shape" and shape_source == "image") else CONCEPTS[name][0].needs_for(cfg.concepts[name])

@@ -48,13 +48,15 @@ def run_sweep(argv: list[str]):
     rest = [a for i, a in enumerate(rest) if a != "--name" and (i == 0 or rest[i - 1] != "--name")]
     run_dirs = []
     for value, cfg in zip(values, configs):
-        run_name = f"{name}/{key}={value}"
+        run_name = f"{name}/{key}={value.replace('/', '_')}"
         run_dir = Path(base.run.output_dir) / run_name
         done = latest_checkpoint(run_dir)
-        if done is None or json.loads((done / "state.json").read_text())["step"] < cfg.train.steps \
-                or "--overwrite" in rest:
-            print(f"sweep: {key}={value}")
-            train.main(rest + ["--set", f"{key}={value}", "--name", run_name])
+        step = json.loads((done / "state.json").read_text())["step"] if done else 0
+        if "--overwrite" in rest or step < cfg.train.steps:
+            # An interrupted run continues from its checkpoint; a finished one is reused.
+            resume = ["--resume"] if done is not None and "--overwrite" not in rest else []
+            print(f"sweep: {key}={value}" + (f" (resuming at step {step})" if resume else ""))
+            train.main(rest + ["--set", f"{key}={value}", "--name", run_name] + resume)
         run_dirs.append(run_dir)
     settings = EvalSettings(num_samples=sweep_args.eval_samples, steps=sweep_args.eval_steps, clip=sweep_args.clip)
     clip = ClipScorer(settings.clip)

@@ -55,8 +55,12 @@ def fourier_features(x: torch.Tensor, bands: int) -> torch.Tensor:
 
 
 def rescale(x: torch.Tensor, bounds) -> torch.Tensor:
+    """Dataset bounds -> [-1, 1]; a degenerate range (e.g. one fixed distance) maps to 0, and
+    values outside the training range are clamped rather than blown up."""
     lo, hi = bounds
-    return 2 * (x - lo) / max(hi - lo, 1e-6) - 1
+    if hi - lo < 1e-6:
+        return torch.zeros_like(x)
+    return (2 * (x - lo) / (hi - lo) - 1).clamp(-1, 1)
 
 
 class PoseConcept(Concept):

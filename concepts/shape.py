@@ -167,7 +167,10 @@ class ShapeConcept(Concept):
             per_sample = mask_attention_loss(attn, batch["mask"], lc.mask_variant)
             losses["mask_attention"] = (lc.mask_weight, per_sample * in_timestep_range(step.timesteps, lc.mask_t_range))
         if lc.view_consistency_weight > 0 and step.same_object is not None:
-            losses["view_consistency"] = (lc.view_consistency_weight, consistency_loss(out.offset, step.same_object))
+            # On the code's mean, not the sampled code: views draw their own noise, and pulling
+            # samples together would teach the head to ignore the code (mu collapses).
+            code = out.extras.get("mu", out.offset)
+            losses["view_consistency"] = (lc.view_consistency_weight, consistency_loss(code[:, None], step.same_object))
         if "mu" in out.extras and lc.kl_weight > 0:
             losses["kl"] = (lc.kl_weight, gaussian_kl(out.extras["mu"], out.extras["logvar"]))
         if "image_code" in out.extras and lc.align_weight > 0:

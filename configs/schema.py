@@ -135,6 +135,11 @@ def _check_value(key: str, value, hint):
         return _check_value(key, value, hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):      # PyYAML reads "1e-2" as text (YAML 1.1)
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")

@@ -40,9 +40,10 @@ class EvalSettings:
 
 
 def held_out_objects(cfg) -> list[Path]:
+    """The run's held-out objects; with a single-object data set (nothing held out), that object."""
     records = scan_objects(cfg.data.root or ensure_default_data())
     holdout = min(cfg.data.holdout, len(records) - 1)
-    return [r.root for r in records[len(records) - holdout:]]
+    return [r.root for r in (records[len(records) - holdout:] if holdout > 0 else records)]
 
 
 def prompt_text(system, template: str, category: str) -> str:
@@ -68,7 +69,9 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
     segment_fn = load_callable(settings.segmenter, segment_plain_background)
     clip = clip or ClipScorer(settings.clip)
     notes = [] if clip.available else [f"editability (CLIP-T) skipped: {clip.reason}"]
-    objects = [Path(o) for o in (settings.objects or held_out_objects(cfg))]
+    objects = [Path(o) for o in (settings.objects if settings.objects is not None else held_out_objects(cfg))]
+    if not objects:
+        raise ValueError("no reference objects to evaluate (pass object folders)")
     rows, samples, token_features = [], {}, {}
     for obj in objects:
         records = scan_objects(obj)
@@ -98,7 +101,8 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
             token_features.setdefault(system.concepts[n].config.token, []).append(features_fn(images))
         # Attention-mask IoU and pose error on the object's own views (meaningful on tiny models).
         batch = collate([views[i] for i in range(len(views))])
-        prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0))
+        prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0),
+                                     cfg.prompt.by_category)
         if system.attention_concepts:
             for name, value in attention_mask_metrics(system, batch, prompts, timestep=100).items():
                 rows[-1].setdefault("_views", {})[name] = value.mean().item()

@@ -27,6 +27,7 @@ def test_ablation_overrides_only_what_it_names():
 
 
 def test_overrides_and_types():
+    assert load_config(CONFIGS / "base.yaml", ["concepts.shape.lr=1e-2"]).concepts["shape"].lr == 0.01
     config = load_config(CONFIGS / "base.yaml", ["train.steps=7", "losses.shape.mask_weight=1",
                                                    "attention.resolutions=[16]", "data.root=/x"], tokens="shape")
     assert config.train.steps == 7

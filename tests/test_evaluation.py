@@ -101,9 +101,14 @@ def test_sweep_trains_evaluates_and_reports(tmp_path):
     assert {r["prompt_key"] for r in rows} == {"base", "leopard", "red", "alone"}
     results = json.loads((sweep_dir / "results.json").read_text())
     assert all(0 <= r["summary"]["silhouette_iou"] <= 1 for r in results)
+    # More steps: each run resumes from its checkpoint instead of failing on the existing folder.
+    train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3",
+                "--set", "train.sample_every=0", "--eval-samples", "1", "--eval-steps", "1", "--name", "sw"])
+    for run in runs:
+        assert (sweep_dir / run / "checkpoints" / "step_000003").is_dir()
     # Run again: finished runs are reused, not retrained.
     mtime = (sweep_dir / runs[0] / "metrics.jsonl").stat().st_mtime
-    train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2",
+    train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3",
                 "--set", "train.sample_every=0", "--eval-samples", "1", "--eval-steps", "1", "--name", "sw"])
     assert (sweep_dir / runs[0] / "metrics.jsonl").stat().st_mtime == mtime
 

@@ -114,3 +114,16 @@ def test_generation_from_masks_or_from_one_image(tmp_path, chairs_dir):
     assert not torch.allclose(from_masks, from_image)
     records = [__import__("json").loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val/shape/mask_image_cosine" in r for r in records)
+
+
+def test_view_consistency_reads_the_code_mean_not_the_sampled_code(shape_system, chair_batch):
+    """Two samples of one object with the same masks: zero consistency loss although each draws
+    its own noise (pulling samples together would collapse the code)."""
+    concept = shape_system.concepts["shape"].train()
+    batch = {k: (v[[0, 0]] if torch.is_tensor(v) else [v[0], v[0]]) for k, v in chair_batch.items()}
+    out = concept.encode(batch)
+    assert not torch.allclose(out.extras["code"][0], out.extras["code"][1])       # sampled codes differ
+    view = StepView(timesteps=torch.zeros(2, dtype=torch.long), attention=None, pred=torch.zeros(2, 4, 8, 8),
+                    target=torch.zeros(2, 4, 8, 8), same_object=torch.tensor([[False, True], [True, False]]))
+    _, value = concept.guidance_losses(out, batch, view)["view_consistency"]
+    assert torch.allclose(value, torch.zeros(2), atol=1e-10)

@@ -1,0 +1,111 @@
+"""UNet adapters (LoRA through peft, E4T weight offsets), the two training phases, and
+per-object tuning artefacts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate
+import train
+import tune
+from backbone import load_backbone
+from backbone.adapters import AdapterConfig, UNetAdapters
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 32, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["lora", "e4t"])
+@pytest.mark.parametrize("layers", ["cross_kv", "cross_kv_self_qkv"])
+def test_zero_initialised_adapters_reproduce_the_base_unet(tiny_model_dir, kind, layers):
+    backbone = load_backbone(str(tiny_model_dir))
+    x, t, e = unet_inputs()
+    with torch.no_grad():
+        base = backbone.unet(x, t, e).sample
+    adapters = UNetAdapters(backbone.unet, AdapterConfig(kind=kind, layers=layers, rank=2))
+    assert adapters.targets and all(("attn2" in n) or layers != "cross_kv" for n in adapters.targets)
+    assert len(adapters.parameters()) == 2 * len(adapters.targets)
+    with torch.no_grad():
+        assert torch.equal(backbone.unet(x, t, e).sample, base)
+    assert not any(p.requires_grad for p in adapters.parameters())           # phase 1: frozen
+
+
+@pytest.mark.parametrize("kind", ["lora", "e4t"])
+def test_exported_lora_loads_in_diffusers_and_matches_the_adapted_unet(tiny_model_dir, tmp_path, kind):
+    from diffusers import StableDiffusionPipeline
+    backbone = load_backbone(str(tiny_model_dir))
+    adapters = UNetAdapters(backbone.unet, AdapterConfig(kind=kind, rank=2))
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+    x, t, e = unet_inputs()
+    with torch.no_grad():
+        adapted = backbone.unet(x, t, e).sample
+    path = adapters.export_lora(tmp_path / "lora")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    with torch.no_grad():
+        base = pipe.unet(x, t, e).sample
+    pipe.load_lora_weights(str(path.parent))
+    with torch.no_grad():
+        loaded = pipe.unet(x, t, e).sample
+    assert not torch.allclose(loaded, base, atol=1e-4)                        # it changes the output
+    assert torch.allclose(loaded, adapted, atol=1e-4)                         # exactly as trained
+    assert path.stat().st_size < 200_000                                      # adapters stay small
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, tiny_model_dir, chairs_dir):
+    out = tmp_path_factory.mktemp("adapters")
+    return train.main(["--name", "a", "--set", f"run.output_dir={out}", "--set", "adapters.kind=e4t",
+                       "--set", "adapters.start_step=2", "--set", "adapters.lr=1e-2", "--set", "train.steps=4",
+                       "--set", "train.checkpoint_every=2", "--set", "train.log_every=2", "--set", "train.sample_every=0",
+                       "--set", "sample.steps=1"])
+
+
+def test_phases_train_heads_then_adapters_and_only_those_change(adapter_run, tiny_model_dir):
+    records = [json.loads(line) for line in (adapter_run / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert "lr/adapters" not in steps[2] and steps[4]["lr/adapters"] == 1e-2    # group added at the switch
+    assert steps[4]["lr/shape"] == steps[2]["lr/shape"]
+    phase1 = load_file(str(adapter_run / "checkpoints" / "step_000002" / "adapters.safetensors"))
+    phase2 = load_file(str(adapter_run / "checkpoints" / "step_000004" / "adapters.safetensors"))
+    ups = [k for k in phase1 if k.endswith(".up")]
+    assert all(not phase1[k].any() for k in ups)                             # phase 1: still zero
+    assert any(phase2[k].abs().sum() > 0 for k in ups)                       # phase 2: trained
+    optimizer = torch.load(adapter_run / "checkpoints" / "step_000004" / "optimizer.pt", weights_only=False)
+    groups = optimizer["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["shape", "adapters"]
+    assert optimizer["optimizer"]["state"][0]["step"] == 4                   # heads kept their Adam state
+    # The frozen base weights did not move.
+    system, _ = generate.load_run(adapter_run)
+    base = load_backbone(str(tiny_model_dir))
+    trained = dict(system.backbone.unet.named_parameters())
+    for name, value in base.unet.named_parameters():
+        key = name.replace("attn2.to_k.weight", "attn2.to_k.base.weight").replace("attn2.to_v.weight", "attn2.to_v.base.weight")
+        assert torch.equal(trained[key], value), name
+
+
+def test_per_object_tuning_artefact_saves_loads_and_generates(adapter_run, chairs_dir, tmp_path):
+    info = tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=3, out_dir=tmp_path / "obj")
+    art = tmp_path / "obj"
+    assert {p.name for p in art.iterdir()} == {"heads.safetensors", "adapters.safetensors", "tokens", "lora",
+                                               "artefact.json"}
+    saved = json.loads((art / "artefact.json").read_text())
+    assert saved["steps"] == 3 and saved["bytes"] == info["bytes"] > 0
+    assert saved["tune_losses"] == {"shape": {"mask_weight": 0.0}}           # the seeds: no mask loss in tuning
+    assert info["denoise_after"] != info["denoise_before"]
+    system, cfg = generate.load_run(adapter_run, artefact=art)
+    tuned = load_file(str(art / "adapters.safetensors"))
+    current = system.adapters.state_dict()
+    assert all(torch.equal(current[k], tuned[k]) for k in tuned)
+    _, images, _ = generate.generate(system, cfg, "a photo of a chair in the shape of *s",
+                                     {"shape": chairs_dir / "chair_011"}, num=1, steps=2)
+    assert images.shape == (1, 3, 64, 64)
+    baseline = tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=3, out_dir=tmp_path / "ti",
+                                mode="textual_inversion")
+    assert baseline["mode"] == "textual_inversion" and (tmp_path / "ti" / "tokens" / "shape.safetensors").is_file()
