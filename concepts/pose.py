@@ -118,7 +118,8 @@ class PoseConcept(Concept):
         if "camera" in self.config.inputs:
             features.append(fourier_features(self.camera_vector(batch["camera"]), self.config.fourier_bands))
         if "keypoints" in self.config.inputs:
-            maps = keypoint_heatmaps_per_point(batch["keypoints"], batch["keypoint_valid"], self.config.heatmap_size)
+            keypoints, valid = fit_keypoints(batch["keypoints"], batch["keypoint_valid"], self.config.num_keypoints)
+            maps = keypoint_heatmaps_per_point(keypoints, valid, self.config.heatmap_size)
             features.append(self.keypoint_encoder(maps))                      # [B, F]
         if "image" in self.config.inputs:
             features.append(self.image_cnn(batch["image"]))
@@ -162,6 +163,17 @@ class PoseConcept(Concept):
         if lc.consistency_weight > 0 and step.same_camera is not None:
             losses["camera_consistency"] = (lc.consistency_weight, consistency_loss(out.offset, step.same_camera))
         return losses
+
+
+def fit_keypoints(keypoints: torch.Tensor, valid: torch.Tensor, count: int):
+    """Pad (invalid) or cut [B, K, 2] / [B, K] to the head's keypoint count: another data set or
+    object may list a different number of points than the training data."""
+    k = keypoints.shape[1]
+    if k >= count:
+        return keypoints[:, :count], valid[:, :count]
+    pad = count - k
+    return (torch.cat([keypoints, keypoints.new_zeros(len(keypoints), pad, 2)], 1),
+            torch.cat([valid, valid.new_zeros(len(valid), pad)], 1))
 
 
 def keypoint_heatmaps_per_point(keypoints: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from configs.schema import ConfigError
 from evaluation.image_metrics import ClipScorer
 from evaluation.report import write_report
@@ -30,6 +32,7 @@ def main(argv=None):
     p.add_argument("--segmenter", help="segmenter 'module:function' (images -> masks); default: plain background")
     p.add_argument("--clip", help="CLIP model path or hub id for editability (CLIP-T); skipped when absent")
     p.add_argument("--out", default="runs/evaluation", help="output folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     prompts = dict(DEFAULT_PROMPTS)
     for item in args.prompt or []:
@@ -38,7 +41,8 @@ def main(argv=None):
             sys.exit(f"error: --prompt {item!r}: expected KEY=TEMPLATE")
         prompts[key] = template
     settings = EvalSettings(prompts=prompts, num_samples=args.num, seed=args.seed, steps=args.steps,
-                            objects=args.objects, features=args.features, segmenter=args.segmenter, clip=args.clip)
+                            objects=args.objects, features=args.features, segmenter=args.segmenter, clip=args.clip,
+                            device=args.device)
     try:
         clip = ClipScorer(args.clip)
         results = [evaluate_run(run, settings, clip) for run in args.runs]

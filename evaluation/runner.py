@@ -37,6 +37,7 @@ class EvalSettings:
     features: str | None = None           # "module:function" images -> [N, F]
     segmenter: str | None = None          # "module:function" images -> masks
     clip: str | None = None               # CLIP path or hub id for editability
+    device: str = "cpu"
 
 
 def held_out_objects(cfg) -> list[Path]:
@@ -64,7 +65,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
     """-> {"rows": [per object x prompt], "summary": {metric: mean}, "samples": {prompt_key: [3,H,W]},
     "notes": [...]}. Image metrics on a tiny random model only prove the machinery runs."""
     run_dir = Path(run_dir)
-    system, cfg = generate.load_run(run_dir)
+    system, cfg = generate.load_run(run_dir, device=settings.device)
     features_fn = load_callable(settings.features, pixel_features)
     segment_fn = load_callable(settings.segmenter, segment_plain_background)
     clip = clip or ClipScorer(settings.clip)
@@ -85,6 +86,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
             _, images, _ = generate.generate(system, cfg, prompt, sources, settings.num_samples, settings.seed,
                                              settings.steps, settings.guidance_scale)
             samples.setdefault(key, images[0])
+            images = images.cpu()
             sil = silhouette_iou(segment_fn(images), reference_masks)
             feats = features_fn(images)
             row = {"run": run_dir.name, "object": obj.name, "prompt_key": key, "prompt": prompt,
@@ -100,7 +102,8 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
                                              settings.num_samples, settings.seed, settings.steps, settings.guidance_scale)
             token_features.setdefault(system.concepts[n].config.token, []).append(features_fn(images))
         # Attention-mask IoU and pose error on the object's own views (meaningful on tiny models).
-        batch = collate([views[i] for i in range(len(views))])
+        batch = {k: v.to(settings.device) if torch.is_tensor(v) else v
+                 for k, v in collate([views[i] for i in range(len(views))]).items()}
         prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0),
                                      cfg.prompt.by_category)
         if system.attention_concepts:

@@ -183,3 +183,14 @@ def test_explicit_pose_on_a_keypoint_head_is_a_clear_error(tmp_path, chairs_dir)
     out = generate.main(["--run", str(run), "--prompt", "a chair with pose *p", "--pose-from",
                          str(chairs_dir / "chair_003"), "--steps", "1", "--num", "1", "--out", str(tmp_path / "kp.png")])
     assert out.is_file()
+
+
+def test_pose_head_takes_objects_with_another_keypoint_count(fresh_backbone, chair_batch):
+    """A keypoint pose head trained on 10 points encodes objects listing 6 or 14."""
+    system = make_system(fresh_backbone, tokens=("pose",), concepts={"pose": {"inputs": ["keypoints"], "num_keypoints": 10}})
+    concept = system.concepts["pose"].eval()
+    for k in (6, 14):
+        keypoints = torch.rand(4, k, 2)
+        batch = dict(chair_batch, keypoints=keypoints, keypoint_valid=torch.ones(4, k, dtype=torch.bool))
+        with torch.no_grad():
+            assert torch.isfinite(concept.encode(batch).embeds).all()
