@@ -155,6 +155,8 @@ def main(argv=None):
     def start_phase2():
         """Adapters join the same optimizer as a new group: the heads keep their Adam state."""
         adapters.set_trainable(True)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.concepts[group["name"]].lr * cfg.adapters.head_lr_scale
         optimizer.add_param_group({"params": adapters.parameters(), "lr": cfg.adapters.lr, "name": "adapters"})
 
     # Resume: heads, optimizer (and fp16 scaler), and the position in the epoch.

@@ -31,6 +31,7 @@ class AdapterConfig:
     lr: float = field(default=1e-4, metadata={"help": "learning rate of the adapters (phase 2)"})
     start_step: int = field(default=-1, metadata={"help": "phase 2 (adapters train) starts here; -1 = half of train.steps"})
     l2_weight: float = field(default=1e-4, metadata={"help": "L2 penalty on the E4T offsets Δ"})
+    head_lr_scale: float = field(default=1.0, metadata={"help": "phase 2 multiplies the heads' lrs by this"})
 
     def __post_init__(self):
         if self.kind not in ADAPTER_KINDS:

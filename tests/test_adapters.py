@@ -63,6 +63,7 @@ def adapter_run(tmp_path_factory, tiny_model_dir, chairs_dir):
     out = tmp_path_factory.mktemp("adapters")
     return train.main(["--name", "a", "--set", f"run.output_dir={out}", "--set", "adapters.kind=e4t",
                        "--set", "adapters.start_step=2", "--set", "adapters.lr=1e-2", "--set", "train.steps=4",
+                       "--set", "adapters.head_lr_scale=0.5",
                        "--set", "train.checkpoint_every=2", "--set", "train.log_every=2", "--set", "train.sample_every=0",
                        "--set", "sample.steps=1"])
 
@@ -71,7 +72,7 @@ def test_phases_train_heads_then_adapters_and_only_those_change(adapter_run, tin
     records = [json.loads(line) for line in (adapter_run / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records if "loss" in r}
     assert "lr/adapters" not in steps[2] and steps[4]["lr/adapters"] == 1e-2    # group added at the switch
-    assert steps[4]["lr/shape"] == steps[2]["lr/shape"]
+    assert steps[4]["lr/shape"] == steps[2]["lr/shape"] * 0.5                   # phase 2's head lr
     phase1 = load_file(str(adapter_run / "checkpoints" / "step_000002" / "adapters.safetensors"))
     phase2 = load_file(str(adapter_run / "checkpoints" / "step_000004" / "adapters.safetensors"))
     ups = [k for k in phase1 if k.endswith(".up")]
