@@ -49,7 +49,7 @@ class ShapeLossConfig:
     view_consistency_weight: float = field(default=0.1, metadata={"help": "pull *s of one object's views together (needs multi-view batches)"})
     kl_weight: float = field(default=1e-3, metadata={"help": "set encoder: KL of the shape code toward N(0, I)"})
     align_weight: float = field(default=0.1, metadata={"help": "image branch: tie its code to the mask branch's"})
-    align_kind: str = field(default="infonce", metadata={"help": f"one of {ALIGNMENT_KINDS}"})
+    align_kind: str = field(default="cosine", metadata={"help": f"one of {ALIGNMENT_KINDS}: cosine ties each object's two codes directly; infonce also separates objects"})
 
     def __post_init__(self):
         if self.mask_variant not in MASK_ATTENTION_VARIANTS:
