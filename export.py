@@ -17,6 +17,7 @@ deterministic. Only the words the run trained can be exported.
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import sys
 from pathlib import Path
@@ -99,12 +100,22 @@ def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, di
     return vectors, recorded
 
 
+def source_label(sources: dict) -> str:
+    """A folder name for a set of sources: object folder names, cameras as az<A>_el<E>."""
+    parts = []
+    for value in dict.fromkeys(str(v) if not isinstance(v, dict) else
+                               f"az{v['azimuth']:g}_el{v.get('elevation') or 0:g}" for v in sources.values()):
+        parts.append(Path(value).name if "/" in value or Path(value).exists() else value)
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(parts)).strip("._-") or "sources"
+
+
 def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None = None, view: int = 0,
                   checkpoint: str | Path | None = None, device: str = "cpu", pt: bool = False) -> Path:
     """Encode each word from its source and write it for diffusers and A1111/ComfyUI. -> manifest path.
 
     sources: concept -> object folder, or (pose) a camera dict from generate.parse_camera.
-    out_dir: default <run>/export. pt: also write the legacy A1111 `.pt` file.
+    out_dir: default <run>/export/<sources>, e.g. export/chair_001+az30_el10, so exports of
+    different objects do not overwrite each other. pt: also write the legacy A1111 `.pt` file.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -117,7 +128,7 @@ def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None
     if len(system.table.embedding_dims) != 1:
         raise ValueError("export supports one text encoder (SD 1.x / 2.x); this run has "
                          f"{len(system.table.embedding_dims)}")
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export" / source_label(sources)
     run_name = run_dir.resolve().name
     encoded = {n: _encode(system, cfg, n, sources[n], view) for n in system.tokens if n in sources}
     entries = []

@@ -65,8 +65,9 @@ def write_report(results: list[dict], out_dir: Path, swept_key: str | None = Non
     # Fidelity against editability (CLIP-T when available, else diversity, and the report says so).
     edit_key = "clip_t" if all("clip_t" in r["summary"] for r in results) else "diversity"
     fig, ax = plt.subplots(figsize=(4, 3.5))
-    xs = [r["summary"].get("attention/shape/iou", r["summary"]["silhouette_iou"]) for r in results]
-    fid_key = "attention/shape/iou" if "attention/shape/iou" in results[0]["summary"] else "silhouette_iou"
+    # One fidelity measure for every run: *s's attention IoU when all runs have it.
+    fid_key = "attention/shape/iou" if all("attention/shape/iou" in r["summary"] for r in results) else "silhouette_iou"
+    xs = [r["summary"][fid_key] for r in results]
     ys = [r["summary"][edit_key] for r in results]
     ax.scatter(xs, ys)
     for x, y, label in zip(xs, ys, labels):

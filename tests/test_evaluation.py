@@ -144,3 +144,21 @@ def test_clip_t_with_a_tiny_clip_model(tmp_path):
     images = torch.rand(2, 3, 64, 64)
     scores = scorer.text_image(images, ["a red chair", "a photo of a chair"])
     assert scores.shape == (2,) and ((scores >= -1) & (scores <= 1)).all()
+
+
+def test_evaluation_cli_on_chosen_objects_with_an_extra_prompt(tmp_path, chairs_dir):
+    import csv
+    import train
+    from evaluation.__main__ import main as evaluate_main
+    run = train.main(["--name", "e", "--set", f"run.output_dir={tmp_path}", "--tokens", "pose",
+                      "--set", "train.steps=1", "--set", "train.sample_every=0", "--set", "sample.steps=1"])
+    report = evaluate_main([str(run), "--objects", str(chairs_dir / "chair_000"), "--num", "2", "--steps", "1",
+                            "--prompt", "blue=a blue {category} {phrases}", "--out", str(tmp_path / "ev")])
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "rows.csv")))
+    assert {r["prompt_key"] for r in rows} == {"base", "leopard", "red", "alone", "blue"}
+    assert all(r["object"] == "chair_000" for r in rows)
+    assert "a blue chair with pose *p" in {r["prompt"] for r in rows}
+    text = report.read_text()
+    assert "pose/azimuth_error_deg" in text and "attention/pose/iou" in text     # a pose-only run works
+    with pytest.raises(SystemExit, match="KEY=TEMPLATE"):
+        evaluate_main([str(run), "--prompt", "no-equals-sign"])

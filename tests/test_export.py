@@ -159,7 +159,7 @@ def test_safe_token_names():
 
 def test_manifest(exported, run):
     manifest, data = exported
-    assert manifest == run / "export" / "manifest.json"
+    assert manifest == run / "export" / "chair_001+az30_el10" / "manifest.json"     # per source set
     assert data["base_model"]["name"] == "tiny" and data["base_model"]["path"]
     assert data["run"]["name"] == "exp" and data["run"]["trained"] == ["shape", "pose"]
     assert data["run"]["checkpoint_step"] == 2 and data["seeds"]["train"] == 0
