@@ -62,14 +62,23 @@ def save_checkpoint(run_dir: Path, step: int, heads: dict, optimizer_state: dict
                     adapters: dict | None = None) -> Path:
     """checkpoints/step_XXXXXX/{heads.safetensors, optimizer.pt, state.json}, written to a temp
     folder and renamed into place, so a checkpoint is either whole or absent."""
-    final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    def write(tmp: Path):
         save_file({k: v.detach().float().cpu().contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
         if adapters:
             save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapters.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    return atomic_folder(Path(run_dir) / "checkpoints" / f"step_{step:06d}", write)
+
+
+def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary folder next to `final`, then rename it into place
+    (replacing an older `final`): the folder is either whole or absent."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

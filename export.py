@@ -17,8 +17,8 @@ deterministic. Only the words the run trained can be exported.
 from __future__ import annotations
 
 import argparse
-import re
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from checkpointing import latest_checkpoint
 from concepts import CONCEPTS
 from configs.schema import ConfigError, load_config
 from generate import camera_batch, load_run, parse_camera, reference_batch
+from system import to_device
 from objectdata import DataError
 from tokens import TokenError
 from tokens.export import safe_token_name, save_a1111, save_diffusers, write_manifest
@@ -89,7 +90,7 @@ def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, di
         recorded = {"type": "object", "path": str(Path(source).resolve()), "object": batch["object_name"][0]
                     if "object_name" in batch else Path(source).name, "view": view}
     device = next(system.backbone.unet.parameters()).device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = to_device(batch, device)
     concept.eval()
     if hasattr(concept, "source"):
         concept.source = "masks"

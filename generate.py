@@ -20,7 +20,7 @@ from concepts import CONCEPTS
 from configs.schema import ConfigError, load_config
 from objectdata import DataError, ObjectViewsDataset, collate, scan_objects
 from overlays import attention_grid
-from system import GuidedConcepts
+from system import GuidedConcepts, to_device
 from tokens import TokenError, check_prompt
 
 
@@ -119,7 +119,7 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
             batch = reference_batch(sources[name], view, cfg.data.resolution, needs,
                                     getattr(cfg.concepts[name], "max_views", 0))
             reference = batch["image"][0] if reference is None else reference
-        batches[name] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batches[name] = to_device(batch, device)
     if reference is None:
         size = cfg.data.resolution
         reference = torch.ones(3, size, size)

@@ -37,6 +37,11 @@ def render_prompt(template: str, category: str, clauses: dict[str, str]) -> str:
     return text.strip(" ,;:")
 
 
+def to_device(batch: dict, device) -> dict:
+    """Move a batch's tensors to `device`; lists (categories, names) stay as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def random_subsets(names: list[str], count: int, rng: random.Random) -> list[list[str]]:
     """Union sampling (Break-A-Scene): a random non-empty subset of `names` per sample, uniform
     over the 2^n - 1 subsets, so every word must also work alone."""

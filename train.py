@@ -27,7 +27,7 @@ from backbone.adapters import UNetAdapters
 from checkpointing import (check_run_dir, latest_checkpoint, load_adapters, load_checkpoint, prepare_run_dir,
                            save_checkpoint, truncate_metrics)
 from concepts import CONCEPTS
-from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
+from configs.schema import Config, ConfigError, config_to_dict, load_config, mask_set_size, save_config
 from objectdata import (DataError, ObjectViewsDataset, ShuffledBatchSampler, TripletBatchSampler, collate,
                         ensure_default_data, scan_objects)
 from system import GuidedConcepts
@@ -75,8 +75,7 @@ def build_data(cfg: Config):
         cfg.concepts[n] = CONCEPTS[n][0].fit_to_data(cfg.concepts[n], info)
     holdout = min(cfg.data.holdout, len(records) - 1)
     train_records, val_records = records[:len(records) - holdout], records[len(records) - holdout:]
-    set_size = max((getattr(cfg.concepts[n], "max_views", 0) for n in cfg.tokens if "mask_set" in
-                    CONCEPTS[n][0].needs_for(cfg.concepts[n])), default=0)
+    set_size = mask_set_size(cfg)
     train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
                                mask_set_size=set_size, random_set_size=True)
     val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size)

@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import generate
-from configs.schema import ConfigError
+from checkpointing import atomic_folder
+from configs.schema import ConfigError, mask_set_size
 from objectdata import DataError, ObjectViewsDataset, collate, scan_objects
 from tokens.export import save_token
 
@@ -54,7 +56,7 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     records = scan_objects(object_dir)
     if len(records) != 1:
         raise DataError(f"{object_dir}: expected one object folder (with views/)")
-    set_size = getattr(cfg.concepts.get("shape"), "max_views", 0)
+    set_size = mask_set_size(cfg)
     views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size)
     all_views = collate([views[i] for i in range(len(views))])
     prompts_all = system.prompts_for(all_views, cfg.prompt.templates[:1], system.tokens, random.Random(0))
@@ -103,24 +105,19 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
 
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "objects" / records[0].name
     adapters = getattr(system, "adapters", None)
-    return _write_artefact(system, cfg, out_dir, all_views, records[0].name, adapters,
+    return _write_artefact(system, out_dir, all_views, adapters,
                            {"run": str(run_dir), "object": str(object_dir), "mode": mode, "steps": steps,
                             "batch_size": tc.batch_size, "grad_accum": tc.grad_accum, "seconds": round(seconds, 3),
                             "denoise_before": before, "denoise_after": after, "tune_losses": tc.losses})
 
 
-def _write_artefact(system, cfg, out_dir: Path, views: dict, name: str, adapters, info: dict) -> dict:
+def _write_artefact(system, out_dir: Path, views: dict, adapters, info: dict) -> dict:
     """<out>/{heads.safetensors, adapters.safetensors, tokens/<concept>.safetensors, lora/, artefact.json}."""
-    import shutil
-    import tempfile
-    from safetensors.torch import save_file
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def write(tmp: Path):
         save_file({k: v.detach().float().cpu().contiguous() for k, v in system.trainable_state().items()},
                   str(tmp / "heads.safetensors"))
         with torch.no_grad():
-            first = {k: (v[:1] if torch.is_tensor(v) else v[:1]) for k, v in views.items()}
+            first = {k: v[:1] for k, v in views.items()}           # the object's first view
             for concept, out in system.encode(first).items():
                 save_token(tmp / "tokens" / f"{concept}.safetensors", system.concepts[concept].config.token, out.embeds[0])
         if adapters is not None:
@@ -128,11 +125,7 @@ def _write_artefact(system, cfg, out_dir: Path, views: dict, name: str, adapters
             adapters.export_lora(tmp / "lora")
         info["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         (tmp / "artefact.json").write_text(json.dumps(info, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_folder(out_dir, write)
     return {**info, "path": str(out_dir)}
 
 

@@ -10,6 +10,7 @@ import torch
 from metrics import attention_mask_metrics
 from objectdata import ObjectViewsDataset, collate
 from overlays import attention_grid
+from system import to_device
 from tokens.export import save_token
 
 
@@ -17,10 +18,6 @@ def first_views(dataset, count: int) -> dict:
     """One batch with the first view of up to `count` objects."""
     n = len(dataset.records)
     return collate([dataset[dataset.views_of(i)[0]] for i in range(min(count, n))])
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def validate(system, cfg, val, step: int, run_dir: Path, device) -> dict:

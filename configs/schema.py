@@ -208,6 +208,12 @@ def build_config(raw: dict) -> Config:
     return config
 
 
+def mask_set_size(config: "Config") -> int:
+    """Views per object the data must load as a mask set (0 when no active head reads one)."""
+    return max((getattr(config.concepts[n], "max_views", 0) for n in config.tokens
+                if "mask_set" in CONCEPTS[n][0].needs_for(config.concepts[n])), default=0)
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")

@@ -13,9 +13,10 @@ import generate
 from concepts import CONCEPTS
 from evaluation.image_metrics import (ClipScorer, inspiration_tree_scores, load_callable, mean_pairwise_distance,
                                       pixel_features, segment_plain_background, silhouette_iou)
+from configs.schema import mask_set_size
 from metrics import attention_mask_metrics
 from objectdata import ObjectViewsDataset, collate, ensure_default_data, scan_objects
-from system import render_prompt
+from system import render_prompt, to_device
 
 # The seeds' prompts: base, two edits, and the words alone ("what did *s learn").
 DEFAULT_PROMPTS = {
@@ -79,7 +80,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
         category = records[0].category
         sources = {n: obj for n in system.tokens}
         views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0,
-                                   mask_set_size=getattr(cfg.concepts.get("shape"), "max_views", 0))
+                                   mask_set_size=mask_set_size(cfg))
         reference_masks = torch.stack([views[i]["mask"] for i in range(len(views))])       # [V, 1, H, W]
         for key, template in settings.prompts.items():
             prompt = prompt_text(system, template, category)
@@ -102,8 +103,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
                                              settings.num_samples, settings.seed, settings.steps, settings.guidance_scale)
             token_features.setdefault(system.concepts[n].config.token, []).append(features_fn(images))
         # Attention-mask IoU and pose error on the object's own views (meaningful on tiny models).
-        batch = {k: v.to(settings.device) if torch.is_tensor(v) else v
-                 for k, v in collate([views[i] for i in range(len(views))]).items()}
+        batch = to_device(collate([views[i] for i in range(len(views))]), settings.device)
         prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0),
                                      cfg.prompt.by_category)
         if system.attention_concepts:
