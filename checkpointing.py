@@ -1,15 +1,38 @@
-"""Atomic writes and run checkpoints: a crash never leaves a half-written file behind."""
+"""Run folders, atomic checkpoints, RNG states and stop signals: a crash, a Ctrl-C or a SIGKILL
+mid-save never costs more than one checkpoint interval."""
 from __future__ import annotations
 
 import json
 import os
+import platform
+import random
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+
+def _fsync(path: Path):
+    """Flush a file (or a folder's entries) to disk, so a rename never lands before its data."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:          # e.g. folders on Windows cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -20,7 +43,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        _fsync(Path(tmp))
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -76,20 +101,48 @@ def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
     (replacing an older `final`): the folder is either whole or absent."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    old = final.with_name(f".{final.name}.old")
     try:
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        for file in tmp.rglob("*"):
+            _fsync(file)
+        _fsync(tmp)
+        if final.exists():           # keep the old copy until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        _fsync(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Half-written `.name.*.tmp` folders/files a killed process left behind (never loaded)."""
+    found = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return found
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all)."""
+    complete = _complete_checkpoints(run_dir)
+    doomed = complete[:-keep_last] if keep_last > 0 else []
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
     found = sorted(Path(run_dir, "checkpoints").glob("step_*[0-9]"))
-    found = [p for p in found if (p / "state.json").exists()]
+    return [p for p in found if (p / "state.json").exists()]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = _complete_checkpoints(run_dir)
     return found[-1] if found else None
 
 
@@ -113,3 +166,110 @@ def truncate_metrics(path: Path, step: int):
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in lines))
+
+
+def check_resume(cfg, run_dir: Path, force: bool) -> None:
+    """A resumed run trains what it trained before: the same tokens always, the same config
+    (but for how long it runs and how it reports) unless forced. Raises ConfigError."""
+    from configs.schema import ConfigError, config_changes, load_config
+    trained = json.loads((latest_checkpoint(run_dir) / "state.json").read_text()).get("tokens", cfg.tokens)
+    if trained != cfg.tokens:
+        raise ConfigError(f"{run_dir} trained tokens {trained}, not {cfg.tokens}; resume with the same --tokens")
+    changes = config_changes(load_config(Path(run_dir) / "config.yaml"), cfg)
+    if changes and not force:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:5])
+        raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: resuming with a different config ({listed}"
+                          f"{'; ...' if len(changes) > 5 else ''}); pass --force to resume anyway, or --name for a new run")
+
+
+def record_failure(run_dir: Path, step: int, terms: dict, loss, batch: dict, prompts: list[str],
+                   process_index: int = 0) -> tuple[str, dict | None]:
+    """A non-finite loss: which terms, which samples, which prompts -> failure.json (or
+    failure_rank<i>.json), and the message to stop with. The record is None on a process whose
+    own loss was finite (another process saw the problem)."""
+    bad = {k: v.detach().float().tolist() for k, (_, v) in terms.items() if not torch.isfinite(v.detach()).all()}
+    samples = [f"{o}/{v}" for o, v in zip(batch["object_name"], batch["view_id"])]
+    record = {"step": step, "nonfinite": bad or {"loss": float(loss)}, "samples": samples, "prompts": prompts}
+    path = Path(run_dir) / ("failure.json" if process_index == 0 else f"failure_rank{process_index}.json")
+    local = bool(bad) or not torch.isfinite(loss.detach()).item()
+    if local:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+    message = (f"non-finite loss at step {step} ({', '.join(bad) or 'loss'}; samples {', '.join(samples)}); nothing "
+               f"was saved from this step; last good checkpoint: {latest_checkpoint(run_dir) or 'none'}; details in {path}"
+               if local else f"non-finite loss at step {step} on another process; nothing was saved from this step")
+    return message, record if local else None
+
+
+# -- RNG states --------------------------------------------------------------------------------
+def global_rng_states() -> dict:
+    """Python, NumPy and torch (CPU and every CUDA device) global generator states."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_global_rng_states(states: dict) -> list[str]:
+    """Inverse of global_rng_states; -> the names restored."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    restored = ["python", "numpy", "torch"]
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+        restored.append("cuda")
+    return restored
+
+
+# -- stop signals ------------------------------------------------------------------------------
+class StopSignals:
+    """SIGINT/SIGTERM set `received`; the loop finishes its step, checkpoints and exits. A second
+    signal interrupts at once (KeyboardInterrupt), for a user who really means it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then checkpointing "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # handlers only install there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+# -- what the run ran on -----------------------------------------------------------------------
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "kornia",
+            "guided-concepts")
+
+
+def environment_record(**extra) -> dict:
+    """Package versions, Python, platform and time, plus the caller's facts (seed, device, ...)."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+            "platform": platform.platform(), "packages": versions, "argv": sys.argv, **extra}
+
+
+def append_environment(run_dir: Path, record: dict) -> Path:
+    """environment.json holds one record per start or resume of the run."""
+    path = Path(run_dir) / "environment.json"
+    records = json.loads(path.read_text()) if path.exists() else []
+    records.append(record)
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(records, indent=1, default=str)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,12 +25,14 @@ from tqdm import tqdm
 
 from backbone import load_backbone
 from backbone.adapters import UNetAdapters
-from checkpointing import (check_run_dir, latest_checkpoint, load_adapters, load_checkpoint, prepare_run_dir,
+from checkpointing import (StopSignals, append_environment, check_resume, check_run_dir, environment_record,
+                           global_rng_states, latest_checkpoint, load_adapters, load_checkpoint, prepare_run_dir,
+                           prune_checkpoints, record_failure, remove_stale_temporaries, restore_global_rng_states,
                            save_checkpoint, truncate_metrics)
 from concepts import CONCEPTS
 from configs.schema import Config, ConfigError, config_to_dict, load_config, mask_set_size, save_config
 from objectdata import (DataError, ObjectViewsDataset, ShuffledBatchSampler, TripletBatchSampler, collate,
-                        ensure_default_data, scan_objects)
+                        ensure_default_data, ignore_stop_signals, scan_objects)
 from system import GuidedConcepts
 from validation import export_tokens, validate
 
@@ -48,18 +51,31 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--report-to", choices=["none", "wandb"], help="also log to wandb (run.report_to)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the run's")
+    p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms (train.deterministic)")
     p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one run per value, then evaluate all (see sweep.py)")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
     for flag, key in (("model", "model.name"), ("name", "run.name"), ("report_to", "run.report_to")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
+    if args.deterministic:
+        overrides.append("train.deterministic=true")
     config_path = args.config
-    if args.resume:   # a resumed run keeps its own config; --set can still change e.g. train.steps
+    given_config = any(a == "--config" or a.startswith("--config=") for a in (argv or sys.argv[1:]))
+    if args.resume and not given_config:   # a resumed run keeps its own config; --set can change e.g. train.steps
         name = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run.name=")), None)
         base = load_config(args.config, overrides)
         config_path = Path(base.run.output_dir) / (name or base.run.name) / "config.yaml"
     return load_config(config_path, overrides, tokens=args.tokens), args
+
+
+def check_data_fits(cfg: Config, train_set) -> None:
+    objects = len(train_set.records)
+    if cfg.data.triplets and objects < 2:
+        raise DataError(f"{cfg.data.root or 'bundled data'}: {objects} training object(s) after holding out "
+                        f"{cfg.data.holdout}; data.triplets batches need at least 2 (a view of another object at the "
+                        "same camera): add objects, lower data.holdout, or --set data.triplets=false")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,6 +95,7 @@ def build_data(cfg: Config):
     train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
                                mask_set_size=set_size, random_set_size=True)
     val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size)
+    check_data_fits(cfg, train)
     return train, val
 
 
@@ -105,11 +122,13 @@ def main(argv=None):
         train_set, val_set = build_data(cfg)
         run_dir = check_run_dir(Path(cfg.run.output_dir) / cfg.run.name, args.resume, args.overwrite)
         if args.resume:
-            trained = json.loads((latest_checkpoint(run_dir) / "state.json").read_text()).get("tokens", cfg.tokens)
-            if trained != cfg.tokens:
-                raise ConfigError(f"{run_dir} trained tokens {trained}, not {cfg.tokens}; resume with the same --tokens")
+            check_resume(cfg, run_dir, args.force)
     except (ConfigError, DataError, FileExistsError) as err:
         sys.exit(f"error: {err}")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=None if cfg.run.report_to == "none" else cfg.run.report_to,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -124,14 +143,27 @@ def main(argv=None):
         system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                                 latent_size=cfg.data.resolution // backbone.vae_scale_factor)
         adapters = UNetAdapters(backbone.unet, cfg.adapters) if cfg.adapters.kind != "none" else None
+        if cfg.data.resolution % backbone.vae_scale_factor:
+            r, f = cfg.data.resolution, backbone.vae_scale_factor
+            raise ValueError(f"data.resolution: {r} is not divisible by the VAE's downsampling factor {f} of "
+                             f"{cfg.model.name}; use {r // f * f or f} or {(r // f + 1) * f}")
     except (ValueError, OSError) as err:
+        AcceleratorState._reset_state(reset_partial_state=True)
         sys.exit(f"error: {err}")
     # Phase 1: heads only; phase 2 (from adapters.start_step) adds the adapters with their own lr.
     phase2 = cfg.adapters.start_step if cfg.adapters.start_step >= 0 else cfg.train.steps // 2
     accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
+        stale = remove_stale_temporaries(run_dir / "checkpoints") + remove_stale_temporaries(run_dir)
+        if stale:
+            accelerator.print(f"removed {len(stale)} half-written file(s) a killed run left: {', '.join(p.name for p in stale)}")
         save_config(cfg, run_dir / "config.yaml")
+        append_environment(run_dir, environment_record(
+            seed=cfg.train.seed, resumed=args.resume, device=str(accelerator.device), num_processes=accelerator.num_processes,
+            mixed_precision=accelerator.mixed_precision, deterministic=cfg.train.deterministic,
+            gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            scheduler={"class": type(backbone.scheduler).__name__, **dict(backbone.scheduler.config)}))
     accelerator.wait_for_everyone()
     for module in backbone.frozen_modules():
         module.to(accelerator.device)
@@ -141,29 +173,34 @@ def main(argv=None):
     if cfg.model.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
 
-    # One parameter group per concept, each with its own lr.
+    # One parameter group per concept, each with its own lr (scaled by the schedule each step).
     groups = [{"params": [p for p in system.concepts[n].parameters() if p.requires_grad],
-               "lr": cfg.concepts[n].lr, "name": n} for n in cfg.tokens]
+               "lr": cfg.concepts[n].lr, "base_lr": cfg.concepts[n].lr, "name": n} for n in cfg.tokens]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
     sampler = (TripletBatchSampler(train_set, max(1, cfg.train.batch_size // 3), seed=cfg.train.seed)
                if cfg.data.triplets else ShuffledBatchSampler(len(train_set), cfg.train.batch_size, seed=cfg.train.seed))
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.data.num_workers)
+    workers = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                         worker_init_fn=ignore_stop_signals if workers else None,
+                                         persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda")
     heads, optimizer, loader = accelerator.prepare(system.concepts, optimizer, loader)
 
     def start_phase2():
         """Adapters join the same optimizer as a new group: the heads keep their Adam state."""
         adapters.set_trainable(True)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.concepts[group["name"]].lr * cfg.adapters.head_lr_scale
-        optimizer.add_param_group({"params": adapters.parameters(), "lr": cfg.adapters.lr, "name": "adapters"})
+            group["base_lr"] = cfg.concepts[group["name"]].lr * cfg.adapters.head_lr_scale
+        optimizer.add_param_group({"params": adapters.parameters(), "lr": cfg.adapters.lr, "base_lr": cfg.adapters.lr,
+                                   "name": "adapters"})
 
-    # Resume: heads, optimizer (and fp16 scaler), and the position in the epoch.
-    step, epoch, skip = 0, 0, 0
+    # Resume: heads, optimizer (and fp16 scaler), every RNG, the position in the epoch and the
+    # running log sums, so the resumed run continues exactly where the saved one stood.
+    step, epoch, skip, running, count = 0, 0, 0, {}, 0
     # Noise, timesteps and VAE sampling draw from their own generator (one stream per process), so a
     # resumed run continues the exact same stream whatever else touched the global RNG.
     noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
     system.concepts.set_noise_generator(noise_rng)
+    rng = random.Random(cfg.train.seed)                       # prompt templates and word subsets
     if args.resume:
         ckpt = latest_checkpoint(run_dir)
         step, head_state, opt_state, state = load_checkpoint(ckpt)
@@ -176,11 +213,16 @@ def main(argv=None):
         if accelerator.scaler is not None and opt_state.get("scaler"):
             accelerator.scaler.load_state_dict(opt_state["scaler"])
         noise_rng.set_state(opt_state["rng"]["noise"])
+        rng.setstate(opt_state["rng"]["prompts"])
+        restored = restore_global_rng_states(opt_state["rng"]["global"])
         epoch, skip = state.get("epoch", 0), state.get("batch_in_epoch", 0)
+        running, count = state.get("running", {}), state.get("running_count", 0)
         if accelerator.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", step)
-        accelerator.print(f"resumed {run_dir} from {ckpt.name}: step {step}, epoch {epoch} batch {skip}; "
-                          "heads, optimizer and data position restored")
+        accelerator.print(f"resumed {run_dir} from {ckpt.name}: step {step} of {cfg.train.steps}, epoch {epoch} batch {skip}; "
+                          f"restored heads ({len(head_state)} tensors), optimizer ({len(optimizer.param_groups)} groups), "
+                          f"lr schedule ({cfg.train.lr_schedule}, x{cfg.train.lr_factor(step):.3g}), RNGs (noise, prompts, "
+                          f"{', '.join(restored)}), data order, config {run_dir / 'config.yaml'}")
     if accelerator.is_main_process and cfg.run.report_to != "none":
         accelerator.init_trackers("guided-concepts", config=config_to_dict(cfg),
                                   init_kwargs={"wandb": {"name": cfg.run.name, "dir": str(run_dir)}})
@@ -188,11 +230,13 @@ def main(argv=None):
     def checkpoint(step, epoch, batch_in_epoch):
         if accelerator.is_main_process:
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-            rngs = {"noise": noise_rng.get_state(), "prompts": rng.getstate()}
+            rngs = {"noise": noise_rng.get_state(), "prompts": rng.getstate(), "global": global_rng_states()}
             save_checkpoint(run_dir, step, system.trainable_state(),
                             {"optimizer": optimizer.state_dict(), "scaler": scaler, "rng": rngs},
-                            {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                            {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                             "running": running, "running_count": count},
                             adapters.state_dict() if adapters is not None else None)
+            prune_checkpoints(run_dir, cfg.train.keep_last)
 
     def log(record: dict):
         if accelerator.is_main_process:
@@ -201,74 +245,106 @@ def main(argv=None):
             if cfg.run.report_to != "none":
                 accelerator.log(record, step=record["step"])
 
+    def finish():
+        bar.close()
+        torch.use_deterministic_algorithms(was_deterministic)
+        accelerator.end_training()
+        # accelerate keeps its state per process; reset it so main() can run again in this process
+        # (sweeps, tests) with other settings, e.g. another mixed precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    def stop_on_nonfinite(terms, loss, batch, prompts):
+        """Nothing is stepped or saved: the last checkpoint stays the last good one."""
+        message, record = record_failure(run_dir, step + 1, terms, loss, batch, prompts, accelerator.process_index)
+        if record:
+            log(record)
+        finish()
+        sys.exit(f"error: {message}")
+
     # ------------------------------------------------------------------------------------------
     # Loop
     # ------------------------------------------------------------------------------------------
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    rng, running, count, started = random.Random(cfg.train.seed), {}, 0, time.time()
-    if args.resume:
-        rng.setstate(opt_state["rng"]["prompts"])
+    started = time.time()
     heads.train()
-    while step < cfg.train.steps:
-        train_set.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        batch_in_epoch = skip
-        for batch in batches:
-            batch_in_epoch += 1
-            if adapters is not None and step == phase2 and not adapters.parameters()[0].requires_grad:
-                start_phase2()
-            with accelerator.accumulate(heads), accelerator.autocast():
-                prompts, present = system.make_prompts(batch, cfg.prompt.templates, rng, cfg.train.union_sampling,
-                                                       cfg.prompt.by_category)
-                outs = heads(batch)                                   # through DDP on several GPUs
-                terms = system.training_losses(batch, prompts, noise_rng, present=present, outs=outs)
-                if adapters is not None and cfg.adapters.kind == "e4t" and step >= phase2:
-                    terms["adapters/l2"] = (cfg.adapters.l2_weight, adapters.penalty().expand(len(prompts)))
-                loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if adapters is not None and accelerator.num_processes > 1:   # the UNet is not DDP-wrapped
-                        for p in adapters.parameters():
-                            if p.grad is not None:
-                                p.grad = accelerator.reduce(p.grad, reduction="mean")
-                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                cfg.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for name, (_, value) in terms.items():
-                running[name] = running.get(name, 0.0) + value.detach().float().mean().item()
-            running["loss"] = running.get("loss", 0.0) + loss.item()
-            count += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                log({"step": step, **{k: v / count for k, v in running.items()},   # unweighted means
-                     **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
-                     "time": round(time.time() - started, 2)})
-                running, count = {}, 0
-            done_epoch = batch_in_epoch >= len(loader)
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch)
-            sample_now = cfg.train.sample_every and step % cfg.train.sample_every == 0
-            if accelerator.is_main_process and (sample_now or step == cfg.train.steps):
-                heads.eval()
-                log({"step": step, **validate(system, cfg, val_set, step, run_dir, accelerator.device)})
-                heads.train()
-            if step >= cfg.train.steps:
-                break
-        epoch, skip = epoch + 1, 0
-    bar.close()
+    with StopSignals() as signals:
+        while step < cfg.train.steps and not signals.received:
+            train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            batch_in_epoch = skip
+            for batch in batches:
+                batch_in_epoch += 1
+                if adapters is not None and step == phase2 and not adapters.parameters()[0].requires_grad:
+                    start_phase2()
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * cfg.train.lr_factor(step)
+                with accelerator.accumulate(heads), accelerator.autocast():
+                    prompts, present = system.make_prompts(batch, cfg.prompt.templates, rng, cfg.train.union_sampling,
+                                                           cfg.prompt.by_category)
+                    outs = heads(batch)                                   # through DDP on several GPUs
+                    terms = system.training_losses(batch, prompts, noise_rng, present=present, outs=outs)
+                    if adapters is not None and cfg.adapters.kind == "e4t" and step >= phase2:
+                        terms["adapters/l2"] = (cfg.adapters.l2_weight, adapters.penalty().expand(len(prompts)))
+                    loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
+                    # Every rank learns of a non-finite loss or a stop signal anywhere, before backward.
+                    flags = torch.tensor([float(not torch.isfinite(loss)), float(bool(signals.received))],
+                                         device=accelerator.device)
+                    if accelerator.num_processes > 1:
+                        flags = accelerator.reduce(flags, reduction="sum")
+                    if flags[0] > 0:
+                        stop_on_nonfinite(terms, loss, batch, prompts)
+                    if flags[1] > 0 and not signals.received:
+                        signals.received = 15
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if adapters is not None and accelerator.num_processes > 1:   # the UNet is not DDP-wrapped
+                            for p in adapters.parameters():
+                                if p.grad is not None:
+                                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                    cfg.train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, (_, value) in terms.items():
+                    running[name] = running.get(name, 0.0) + value.detach().float().mean().item()
+                running["loss"] = running.get("loss", 0.0) + loss.item()
+                count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    log({"step": step, **{k: v / count for k, v in running.items()},   # unweighted means
+                         **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+                         "time": round(time.time() - started, 2)})
+                    running, count = {}, 0
+                done_epoch = batch_in_epoch >= len(loader)
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or signals.received:
+                    checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch)
+                if signals.received:
+                    break
+                sample_now = cfg.train.sample_every and step % cfg.train.sample_every == 0
+                if accelerator.is_main_process and (sample_now or step == cfg.train.steps):
+                    heads.eval()
+                    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+                    with torch.random.fork_rng(devices=cuda):    # validation leaves the training RNGs alone
+                        log({"step": step, **validate(system, cfg, val_set, step, run_dir, accelerator.device)})
+                    heads.train()
+                if step >= cfg.train.steps:
+                    break
+            else:
+                epoch, skip = epoch + 1, 0
+    if signals.received:
+        accelerator.print(f"stopped by {signal.Signals(signals.received).name} at step {step}: checkpoint "
+                          f"{latest_checkpoint(run_dir)} written; continue with --resume")
+        finish()
+        sys.exit(128 + signals.received)
     if accelerator.is_main_process:
         export_tokens(system, [train_set, val_set], run_dir, accelerator.device)
         accelerator.print(f"done: {run_dir} (checkpoints/, samples/, tokens/, metrics.jsonl)")
-    accelerator.end_training()
-    # accelerate keeps its state per process; reset it so main() can run again in this process
-    # (sweeps, tests) with other settings, e.g. another mixed precision.
-    AcceleratorState._reset_state(reset_partial_state=True)
+    finish()
     return run_dir
 
 

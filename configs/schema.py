@@ -5,6 +5,8 @@ An unknown key is an error that lists the valid ones; a value of the wrong type 
 from __future__ import annotations
 
 import dataclasses
+import math
+import string
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,10 @@ class DataConfig:
     triplets: bool = field(default=True, metadata={"help": "batches of (view, same object other view, other object same camera) for the consistency losses"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
 
+    def __post_init__(self):
+        if self.resolution < 8:
+            raise ValueError(f"data.resolution: must be at least 8 pixels, got {self.resolution}")
+
 
 @dataclass
 class PromptConfig:
@@ -68,6 +74,26 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between metric lines"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (and at the end)"})
     sample_every: int = field(default=150, metadata={"help": "steps between validation grids (and at the end); 0 = end only"})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant | linear | cosine decay of every group's lr after warmup"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear lr warmup"})
+    keep_last: int = field(default=5, metadata={"help": "checkpoints kept (older ones deleted after each save); 0 = keep all"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic torch algorithms (slower on GPU; CPU runs resume bit for bit either way)"})
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"train.lr_schedule: {self.lr_schedule!r} is not one of constant, linear, cosine")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
+        if min(self.warmup_steps, self.keep_last, self.sample_every) < 0:
+            raise ValueError("train.warmup_steps, keep_last and sample_every must be >= 0")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of every group's lr at `step` (0-based): linear warmup, then constant/linear/cosine."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[self.lr_schedule]
 
 
 @dataclass
@@ -203,9 +229,35 @@ def build_config(raw: dict) -> Config:
         sections[key] = {n: build_dataclass(spec[index], given.get(n), f"{key}.{n}") for n, spec in CONCEPTS.items()}
     config = build_dataclass(Config, raw, "")
     config.concepts, config.losses = sections["concepts"], sections["losses"]
+    check_templates(config)
     if "shape" in tokens and config.losses["shape"].attention_target == "shape_pose_union" and "pose" not in tokens:
         raise ConfigError("losses.shape.attention_target: shape_pose_union needs the pose token (--tokens shape,pose)")
     return config
+
+
+def check_templates(config: "Config") -> None:
+    """Every template must give every active word a place ({phrases} or its own {slot}): a word
+    that never appears in a prompt would silently never train (cf. diffusers #7294)."""
+    named = [("prompt.templates", config.prompt.templates)]
+    if not isinstance(config.prompt.by_category, dict):
+        raise ConfigError(f"prompt.by_category: expected a mapping category -> templates, got {config.prompt.by_category!r}")
+    named += [(f"prompt.by_category.{c}", t) for c, t in config.prompt.by_category.items()]
+    slots = {"category", "phrases", *CONCEPTS}
+    for key, templates in named:
+        if isinstance(templates, str) or not templates:
+            raise ConfigError(f"{key}: expected a non-empty list of templates, got {templates!r}")
+        for i, template in enumerate(templates):
+            try:
+                used = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+            except ValueError as err:
+                raise ConfigError(f"{key}[{i}] {template!r}: {err}") from err
+            if used - slots:
+                raise ConfigError(f"{key}[{i}] {template!r}: unknown slot {{{sorted(used - slots)[0]}}}; "
+                                  f"slots are {{category}}, {{phrases}}, " + ", ".join("{" + n + "}" for n in CONCEPTS))
+            missing = [n for n in config.tokens if "phrases" not in used and n not in used]
+            if missing:
+                raise ConfigError(f"{key}[{i}] {template!r} has no slot for the {missing[0]} token; add {{phrases}} "
+                                  f"(all active words) or {{{missing[0]}}}, or the word would never be trained")
 
 
 def mask_set_size(config: "Config") -> int:
@@ -280,3 +332,23 @@ def save_config(config: Config, path: str | Path) -> None:
     from checkpointing import atomic_write
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# Keys a resumed run may change: how long it runs and how it reports, not what it learns.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
+                  "train.keep_last", "run.report_to", "data.num_workers", "sample.")
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every leaf that differs and a resume may not change."""
+    def flat(data, prefix=""):
+        out = {}
+        for key, value in data.items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+    a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
+    changed = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [c for c in changed if not any(c[0] == r or (r.endswith(".") and c[0].startswith(r)) for r in RESUMABLE_KEYS)]

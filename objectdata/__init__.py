@@ -5,7 +5,7 @@ from .folder import scan_objects
 from .heatmaps import has_keypoints, keypoint_heatmaps
 from .images import load_mask, load_rgb
 from .records import DataError, ObjectRecord, ViewRecord
-from .sampling import ShuffledBatchSampler, TripletBatchSampler, partner_weights
+from .sampling import ShuffledBatchSampler, TripletBatchSampler, ignore_stop_signals, partner_weights
 from .synthetic import CAMERA_POOL, default_data_dir, ensure_default_data, generate_chairs
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "default_data_dir",
     "ensure_default_data",
     "generate_chairs",
+    "ignore_stop_signals",
     "has_keypoints",
     "keypoint_heatmaps",
     "load_mask",

@@ -159,6 +159,7 @@ class ObjectViewsDataset(Dataset):
             "view_index": torch.tensor(view_index, dtype=torch.int64),
             "category": record.category,
             "object_name": record.name,
+            "view_id": view.view_id,
         }
         if self.mask_set_size > 0:
             item.update(self._mask_set(record, index, flipped))

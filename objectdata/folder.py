@@ -32,11 +32,16 @@ __all__ = [
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
-    """Image files in `folder` keyed by stem; two files with one stem would be ambiguous."""
+    """Image files in `folder` keyed by stem; two files with one stem would be ambiguous.
+    Hidden files (.DS_Store) are skipped; any other file must be an image, so a stray file is
+    reported rather than silently left out of training."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.name.startswith("."):
             continue
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            kind = "a folder" if path.is_dir() else "not an image"
+            raise data_error(path, f"is {kind} ({', '.join(IMAGE_EXTENSIONS)}); move it out of {folder.name}/")
         if path.stem in found:
             raise data_error(
                 path, f"has the same stem as {found[path.stem]}; which one is meant is ambiguous"
@@ -45,11 +50,13 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _check_view_files(image_path: Path, mask_path: Path | None) -> None:
-    """Decode the image (and mask) now, so a broken file fails the scan, not epoch 7."""
+def _check_view_files(image_path: Path, mask_path: Path | None) -> tuple[int, int]:
+    """Decode the image (and mask) now, so a broken file fails the scan, not epoch 7.
+    -> the image's (width, height)."""
     image = load_rgb(image_path)  # [3,H,W]
+    size = (image.shape[-1], image.shape[-2])
     if mask_path is None:
-        return
+        return size
     mask = load_mask(mask_path)  # [1,H,W]
     if mask.shape[-2:] != image.shape[-2:]:
         (mask_h, mask_w), (image_h, image_w) = mask.shape[-2:], image.shape[-2:]
@@ -57,6 +64,17 @@ def _check_view_files(image_path: Path, mask_path: Path | None) -> None:
                          f"mask is {mask_w}x{mask_h} (WxH) but image {image_path} is {image_w}x{image_h}")
     if not mask.any():
         raise data_error(mask_path, "mask is empty (no pixel above half intensity)")
+    return size
+
+
+def _check_keypoints(meta_path: Path, view_id: str, view: ViewMeta, image_path: Path, size: tuple[int, int]) -> None:
+    """Keypoints are pixel coordinates of the view image; one outside it is a labelling error
+    (e.g. coordinates of a larger original), not something to clamp silently."""
+    width, height = size
+    for index, point in enumerate(view.keypoints or []):
+        if point is not None and not (0 <= point[0] <= width and 0 <= point[1] <= height):
+            raise data_error(meta_path, f"views.{view_id}.keypoints[{index}] = {point} is outside the "
+                                        f"{width}x{height} image {image_path} (pixel coordinates, x right, y down)")
 
 
 def _check_requirements(meta_path: Path, view_id: str, view: ViewMeta,
@@ -82,6 +100,9 @@ def scan_object(folder: Path, require_masks: bool = True, require_cameras: bool 
     if not images:
         raise data_error(views_dir, f"contains no images ({', '.join(IMAGE_EXTENSIONS)})")
     masks = _images_by_stem(masks_dir) if masks_dir.is_dir() else {}
+    for view_id, mask_path in masks.items():
+        if view_id not in images:
+            raise data_error(mask_path, f"has no matching view {views_dir / view_id}.* (masks pair with views by file name)")
     meta = read_meta(meta_path)
     for view_id in meta.views:
         if view_id not in images:
@@ -93,8 +114,9 @@ def scan_object(folder: Path, require_masks: bool = True, require_cameras: bool 
         if mask_path is None and require_masks:
             raise data_error(image_path,
                              f"has no mask (expected {masks_dir / view_id}.png or another image type)")
-        _check_view_files(image_path, mask_path)
+        size = _check_view_files(image_path, mask_path)
         view_meta = meta.views.get(view_id, ViewMeta())
+        _check_keypoints(meta_path, view_id, view_meta, image_path, size)
         _check_requirements(meta_path, view_id, view_meta, require_cameras, require_keypoints)
         views.append(ViewRecord(
             image_path=image_path, mask_path=mask_path, azimuth=view_meta.azimuth,

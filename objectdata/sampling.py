@@ -17,6 +17,7 @@ batch from its own object_index/camera fields, which stays right under flips and
 
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -224,3 +225,11 @@ def partner_weights(object_index: torch.Tensor, camera: torch.Tensor, has_camera
     same_object = same & different
     same_camera = different & ~same & both & (distance <= tolerance_deg)
     return same_object, same_camera
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C (sent to the whole process group) and SIGTERM are the
+    main process's to handle (checkpoint, then stop); a worker dying of them first would turn a
+    clean stop into a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
