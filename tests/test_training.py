@@ -76,35 +76,6 @@ def test_existing_run_is_never_overwritten(trained_run):
     assert (run / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--set", "data.root={empty}"], "contains no object folders"),
-    (["--set", "train.stepz=3"], "unknown key train.stepz; valid keys of train: steps"),
-    (["--set", "train.steps=many"], "train.steps: expected int"),
-    (["--tokens", "shape,posture"], "unknown concept 'posture'"),
-    (["--set", "losses.shape.mask_variant=l1"], "mask_variant"),
-    (["--config", "{missing}"], "config file not found"),
-    (["--set", "losses.shape.attention_target=shape_pose_union"], "needs the pose token"),
-    (["--model", "{empty}"], "not a diffusers Stable Diffusion folder"),
-])
-def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, extra, message):
-    (tmp_path / "empty").mkdir()
-    extra = [e.format(empty=tmp_path / "empty", missing=tmp_path / "nope.yaml") for e in extra]
-    out = tmp_path / "runs"
-    with pytest.raises(SystemExit, match=message):
-        train.main(args(out, "bad", *extra))
-    assert not out.exists()
-
-
-def test_bad_data_file_is_named(tmp_path, chairs_dir):
-    import shutil
-    data = tmp_path / "data"
-    shutil.copytree(chairs_dir / "chair_000", data / "chair_000")
-    (data / "chair_000" / "masks" / "001.png").unlink()
-    with pytest.raises(SystemExit, match=r"chair_000.*001"):
-        train.main(args(tmp_path / "runs", "bad", "--set", f"data.root={data}"))
-    assert not (tmp_path / "runs").exists()
-
-
 def test_only_heads_and_placeholder_rows_train(fresh_backbone, chair_batch):
     system = make_system(fresh_backbone, concepts={"shape": {"num_vectors": 2, "lr": 1e-2}})
     frozen = {f"{i}.{k}": v.clone() for i, m in enumerate(fresh_backbone.frozen_modules())
@@ -206,25 +177,8 @@ def test_mask_loss_moves_attention_into_the_mask(tiny_model_dir, chairs_dir, enc
 
 
 # ----------------------------------------------------------------------------------------------
-# Regressions: resume exactness, checkpointing, resolutions, v-prediction, mixed precision
+# Regressions: resume guards, checkpointing, resolutions, v-prediction, mixed precision
 # ----------------------------------------------------------------------------------------------
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    """4 steps + resume to 6 gives the same heads as 6 steps straight: heads, optimizer, noise
-    stream and data position all come back."""
-    common = ["--set", "train.batch_size=6", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=0",
-              "--set", "sample.steps=1", "--set", "data.holdout=10", "--tokens", "shape,pose"]
-    straight = train.main(["--name", "a", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=6", *common])
-    train.main(["--name", "b", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=4", *common])
-    resumed = train.main(["--name", "b", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=6", "--resume"])
-    a = load_file(str(straight / "checkpoints" / "step_000006" / "heads.safetensors"))
-    b = load_file(str(resumed / "checkpoints" / "step_000006" / "heads.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
-    four = load_file(str(resumed / "checkpoints" / "step_000004" / "heads.safetensors"))
-    assert any(not torch.allclose(four[k], b[k]) for k in b)      # steps 5-6 did train
-
-
 def test_resume_with_other_tokens_is_a_clear_error(trained_run):
     run, out = trained_run
     before = (run / "config.yaml").read_text()
