@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 import re
+from types import SimpleNamespace
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from backbone import Backbone
@@ -96,6 +98,7 @@ class GuidedConcepts(nn.Module):
         # Capture processors stay installed (stock fused attention everywhere else): gradient
         # checkpointing re-runs them in backward. They record only while a store is begun.
         self.store = AttentionStore()
+        self.latent_cache: dict | None = None       # {} turns VAE latent caching on (data.cache_latents)
         install_capture(backbone.unet, self.store, self.attention_layers if self.attention_concepts else [])
 
     # -- parameters ------------------------------------------------------------------------------
@@ -159,8 +162,7 @@ class GuidedConcepts(nn.Module):
         bb = self.backbone
         device = next(bb.unet.parameters()).device
         with torch.no_grad():
-            latents = bb.vae.encode(batch["image"].to(device, bb.vae.dtype)).latent_dist.sample(generator)
-            latents = latents.float() * bb.vae.config.scaling_factor               # [B, 4, h, w]
+            latents = self.encode_latents(batch, generator)                        # [B, 4, h, w]
         # Random draws on the generator's device (CPU by default), then moved: works on any device.
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
@@ -170,7 +172,8 @@ class GuidedConcepts(nn.Module):
 
         outs = outs if outs is not None else self.concepts(batch)
         text, selection = self.text_embeddings(prompts, outs)
-        pred, maps = self.unet_with_attention(noisy, t, text, selection)
+        capture = any(self.concepts[n].trains_attention() for n in self.attention_concepts)
+        pred, maps = self.unet_with_attention(noisy, t, text, selection, capture)
         attention = {n: maps[:, i] for i, n in enumerate(self.attention_concepts)} if maps is not None else None
         target = denoising_target(bb.scheduler, latents, noise, t)
 
@@ -186,11 +189,34 @@ class GuidedConcepts(nn.Module):
                 losses[f"{n}/{name}"] = (weight, value * used if used is not None else value)
         return losses
 
-    def unet_with_attention(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, selection: torch.Tensor):
+    def encode_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE latents of the batch's images, scaled.  -> [B, 4, h, w] fp32
+
+        With `latent_cache` (a dict) on, each (object, view, flip)'s latent mean/std is computed
+        once; the sample is drawn from the same generator, so a cached run equals an uncached one.
+        """
+        vae, device = self.backbone.vae, next(self.backbone.unet.parameters()).device
+        images = batch["image"].to(device, vae.dtype)
+        if self.latent_cache is None or "view_index" not in batch:
+            dist = vae.encode(images).latent_dist
+        else:
+            keys = [(int(o), int(v), bool(f)) for o, v, f in zip(batch["object_index"], batch["view_index"], batch["flipped"])]
+            missing = [i for i, k in enumerate(keys) if k not in self.latent_cache]
+            if missing:
+                fresh = vae.encode(images[missing]).latent_dist
+                for j, i in enumerate(missing):
+                    self.latent_cache[keys[i]] = (fresh.mean[j], fresh.std[j])
+            mean = torch.stack([self.latent_cache[k][0] for k in keys])
+            dist = SimpleNamespace(mean=mean, std=torch.stack([self.latent_cache[k][1] for k in keys]))
+        noise = randn_tensor(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
+        return (dist.mean + dist.std * noise).float() * vae.config.scaling_factor
+
+    def unet_with_attention(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, selection: torch.Tensor,
+                            capture: bool = True):
         """One UNet call -> (prediction [B, 4, h, w] in fp32, maps [B, C, h', w'] or None)."""
         unet = self.backbone.unet
         dtype = next(unet.parameters()).dtype
-        if not self.attention_concepts:
+        if not self.attention_concepts or not capture:
             return unet(noisy.to(dtype), t, text.to(dtype)).sample.float(), None
         self.store.begin(text.to(dtype), selection, tuple(noisy.shape[-2:]), layout_known=True)
         pred = unet(noisy.to(dtype), t, text.to(dtype)).sample.float()

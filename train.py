@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm import tqdm
 
 from backbone import load_backbone
@@ -53,14 +54,19 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the run's")
     p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms (train.deterministic)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward "
+                   "(model.gradient_checkpointing)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (model.compile)")
     p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one run per value, then evaluate all (see sweep.py)")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
     for flag, key in (("model", "model.name"), ("name", "run.name"), ("report_to", "run.report_to")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    if args.deterministic:
-        overrides.append("train.deterministic=true")
+    for flag, key in (("deterministic", "train.deterministic"), ("gradient_checkpointing", "model.gradient_checkpointing"),
+                      ("compile", "model.compile")):
+        if getattr(args, flag):
+            overrides.append(f"{key}=true")
     config_path = args.config
     given_config = any(a == "--config" or a.startswith("--config=") for a in (argv or sys.argv[1:]))
     if args.resume and not given_config:   # a resumed run keeps its own config; --set can change e.g. train.steps
@@ -129,9 +135,16 @@ def main(argv=None):
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    accelerator = Accelerator(mixed_precision=cfg.model.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+    # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
+    # laptop): gloo on CPU. Without cpu=True accelerate would let each process train alone.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(cpu=world > 1 and not torch.cuda.is_available(),
+                              mixed_precision=cfg.model.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=None if cfg.run.report_to == "none" else cfg.run.report_to,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.num_processes != world:
+        sys.exit(f"error: launched as {world} processes but accelerate runs {accelerator.num_processes}; "
+                 "each would train alone (check the launcher's backend)")
     set_seed(cfg.train.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -172,6 +185,10 @@ def main(argv=None):
     system.concepts.to(accelerator.device)
     if cfg.model.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
+    if cfg.model.compile:
+        backbone.unet.compile()
+    if cfg.data.cache_latents:
+        system.latent_cache = {}
 
     # One parameter group per concept, each with its own lr (scaled by the schedule each step).
     groups = [{"params": [p for p in system.concepts[n].parameters() if p.requires_grad],
@@ -228,13 +245,20 @@ def main(argv=None):
                                   init_kwargs={"wandb": {"name": cfg.run.name, "dir": str(run_dir)}})
 
     def checkpoint(step, epoch, batch_in_epoch):
+        # Every rank's heads must be the same (DDP); a fingerprint per rank in state.json shows it.
+        state = system.trainable_state()
+        mine = torch.stack([sum(v.double().sum() for v in state.values()),
+                            sum(v.double().pow(2).sum() for v in state.values())]).to(accelerator.device)
+        ranks = accelerator.gather(mine[None]).cpu().tolist() if accelerator.num_processes > 1 else [mine.tolist()]
+        if len({tuple(r) for r in ranks}) > 1:
+            accelerator.print(f"warning: step {step}: the processes' heads differ (fingerprints {ranks})")
         if accelerator.is_main_process:
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
             rngs = {"noise": noise_rng.get_state(), "prompts": rng.getstate(), "global": global_rng_states()}
             save_checkpoint(run_dir, step, system.trainable_state(),
                             {"optimizer": optimizer.state_dict(), "scaler": scaler, "rng": rngs},
                             {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                             "running": running, "running_count": count},
+                             "running": running, "running_count": count, "rank_fingerprints": ranks},
                             adapters.state_dict() if adapters is not None else None)
             prune_checkpoints(run_dir, cfg.train.keep_last)
 
@@ -265,7 +289,7 @@ def main(argv=None):
     # Loop
     # ------------------------------------------------------------------------------------------
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    started = time.time()
+    started, waited, ready = time.time(), 0.0, time.perf_counter()
     heads.train()
     with StopSignals() as signals:
         while step < cfg.train.steps and not signals.received:
@@ -274,6 +298,7 @@ def main(argv=None):
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             batch_in_epoch = skip
             for batch in batches:
+                waited += time.perf_counter() - ready          # the step waited this long for data
                 batch_in_epoch += 1
                 if adapters is not None and step == phase2 and not adapters.parameters()[0].requires_grad:
                     start_phase2()
@@ -310,15 +335,21 @@ def main(argv=None):
                     running[name] = running.get(name, 0.0) + value.detach().float().mean().item()
                 running["loss"] = running.get("loss", 0.0) + loss.item()
                 count += 1
+                ready = time.perf_counter()
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    log({"step": step, **{k: v / count for k, v in running.items()},   # unweighted means
+                    elapsed, means = time.time() - started, {k: v / count for k, v in running.items()}
+                    if accelerator.num_processes > 1:       # every process's batches, not just rank 0's
+                        ranks = gather_object([means])
+                        means = {k: sum(r.get(k, 0.0) for r in ranks) / sum(k in r for r in ranks)
+                                 for k in sorted({k for r in ranks for k in r})}
+                    log({"step": step, **means,                                         # unweighted means
                          **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
-                         "time": round(time.time() - started, 2)})
+                         "time": round(elapsed, 2), "time/data_wait_frac": round(waited / max(elapsed, 1e-9), 4)})
                     running, count = {}, 0
                 done_epoch = batch_in_epoch >= len(loader)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or signals.received:
@@ -334,6 +365,7 @@ def main(argv=None):
                     heads.train()
                 if step >= cfg.train.steps:
                     break
+                ready = time.perf_counter()
             else:
                 epoch, skip = epoch + 1, 0
     if signals.received:

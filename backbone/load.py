@@ -8,7 +8,7 @@ import kornia
 import torch
 from torch import nn
 
-from backbone.tiny import ensure_tiny_model
+from backbone.tiny import TINY_LAYOUTS, ensure_tiny_model
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,7 +60,8 @@ class Backbone:
 
 
 def resolve_model_path(name: str) -> str:
-    return str(ensure_tiny_model()) if name == "tiny" else name
+    """'tiny' and 'tiny-sd15' are built from config on first use; anything else is a folder or hub id."""
+    return str(ensure_tiny_model(layout=name)) if name in TINY_LAYOUTS else name
 
 
 def load_backbone(name: str, image_encoder: str | None = None, need_image_encoder: bool = False,

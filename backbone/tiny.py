@@ -48,7 +48,31 @@ def tiny_vocab_and_merges(words=TINY_WORDS) -> tuple[dict[str, int], list[tuple[
     return vocab, merges
 
 
-def build_tiny_pipeline(seed: int = 0, attention_sharpness: float = 4.0, image_size: int = 64):
+# Model registry: name -> what differs from the shared tiny text side and scheduler.
+TINY_LAYOUTS = {
+    # The default: 64 px images, VAE 4x -> 16x16 latents; cross-attention at 16x16 (down 0, up 1)
+    # and 8x8 (mid), like SD's 64/32/16/8 ladder cut short. Quick on a laptop.
+    "tiny": dict(
+        image_size=64,
+        vae=dict(block_out_channels=(16, 32, 32), layers_per_block=1),
+        unet=dict(layers_per_block=1, block_out_channels=(32, 64), attention_head_dim=4,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    ),
+    # SD 1.5's block layout with tiny widths: 512 px, VAE 8x -> 64x64 latents, two layers per
+    # block, cross-attention at 64/32/16 (down and up) and 8 (mid). Its cost profile (where the
+    # time and memory go) is close to the real model's; for benchmarks, not for a quick run.
+    "tiny-sd15": dict(
+        image_size=512,
+        vae=dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1),
+        unet=dict(layers_per_block=2, block_out_channels=(32, 64, 64, 64), attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    ),
+}
+
+
+def build_tiny_pipeline(seed: int = 0, attention_sharpness: float = 4.0, layout: str = "tiny"):
     """Build a tiny StableDiffusionPipeline from config (random weights, fixed seed).
 
     `attention_sharpness` scales the cross-attention query and key weights. Random weights give
@@ -58,6 +82,7 @@ def build_tiny_pipeline(seed: int = 0, attention_sharpness: float = 4.0, image_s
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    spec = TINY_LAYOUTS[layout]
     torch.manual_seed(seed)
     vocab, merges = tiny_vocab_and_merges()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
@@ -66,18 +91,15 @@ def build_tiny_pipeline(seed: int = 0, attention_sharpness: float = 4.0, image_s
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))
-    # VAE downsamples 4x (three blocks): 64 px images -> 16x16 latents.
+    blocks = len(spec["vae"]["block_out_channels"])
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, sample_size=image_size,
-        block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, sample_size=spec["image_size"],
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        **spec["vae"],
     )
-    # Cross-attention at 16x16 (down 0, up 1) and 8x8 (mid), like SD's 64/32/16/8 ladder cut short.
     unet = UNet2DConditionModel(
-        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=spec["image_size"] // 2 ** (blocks - 1), in_channels=4, out_channels=4, norm_num_groups=8,
+        cross_attention_dim=32, **spec["unet"],
     )
     sharpen_cross_attention(unet, attention_sharpness)
     scheduler = DDPMScheduler(
@@ -103,21 +125,22 @@ def sharpen_cross_attention(unet: torch.nn.Module, factor: float) -> None:
                 module.to_k.weight.mul_(factor)
 
 
-def default_tiny_dir() -> Path:
+def default_tiny_dir(layout: str = "tiny") -> Path:
     cache = Path(os.environ.get("GUIDED_CONCEPTS_CACHE", Path.home() / ".cache" / "guided_concepts"))
-    return cache / f"tiny-sd-{TINY_MODEL_VERSION}"
+    name = "tiny-sd" if layout == "tiny" else layout
+    return cache / f"{name}-{TINY_MODEL_VERSION}"
 
 
-def ensure_tiny_model(path: str | Path | None = None) -> Path:
-    """Write the tiny model once (atomically: build in a temp folder, then rename)."""
-    path = Path(path) if path is not None else default_tiny_dir()
+def ensure_tiny_model(path: str | Path | None = None, layout: str = "tiny") -> Path:
+    """Write a tiny model once (atomically: build in a temp folder, then rename)."""
+    path = Path(path) if path is not None else default_tiny_dir(layout)
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
     try:
-        build_tiny_pipeline().save_pretrained(tmp)
-        (tmp / "guided_concepts.json").write_text(json.dumps({"tiny_model_version": TINY_MODEL_VERSION}))
+        build_tiny_pipeline(layout=layout).save_pretrained(tmp)
+        (tmp / "guided_concepts.json").write_text(json.dumps({"tiny_model_version": TINY_MODEL_VERSION, "layout": layout}))
         try:
             os.replace(tmp, path)
         except OSError:  # another process won the race; its copy is identical

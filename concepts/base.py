@@ -87,6 +87,11 @@ class Concept(nn.Module):
         weight of 0 is a metric: logged, not optimised."""
         raise NotImplementedError
 
+    def trains_attention(self) -> bool:
+        """Does a training loss read this word's map? If no active word's does, training runs the
+        UNet without capture (e.g. an ablation at mask weight 0); evaluation still captures."""
+        return False
+
     def validation_metrics(self, out: ConceptOutput, batch: dict) -> dict[str, torch.Tensor]:
         """Held-out measurements (name -> [B]) logged at each validation."""
         return {}

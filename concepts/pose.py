@@ -146,6 +146,9 @@ class PoseConcept(Concept):
             return {}
         return {"azimuth_error_deg": self.azimuth_error(out.extras["camera_pred"], batch["camera"])[has]}
 
+    def trains_attention(self) -> bool:
+        return self.loss_config.keypoint_attention_weight > 0
+
     def guidance_losses(self, out: ConceptOutput, batch: dict, step: StepView):
         lc = self.loss_config
         losses = {"offset_l2": (lc.offset_weight, offset_l2(out.offset))}

@@ -157,6 +157,9 @@ class ShapeConcept(Concept):
             raise ValueError("shape source 'image' needs concepts.shape.use_image: true at training")
         return self.image_to_code(self.image_encoder(batch["image"]))
 
+    def trains_attention(self) -> bool:
+        return self.loss_config.mask_weight > 0
+
     def guidance_losses(self, out: ConceptOutput, batch: dict, step: StepView):
         lc = self.loss_config
         losses = {"offset_l2": (lc.offset_weight, offset_l2(out.offset))}

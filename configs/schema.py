@@ -32,7 +32,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"model.mixed_precision: {self.mixed_precision!r} is not one of no, fp16, bf16")
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing (saves memory on real models)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing: recompute activations in backward (captured maps are recorded once)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet (GPU; the first steps are slow while it compiles)"})
 
 
 @dataclass
@@ -42,7 +43,8 @@ class DataConfig:
     flip_prob: float = field(default=0.5, metadata={"help": "horizontal flip probability (image and mask together)"})
     holdout: int = field(default=2, metadata={"help": "objects held out for validation samples and metrics"})
     triplets: bool = field(default=True, metadata={"help": "batches of (view, same object other view, other object same camera) for the consistency losses"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers (persistent; pinned memory on CUDA)"})
+    cache_latents: bool = field(default=False, metadata={"help": "encode each (view, flip) with the VAE once and keep its latent mean/std; the same samples are drawn as without the cache"})
 
     def __post_init__(self):
         if self.resolution < 8:
@@ -336,7 +338,8 @@ def save_config(config: Config, path: str | Path) -> None:
 
 # Keys a resumed run may change: how long it runs and how it reports, not what it learns.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-                  "train.keep_last", "run.report_to", "data.num_workers", "sample.")
+                  "train.keep_last", "run.report_to", "data.num_workers", "data.cache_latents", "sample.",
+                  "model.compile", "model.gradient_checkpointing")
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:

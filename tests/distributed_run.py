@@ -1,0 +1,47 @@
+"""Driver for tests/test_distributed.py, run under `accelerate launch` (one copy per process):
+train.main as usual, plus what each process saw and did, written to OUT/rank<i>.json and its
+final heads to OUT/heads_rank<i>.safetensors.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_run.py OUT <train.py args>
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safetensors.torch import save_file  # noqa: E402
+
+import system  # noqa: E402
+import train  # noqa: E402
+
+out, argv = Path(sys.argv[1]), sys.argv[2:]
+rank = int(os.environ.get("RANK", "0"))
+seen, calls, systems = [], [], []
+
+original_losses, original_init = system.GuidedConcepts.training_losses, system.GuidedConcepts.__init__
+
+
+def spy_losses(self, batch, *args, **kwargs):
+    seen.extend(f"{o}/{v}/{'flip' if f else 'plain'}" for o, v, f in
+                zip(batch["object_name"], batch["view_id"], batch["flipped"].tolist()))
+    return original_losses(self, batch, *args, **kwargs)
+
+
+def spy_init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    systems.append(self)
+
+
+system.GuidedConcepts.training_losses, system.GuidedConcepts.__init__ = spy_losses, spy_init
+for name in ("save_checkpoint", "validate", "export_tokens", "append_environment", "prepare_run_dir"):
+    def wrapped(*args, _original=getattr(train, name), _name=name, **kwargs):
+        calls.append(_name)
+        return _original(*args, **kwargs)
+    setattr(train, name, wrapped)
+
+train.main(argv)
+out.mkdir(parents=True, exist_ok=True)
+save_file({k: v.contiguous() for k, v in systems[-1].trainable_state().items()}, str(out / f"heads_rank{rank}.safetensors"))
+(out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "calls": calls}))

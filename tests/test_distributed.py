@@ -1,0 +1,68 @@
+"""Two processes on CPU (gloo) through accelerate, as several GPUs would run: the heads stay in
+sync, each process trains on its own share of the data, and only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_one_model(tmp_path, tiny_model_dir, chairs_dir):
+    spy = tmp_path / "spy"
+    steps = 4
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
+               str(REPO / "tests" / "distributed_run.py"), str(spy),
+               "--name", "ddp", "--set", f"run.output_dir={tmp_path}", "--set", f"train.steps={steps}",
+               "--set", "train.batch_size=6", "--set", "data.triplets=false", "--set", "train.log_every=2",
+               "--set", "train.checkpoint_every=2", "--set", "train.sample_every=0", "--set", "sample.steps=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Its own process group, so a hang is cleaned up whole (launcher and both ranks).
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"two-process run timed out:\n{output[-4000:]}")
+    assert process.returncode == 0, output[-4000:]
+    ranks = [json.loads((spy / f"rank{i}.json").read_text()) for i in (0, 1)]
+    heads = [load_file(str(spy / f"heads_rank{i}.safetensors")) for i in (0, 1)]
+
+    # Both ranks end with identical heads (DDP averaged every gradient), and say so in state.json.
+    assert heads[0].keys() == heads[1].keys()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    run = tmp_path / "ddp"
+    fingerprints = json.loads((run / "checkpoints" / f"step_{steps:06d}" / "state.json").read_text())["rank_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+
+    # Each rank trained on its own share: 4 batches of 6 views each, none shared.
+    seen = [set(r["seen"]) for r in ranks]
+    assert all(len(r["seen"]) == steps * 6 for r in ranks)
+    views = [{s.rsplit("/", 1)[0] for s in rank_seen} for rank_seen in seen]
+    assert not views[0] & views[1]
+
+    # Only rank 0 wrote: checkpoints, samples, metrics, environment.
+    assert ranks[1]["calls"] == []
+    assert ranks[0]["calls"].count("save_checkpoint") == 2 and "validate" in ranks[0]["calls"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [2, 4]              # once, not once per rank
+    (environment,) = json.loads((run / "environment.json").read_text())
+    assert environment["num_processes"] == 2
