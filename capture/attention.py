@@ -95,6 +95,7 @@ class AttentionStore:
     def set_prompts(self, text_embeds: torch.Tensor, selection: torch.Tensor):
         self.text_embeds, self.selection = text_embeds.detach(), selection
 
+    @torch.compiler.disable     # Python bookkeeping: under --compile, a clean graph break, not recompiles
     def match(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """For each incoming sample, the index of its prompt or -1.  -> [B_in]"""
         ref = self.text_embeds.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
@@ -115,6 +116,7 @@ class AttentionStore:
                 used[index[i]] = True
         return index
 
+    @torch.compiler.disable
     def add(self, layer: str, probs: torch.Tensor, prompt_index: torch.Tensor):
         """probs [b, N, C] of the matched samples, prompt_index [b] (their prompts)."""
         n = probs.shape[1]

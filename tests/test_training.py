@@ -187,10 +187,20 @@ def test_resume_with_other_tokens_is_a_clear_error(trained_run):
     assert (run / "config.yaml").read_text() == before          # nothing written
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, chair_batch):
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, chair_batch, monkeypatch):
+    """Recomputation in backward re-runs the capture processors; each captured layer must still be
+    recorded exactly once per forward (and the gradients must not change)."""
     from backbone import load_backbone
-    grads = []
+    from capture import AttentionStore
+    grads, calls = [], []
+    original_add = AttentionStore.add
+
+    def counting_add(self, layer, probs, prompt_index):
+        calls.append((layer, self.recording))
+        return original_add(self, layer, probs, prompt_index)
+    monkeypatch.setattr(AttentionStore, "add", counting_add)
     for checkpointing in (False, True):
+        calls.clear()
         backbone = load_backbone(str(tiny_model_dir))
         torch.manual_seed(0)                       # same head initialisation both times
         system = make_system(backbone, tokens=("shape", "pose"))
@@ -202,8 +212,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, chair_b
             backbone.unet.train()
         prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], system.tokens, random.Random(0))
         terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0))
+        recorded_in_forward = [layer for layer, recording in calls if recording]
         sum(w * v.mean() for w, v in terms.values()).backward()
         grads.append({k: p.grad.clone() for k, p in system.concepts.named_parameters() if p.grad is not None})
+        layers = system.attention_layers
+        assert sorted(recorded_in_forward) == sorted(layers)                # once per captured layer
+        assert [layer for layer, recording in calls if recording] == recorded_in_forward   # none in backward
+        # With checkpointing, backward did re-run every captured layer (without recording).
+        assert sorted(layer for layer, recording in calls if not recording) == (sorted(layers) if checkpointing else [])
+        assert system.store.counts == {layer: 1 for layer in layers}
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for key in grads[0]:
         assert torch.allclose(grads[0][key], grads[1][key], atol=1e-5), key
@@ -256,3 +273,31 @@ def test_trained_word_changes_what_is_generated(trained_run, chairs_dir):
     _, fresh, _ = generate.generate(system, cfg, "a photo of a chair in the shape of *s",
                                     {"shape": chairs_dir / "chair_011"}, num=1, steps=2)
     assert not torch.allclose(trained, fresh, atol=1e-4)
+
+
+def test_latent_cache_draws_the_same_latents_and_encodes_once(fresh_backbone, chair_batch, monkeypatch):
+    system = make_system(fresh_backbone)
+    plain = [system.encode_latents(chair_batch, torch.Generator().manual_seed(s)) for s in (0, 1)]
+    system.latent_cache = {}
+    encodes = []
+    original = type(fresh_backbone.vae).encode
+    monkeypatch.setattr(type(fresh_backbone.vae), "encode", lambda self, x, *a, **k: encodes.append(len(x)) or original(self, x, *a, **k))
+    cached = [system.encode_latents(chair_batch, torch.Generator().manual_seed(s)) for s in (0, 1)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, cached))    # same samples as uncached
+    assert not torch.allclose(cached[0], cached[1])                                # still sampled, not the mean
+    assert encodes == [len(chair_batch["image"])]                                   # second call: all cached
+    flipped = {**chair_batch, "flipped": ~chair_batch["flipped"], "image": chair_batch["image"].flip(-1)}
+    system.encode_latents(flipped, torch.Generator().manual_seed(0))
+    assert encodes[-1] == len(chair_batch["image"])                                  # a flip is another entry
+
+
+def test_compiled_unet_trains_and_still_captures(tmp_path):
+    """--compile: the capture bookkeeping is a graph break, so maps (and the mask loss) survive."""
+    run = train.main(["--name", "c", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2",
+                      "--set", "train.log_every=1", "--set", "train.sample_every=0", "--set", "sample.steps=1",
+                      "--compile"])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [x["step"] for x in lines] == [1, 2]
+    assert all(0 < x["shape/mask_attention"] < 10 for x in lines)
+    import yaml
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["compile"] is True
