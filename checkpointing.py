@@ -131,8 +131,10 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` complete checkpoints (0 keeps all)."""
     complete = _complete_checkpoints(run_dir)
     doomed = complete[:-keep_last] if keep_last > 0 else []
-    for path in doomed:
-        shutil.rmtree(path)
+    for path in doomed:       # renamed first, so a kill mid-delete never leaves half a checkpoint
+        trash = path.with_name(f".{path.name}.deleting.tmp")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
     return doomed
 
 
@@ -162,10 +164,17 @@ def load_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
 
 
 def truncate_metrics(path: Path, step: int):
-    """On resume, drop lines logged after the restored checkpoint (they will be logged again)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+    """On resume, drop lines logged after the restored checkpoint (they will be logged again),
+    and a torn last line a killed process may have left."""
+    if Path(path).exists():
+        kept = []
+        for line in Path(path).read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def check_resume(cfg, run_dir: Path, force: bool) -> None:
@@ -200,6 +209,11 @@ def record_failure(run_dir: Path, step: int, terms: dict, loss, batch: dict, pro
     return message, record if local else None
 
 
+def heads_fingerprint(state: dict) -> torch.Tensor:
+    """Sum and sum of squares of every saved tensor (float64): equal on every process under DDP."""
+    return torch.stack([sum(v.double().sum() for v in state.values()), sum(v.double().pow(2).sum() for v in state.values())])
+
+
 # -- RNG states --------------------------------------------------------------------------------
 def global_rng_states() -> dict:
     """Python, NumPy and torch (CPU and every CUDA device) global generator states."""
@@ -223,21 +237,21 @@ def restore_global_rng_states(states: dict) -> list[str]:
 
 # -- stop signals ------------------------------------------------------------------------------
 class StopSignals:
-    """SIGINT/SIGTERM set `received`; the loop finishes its step, checkpoints and exits. A second
-    signal interrupts at once (KeyboardInterrupt), for a user who really means it."""
+    """SIGINT/SIGTERM set `received`; the loop finishes its step, checkpoints and exits. With
+    `escalate`, a second signal interrupts at once (KeyboardInterrupt), for a user who means it.
+    The handler only sets a flag (printing here could collide with tqdm's own writes)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, escalate: bool = True):
         self.received: int | None = None
+        self.escalate = escalate
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.received is not None:
+        if self.received is not None and self.escalate:
             raise KeyboardInterrupt
-        self.received = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then checkpointing "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        self.received = self.received or signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # handlers only install there

@@ -200,12 +200,12 @@ class GuidedConcepts(nn.Module):
         if self.latent_cache is None or "view_index" not in batch:
             dist = vae.encode(images).latent_dist
         else:
-            keys = [(int(o), int(v), bool(f)) for o, v, f in zip(batch["object_index"], batch["view_index"], batch["flipped"])]
+            keys = list(zip(batch["object_index"].tolist(), batch["view_index"].tolist(), batch["flipped"].tolist()))
             missing = [i for i, k in enumerate(keys) if k not in self.latent_cache]
             if missing:
                 fresh = vae.encode(images[missing]).latent_dist
-                for j, i in enumerate(missing):
-                    self.latent_cache[keys[i]] = (fresh.mean[j], fresh.std[j])
+                for j, i in enumerate(missing):      # clones: views would keep the whole VAE output alive
+                    self.latent_cache[keys[i]] = (fresh.mean[j].clone(), fresh.std[j].clone())
             mean = torch.stack([self.latent_cache[k][0] for k in keys])
             dist = SimpleNamespace(mean=mean, std=torch.stack([self.latent_cache[k][1] for k in keys]))
         noise = randn_tensor(dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)

@@ -27,13 +27,13 @@ from tqdm import tqdm
 from backbone import load_backbone
 from backbone.adapters import UNetAdapters
 from checkpointing import (StopSignals, append_environment, check_resume, check_run_dir, environment_record,
-                           global_rng_states, latest_checkpoint, load_adapters, load_checkpoint, prepare_run_dir,
-                           prune_checkpoints, record_failure, remove_stale_temporaries, restore_global_rng_states,
-                           save_checkpoint, truncate_metrics)
+                           global_rng_states, heads_fingerprint, latest_checkpoint, load_adapters, load_checkpoint,
+                           prepare_run_dir, prune_checkpoints, record_failure, remove_stale_temporaries,
+                           restore_global_rng_states, save_checkpoint, truncate_metrics)
 from concepts import CONCEPTS
-from configs.schema import Config, ConfigError, config_to_dict, load_config, mask_set_size, save_config
-from objectdata import (DataError, ObjectViewsDataset, ShuffledBatchSampler, TripletBatchSampler, collate,
-                        ensure_default_data, ignore_stop_signals, scan_objects)
+from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
+from objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
+from rundata import build_data
 from system import GuidedConcepts
 from validation import export_tokens, validate
 
@@ -76,45 +76,6 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     return load_config(config_path, overrides, tokens=args.tokens), args
 
 
-def check_data_fits(cfg: Config, train_set) -> None:
-    objects = len(train_set.records)
-    if cfg.data.triplets and objects < 2:
-        raise DataError(f"{cfg.data.root or 'bundled data'}: {objects} training object(s) after holding out "
-                        f"{cfg.data.holdout}; data.triplets batches need at least 2 (a view of another object at the "
-                        "same camera): add objects, lower data.holdout, or --set data.triplets=false")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: everything is validated before the run folder is touched
-# ----------------------------------------------------------------------------------------------
-def build_data(cfg: Config):
-    needs = {k for n in cfg.tokens for k in CONCEPTS[n][0].needs_for(cfg.concepts[n])}
-    root = Path(cfg.data.root) if cfg.data.root else ensure_default_data()
-    records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
-                           require_keypoints="keypoints" in needs)
-    info = dataset_info(records)
-    for n in cfg.tokens:     # e.g. camera bounds; saved in config.yaml so generation reuses them
-        cfg.concepts[n] = CONCEPTS[n][0].fit_to_data(cfg.concepts[n], info)
-    holdout = min(cfg.data.holdout, len(records) - 1)
-    train_records, val_records = records[:len(records) - holdout], records[len(records) - holdout:]
-    set_size = mask_set_size(cfg)
-    train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
-                               mask_set_size=set_size, random_set_size=True)
-    val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size)
-    check_data_fits(cfg, train)
-    return train, val
-
-
-def dataset_info(records) -> dict:
-    """Dataset-wide bounds the heads rescale with."""
-    views = [v for r in records for v in r.views]
-    def bounds(key):
-        values = [getattr(v, key) for v in views if getattr(v, key) is not None]
-        return (min(values), max(values)) if values else None
-    return {"elevation": bounds("elevation"), "distance": bounds("distance"),
-            "num_keypoints": max((len(v.keypoints or []) for v in views), default=0)}
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -131,10 +92,6 @@ def main(argv=None):
             check_resume(cfg, run_dir, args.force)
     except (ConfigError, DataError, FileExistsError) as err:
         sys.exit(f"error: {err}")
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
     # laptop): gloo on CPU. Without cpu=True accelerate would let each process train alone.
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -145,7 +102,6 @@ def main(argv=None):
     if accelerator.num_processes != world:
         sys.exit(f"error: launched as {world} processes but accelerate runs {accelerator.num_processes}; "
                  "each would train alone (check the launcher's backend)")
-    set_seed(cfg.train.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # Frozen backbone in the mixed-precision dtype; heads stay fp32. Built before the run folder
@@ -153,6 +109,7 @@ def main(argv=None):
     try:
         needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
         backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
+        set_seed(cfg.train.seed)     # after loading: building a missing tiny model draws from the RNG too
         system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                                 latent_size=cfg.data.resolution // backbone.vae_scale_factor)
         adapters = UNetAdapters(backbone.unet, cfg.adapters) if cfg.adapters.kind != "none" else None
@@ -160,11 +117,17 @@ def main(argv=None):
             r, f = cfg.data.resolution, backbone.vae_scale_factor
             raise ValueError(f"data.resolution: {r} is not divisible by the VAE's downsampling factor {f} of "
                              f"{cfg.model.name}; use {r // f * f or f} or {(r // f + 1) * f}")
+        # Phase 1: heads only; phase 2 (from adapters.start_step) adds the adapters with their own lr.
+        phase2 = cfg.adapters.start_step if cfg.adapters.start_step >= 0 else cfg.train.steps // 2
+        step = 0
+        if args.resume:      # the checkpoint must load into these heads before anything is written
+            ckpt = latest_checkpoint(run_dir)
+            step, head_state, opt_state, state = load_checkpoint(ckpt)
+            system.load_trainable_state(head_state)
+            phase2 = state.get("phase2", phase2)      # where the run started its adapters stays put
     except (ValueError, OSError) as err:
         AcceleratorState._reset_state(reset_partial_state=True)
         sys.exit(f"error: {err}")
-    # Phase 1: heads only; phase 2 (from adapters.start_step) adds the adapters with their own lr.
-    phase2 = cfg.adapters.start_step if cfg.adapters.start_step >= 0 else cfg.train.steps // 2
     accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
@@ -178,6 +141,10 @@ def main(argv=None):
             gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             scheduler={"class": type(backbone.scheduler).__name__, **dict(backbone.scheduler.config)}))
     accelerator.wait_for_everyone()
+    was_deterministic = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     for module in backbone.frozen_modules():
         module.to(accelerator.device)
         if weight_dtype != torch.float32:
@@ -199,41 +166,52 @@ def main(argv=None):
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                          worker_init_fn=ignore_stop_signals if workers else None,
-                                         persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda")
+                                         pin_memory=accelerator.device.type == "cuda")
+    # (Workers are forked afresh each epoch: the dataset's epoch, which sets flips and mask sets,
+    # must reach them, so they are not persistent.)
     heads, optimizer, loader = accelerator.prepare(system.concepts, optimizer, loader)
+
+    def set_base_lrs():
+        """Each group's lr before the schedule: the config's (the heads' scaled down in phase 2)."""
+        in_phase2 = len(optimizer.param_groups) > len(cfg.tokens)
+        for group in optimizer.param_groups:
+            group["base_lr"] = cfg.adapters.lr if group["name"] == "adapters" else \
+                cfg.concepts[group["name"]].lr * (cfg.adapters.head_lr_scale if in_phase2 else 1.0)
 
     def start_phase2():
         """Adapters join the same optimizer as a new group: the heads keep their Adam state."""
         adapters.set_trainable(True)
-        for group in optimizer.param_groups:
-            group["base_lr"] = cfg.concepts[group["name"]].lr * cfg.adapters.head_lr_scale
-        optimizer.add_param_group({"params": adapters.parameters(), "lr": cfg.adapters.lr, "base_lr": cfg.adapters.lr,
-                                   "name": "adapters"})
+        optimizer.add_param_group({"params": adapters.parameters(), "lr": cfg.adapters.lr, "name": "adapters"})
+        set_base_lrs()
 
     # Resume: heads, optimizer (and fp16 scaler), every RNG, the position in the epoch and the
     # running log sums, so the resumed run continues exactly where the saved one stood.
-    step, epoch, skip, running, count = 0, 0, 0, {}, 0
+    epoch, skip, running, count = 0, 0, {}, 0
     # Noise, timesteps and VAE sampling draw from their own generator (one stream per process), so a
     # resumed run continues the exact same stream whatever else touched the global RNG.
     noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
     system.concepts.set_noise_generator(noise_rng)
     rng = random.Random(cfg.train.seed)                       # prompt templates and word subsets
     if args.resume:
-        ckpt = latest_checkpoint(run_dir)
-        step, head_state, opt_state, state = load_checkpoint(ckpt)
-        system.load_trainable_state(head_state)
         if adapters is not None:
             adapters.load_state_dict(load_adapters(ckpt))
-            if step >= phase2:
+            if len(opt_state["optimizer"]["param_groups"]) > len(cfg.tokens):    # saved in phase 2
                 start_phase2()
         optimizer.load_state_dict(opt_state["optimizer"])
+        set_base_lrs()
         if accelerator.scaler is not None and opt_state.get("scaler"):
             accelerator.scaler.load_state_dict(opt_state["scaler"])
-        noise_rng.set_state(opt_state["rng"]["noise"])
-        rng.setstate(opt_state["rng"]["prompts"])
-        restored = restore_global_rng_states(opt_state["rng"]["global"])
+        # Per process: its own noise stream, RNGs and running log sums (one list entry per rank).
+        ranks = opt_state["rng"] if isinstance(opt_state["rng"], list) else [opt_state["rng"]]
+        mine = ranks[accelerator.process_index] if len(ranks) == accelerator.num_processes else ranks[0]
+        if len(ranks) != accelerator.num_processes:
+            accelerator.print(f"warning: the checkpoint has {len(ranks)} process streams, this run {accelerator.num_processes}: "
+                              "not an exact continuation")
+        noise_rng.set_state(mine["noise"])
+        rng.setstate(mine["prompts"])
+        restored = restore_global_rng_states(mine["global"]) if "global" in mine else []
+        running, count = mine.get("running", state.get("running", {})), mine.get("running_count", state.get("running_count", 0))
         epoch, skip = state.get("epoch", 0), state.get("batch_in_epoch", 0)
-        running, count = state.get("running", {}), state.get("running_count", 0)
         if accelerator.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", step)
         accelerator.print(f"resumed {run_dir} from {ckpt.name}: step {step} of {cfg.train.steps}, epoch {epoch} batch {skip}; "
@@ -246,19 +224,19 @@ def main(argv=None):
 
     def checkpoint(step, epoch, batch_in_epoch):
         # Every rank's heads must be the same (DDP); a fingerprint per rank in state.json shows it.
-        state = system.trainable_state()
-        mine = torch.stack([sum(v.double().sum() for v in state.values()),
-                            sum(v.double().pow(2).sum() for v in state.values())]).to(accelerator.device)
+        mine = heads_fingerprint(system.trainable_state()).to(accelerator.device)
         ranks = accelerator.gather(mine[None]).cpu().tolist() if accelerator.num_processes > 1 else [mine.tolist()]
         if len({tuple(r) for r in ranks}) > 1:
             accelerator.print(f"warning: step {step}: the processes' heads differ (fingerprints {ranks})")
+        streams = {"noise": noise_rng.get_state(), "prompts": rng.getstate(), "global": global_rng_states(),
+                   "running": running, "running_count": count}
+        streams = gather_object([streams]) if accelerator.num_processes > 1 else [streams]    # one per rank
         if accelerator.is_main_process:
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-            rngs = {"noise": noise_rng.get_state(), "prompts": rng.getstate(), "global": global_rng_states()}
             save_checkpoint(run_dir, step, system.trainable_state(),
-                            {"optimizer": optimizer.state_dict(), "scaler": scaler, "rng": rngs},
+                            {"optimizer": optimizer.state_dict(), "scaler": scaler, "rng": streams},
                             {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                             "running": running, "running_count": count, "rank_fingerprints": ranks},
+                             "phase2": phase2, "rank_fingerprints": ranks},
                             adapters.state_dict() if adapters is not None else None)
             prune_checkpoints(run_dir, cfg.train.keep_last)
 
@@ -270,8 +248,10 @@ def main(argv=None):
                 accelerator.log(record, step=record["step"])
 
     def finish():
+        accelerator.wait_for_everyone()      # no process tears the group down while another still uses it
         bar.close()
-        torch.use_deterministic_algorithms(was_deterministic)
+        torch.use_deterministic_algorithms(was_deterministic[0])
+        torch.backends.cudnn.deterministic = was_deterministic[1]
         accelerator.end_training()
         # accelerate keeps its state per process; reset it so main() can run again in this process
         # (sweeps, tests) with other settings, e.g. another mixed precision.
@@ -291,8 +271,13 @@ def main(argv=None):
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     started, waited, ready = time.time(), 0.0, time.perf_counter()
     heads.train()
-    with StopSignals() as signals:
-        while step < cfg.train.steps and not signals.received:
+    stop = 0                  # the stop signal, once every process has agreed on it (0: none)
+    # A second Ctrl-C stops at once when alone; with several processes the launcher handles it.
+    with StopSignals(escalate=accelerator.num_processes == 1) as signals:
+        while step < cfg.train.steps and not stop:
+            # accelerate's loader re-sets the sampler's epoch from its own counter when iterated (and
+            # a skip-loader on resume copies that counter): keep the counter on our epoch.
+            loader.set_epoch(epoch)
             train_set.set_epoch(epoch)
             sampler.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
@@ -312,15 +297,17 @@ def main(argv=None):
                     if adapters is not None and cfg.adapters.kind == "e4t" and step >= phase2:
                         terms["adapters/l2"] = (cfg.adapters.l2_weight, adapters.penalty().expand(len(prompts)))
                     loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
-                    # Every rank learns of a non-finite loss or a stop signal anywhere, before backward.
+                    # Every rank learns of a non-finite loss or a stop signal anywhere, before backward;
+                    # from here on only the agreed `stop` counts, so all ranks checkpoint together.
                     flags = torch.tensor([float(not torch.isfinite(loss)), float(bool(signals.received))],
                                          device=accelerator.device)
                     if accelerator.num_processes > 1:
                         flags = accelerator.reduce(flags, reduction="sum")
                     if flags[0] > 0:
                         stop_on_nonfinite(terms, loss, batch, prompts)
-                    if flags[1] > 0 and not signals.received:
-                        signals.received = 15
+                    if flags[1] > 0 and not stop:
+                        stop = signals.received or signal.SIGTERM
+                        accelerator.print(f"\n{signal.Signals(stop).name}: finishing this step, then checkpointing")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if adapters is not None and accelerator.num_processes > 1:   # the UNet is not DDP-wrapped
@@ -352,9 +339,9 @@ def main(argv=None):
                          "time": round(elapsed, 2), "time/data_wait_frac": round(waited / max(elapsed, 1e-9), 4)})
                     running, count = {}, 0
                 done_epoch = batch_in_epoch >= len(loader)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or signals.received:
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop:
                     checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch)
-                if signals.received:
+                if stop and step < cfg.train.steps:      # on the last step: finish as usual instead
                     break
                 sample_now = cfg.train.sample_every and step % cfg.train.sample_every == 0
                 if accelerator.is_main_process and (sample_now or step == cfg.train.steps):
@@ -368,11 +355,11 @@ def main(argv=None):
                 ready = time.perf_counter()
             else:
                 epoch, skip = epoch + 1, 0
-    if signals.received:
-        accelerator.print(f"stopped by {signal.Signals(signals.received).name} at step {step}: checkpoint "
+    if stop and step < cfg.train.steps:
+        accelerator.print(f"stopped by {signal.Signals(stop).name} at step {step}: checkpoint "
                           f"{latest_checkpoint(run_dir)} written; continue with --resume")
         finish()
-        sys.exit(128 + signals.received)
+        sys.exit(128 + stop)
     if accelerator.is_main_process:
         export_tokens(system, [train_set, val_set], run_dir, accelerator.device)
         accelerator.print(f"done: {run_dir} (checkpoints/, samples/, tokens/, metrics.jsonl)")

@@ -8,7 +8,8 @@ One process, one backbone folder, one fixed batch of the bundled chairs per layo
   (b) the shape word: its head (mask-set encoder) and the mask cross-attention loss
   (c) all four words with every guidance loss
   (d) (b) with attention capture off (mask weight 0: training then runs the UNet uncaptured)
-Each: median step time over --steps after --warmup; peak memory above the loaded model (RSS on
+Steps run in interleaved rounds (one step of each variant per round, shuffled), so drift in the
+machine's speed hits all alike. Each: median step time over --steps rounds after --warmup; peak memory above the loaded model (RSS on
 CPU, sampled every 2 ms in separate steps so sampling does not perturb the timing;
 torch.cuda.max_memory_allocated on GPU); bytes autograd saves for backward in one step.
 """
@@ -52,6 +53,7 @@ class Result:
     layout: str
     variant: str
     step_ms: float
+    spread_ms: float          # half the interquartile range of the step times
     peak_mb: float
     saved_mb: float
     terms: list[str]
@@ -175,34 +177,46 @@ def build(layout: str, variant: str, device: torch.device):
     return step
 
 
-def measure(layout: str, variant: str, steps: int, warmup: int, device: torch.device, profile: bool) -> Result:
-    step = build(layout, variant, device)
-    terms = []
-    for _ in range(warmup):
-        terms = step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    peak = peak_memory_above_baseline(step, 3, device)
-    saved = saved_for_backward(step)
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch_profile(activities=activities) as prof:
-            for _ in range(3):
-                step()
-        print(f"\n== {layout} {variant}: top ops by self time ==")
-        print(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
-                                        row_limit=15))
-    del step
+def measure_layout(layout: str, variants: list[str], steps: int, warmup: int, device: torch.device,
+                   profile: bool) -> list[Result]:
+    """Time the variants in interleaved rounds (a b c d, a b c d, ... in a shuffled order per
+    round), so drift in the machine's speed hits every variant alike; then memory, one by one."""
+    built = {v: build(layout, v, device) for v in variants}
+    terms = {v: [] for v in variants}
+    for v, step in built.items():
+        for _ in range(warmup):
+            terms[v] = step()
+    times = {v: [] for v in variants}
+    order = list(variants)
+    for round_ in range(steps):
+        random.Random(round_).shuffle(order)
+        for v in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            built[v]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[v].append(time.perf_counter() - started)
+    results = []
+    for v in variants:
+        peak = peak_memory_above_baseline(built[v], 3, device)
+        saved = saved_for_backward(built[v])
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch_profile(activities=activities) as prof:
+                for _ in range(3):
+                    built[v]()
+            print(f"\n== {layout} {v}: top ops by self time ==")
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=15))
+        q = statistics.quantiles(times[v], n=4)
+        results.append(Result(layout, v, 1000 * statistics.median(times[v]), 1000 * (q[2] - q[0]) / 2,
+                              peak / 2**20, saved / 2**20, terms[v]))
+    built.clear()
     release_memory()
-    return Result(layout, variant, 1000 * statistics.median(times), peak / 2**20, saved / 2**20, terms)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,10 +228,10 @@ TARGETS = {"b/a time": 1.15, "c/a time": 1.35, "b/d memory": 1.10}
 def table(results: list[Result], command: str, device: str) -> str:
     lines = [f"Device: {device}; torch {torch.__version__}, {torch.get_num_threads()} threads. "
              f"Command: `{command}`", "",
-             "| layout | variant | step (ms, median) | peak memory above model (MB) | saved for backward (MB) | loss terms |",
+             "| layout | variant | step (ms, median ± half IQR) | peak memory above model (MB) | saved for backward (MB) | loss terms |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.layout} | {r.variant} | {r.step_ms:.1f} | {r.peak_mb:.1f} | {r.saved_mb:.1f} | "
+        lines.append(f"| {r.layout} | {r.variant} | {r.step_ms:.1f} ± {r.spread_ms:.1f} | {r.peak_mb:.1f} | {r.saved_mb:.1f} | "
                      f"{len(r.terms)}: {', '.join(r.terms)} |")
     lines += ["", "| layout | (b)/(a) time | (c)/(a) time | (b)/(d) peak memory | (b)/(d) saved for backward |",
               "|---|---|---|---|---|"]
@@ -246,11 +260,10 @@ def main(argv=None):
     device = torch.device(args.device)
     results = []
     for layout in args.layouts.split(","):
-        for variant in args.variants.split(","):
-            results.append(measure(layout, variant, args.steps, args.warmup, device, args.profile))
-            r = results[-1]
-            print(f"{layout:10s} {variant:20s} {r.step_ms:8.1f} ms  peak +{r.peak_mb:7.1f} MB  saved {r.saved_mb:7.1f} MB",
-                  flush=True)
+        for r in measure_layout(layout, args.variants.split(","), args.steps, args.warmup, device, args.profile):
+            results.append(r)
+            print(f"{layout:10s} {r.variant:20s} {r.step_ms:8.1f} ± {r.spread_ms:5.1f} ms  peak +{r.peak_mb:7.1f} MB  "
+                  f"saved {r.saved_mb:7.1f} MB", flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     text = table(results, "python -m bench.step_cost " + " ".join(argv if argv is not None else os.sys.argv[1:]), name)
     print(text)

@@ -96,11 +96,13 @@ class AttentionStore:
         self.text_embeds, self.selection = text_embeds.detach(), selection
 
     @torch.compiler.disable     # Python bookkeeping: under --compile, a clean graph break, not recompiles
-    def match(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """For each incoming sample, the index of its prompt or -1.  -> [B_in]"""
-        ref = self.text_embeds.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+    def match(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """For each incoming sample, the index of its prompt or -1.  -> [B_in]; None when sample i
+        is prompt i for every i (training), so no sample needs to be picked out."""
+        ref = self.text_embeds
         if self.layout_known and encoder_hidden_states.shape == ref.shape:
-            return torch.arange(ref.shape[0])
+            return None
+        ref = ref.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
         if encoder_hidden_states.shape[1:] != ref.shape[1:]:
             return torch.full((encoder_hidden_states.shape[0],), -1, dtype=torch.long)
         diff = (encoder_hidden_states.detach()[:, None] - ref[None]).abs().flatten(2).amax(-1)  # [B_in, B]
@@ -117,14 +119,17 @@ class AttentionStore:
         return index
 
     @torch.compiler.disable
-    def add(self, layer: str, probs: torch.Tensor, prompt_index: torch.Tensor):
-        """probs [b, N, C] of the matched samples, prompt_index [b] (their prompts)."""
+    def add(self, layer: str, probs: torch.Tensor, prompt_index: torch.Tensor | None):
+        """probs [b, N, C] of the matched samples, prompt_index [b] (their prompts; None: all, in order)."""
         n = probs.shape[1]
         factor = math.sqrt(self.latent_hw[0] * self.latent_hw[1] / n)
         h, w = round(self.latent_hw[0] / factor), round(self.latent_hw[1] / factor)
         maps = rearrange(probs, "b (h w) c -> b c h w", h=h, w=w)
-        full = maps.new_zeros((self.text_embeds.shape[0],) + maps.shape[1:])
-        full = full.index_add(0, prompt_index.to(maps.device), maps)   # in the prompts' order
+        if prompt_index is None:
+            full = maps
+        else:
+            full = maps.new_zeros((self.text_embeds.shape[0],) + maps.shape[1:])
+            full = full.index_add(0, prompt_index.to(maps.device), maps)   # in the prompts' order
         if not self.recording:   # checkpoint recomputation: same ops as the forward, nothing kept
             return
         if self.accumulate and layer in self.maps:
@@ -160,21 +165,27 @@ class CaptureProcessor(AttnProcessor2_0):
         out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if encoder_hidden_states is None or self.store.text_embeds is None:
             return out
-        prompt_index = self.store.match(encoder_hidden_states).to(hidden_states.device)
-        keep = prompt_index >= 0
-        if not keep.any():
-            return out
         if attn.group_norm is not None or attn.spatial_norm is not None or hidden_states.ndim != 3:
             raise NotImplementedError(f"{self.layer}: attention capture supports transformer-block cross-attention only")
-        hs, ehs = hidden_states[keep], encoder_hidden_states[keep]
+        prompt_index = self.store.match(encoder_hidden_states)
+        selection = self.store.selection
+        if prompt_index is None:                    # training: every sample, in order; nothing to pick
+            hs, ehs = hidden_states, encoder_hidden_states
+        else:
+            prompt_index = prompt_index.to(hidden_states.device)
+            keep = prompt_index >= 0
+            if not keep.any():
+                return out
+            hs, ehs, prompt_index = hidden_states[keep], encoder_hidden_states[keep], prompt_index[keep]
+            selection = selection.to(prompt_index.device)[prompt_index]
         if attn.norm_cross:
             ehs = attn.norm_encoder_hidden_states(ehs)
         query = attn.head_to_batch_dim(attn.to_q(hs))                      # [b*heads, N, d]
         key = attn.head_to_batch_dim(attn.to_k(ehs))                       # [b*heads, L, d]
         probs = attn.get_attention_scores(query, key, None)                # [b*heads, N, L]
         probs = reduce(probs, "(b heads) n l -> b n l", "mean", heads=attn.heads)
-        selection = self.store.selection.to(probs.device, probs.dtype)[prompt_index[keep]]  # [b, L, C]
-        self.store.add(self.layer, torch.bmm(probs, selection).float(), prompt_index[keep])   # [b, N, C]
+        selection = selection.to(probs.device, probs.dtype)                                 # [b, L, C]
+        self.store.add(self.layer, torch.bmm(probs, selection).float(), prompt_index)       # [b, N, C]
         return out
 
 

@@ -338,8 +338,8 @@ def save_config(config: Config, path: str | Path) -> None:
 
 # Keys a resumed run may change: how long it runs and how it reports, not what it learns.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-                  "train.keep_last", "run.report_to", "data.num_workers", "data.cache_latents", "sample.",
-                  "model.compile", "model.gradient_checkpointing")
+                  "train.keep_last", "run.report_to", "run.output_dir", "run.name", "data.num_workers",
+                  "data.cache_latents", "sample.", "model.compile", "model.gradient_checkpointing")
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
@@ -354,4 +354,7 @@ def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]
         return out
     a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
     changed = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return [c for c in changed if not any(c[0] == r or (r.endswith(".") and c[0].startswith(r)) for r in RESUMABLE_KEYS)]
+    allowed = [c for c in changed if any(c[0] == r or (r.endswith(".") and c[0].startswith(r)) for r in RESUMABLE_KEYS)]
+    if old.train.lr_schedule != "constant" and any(k == "train.steps" for k, _, _ in allowed):
+        allowed = [c for c in allowed if c[0] != "train.steps"]    # the decay would jump: say so
+    return [c for c in changed if c not in allowed]

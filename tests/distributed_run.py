@@ -18,7 +18,7 @@ import train  # noqa: E402
 
 out, argv = Path(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ.get("RANK", "0"))
-seen, calls, systems = [], [], []
+seen, calls, systems, losses = [], [], [], []
 
 original_losses, original_init = system.GuidedConcepts.training_losses, system.GuidedConcepts.__init__
 
@@ -26,7 +26,9 @@ original_losses, original_init = system.GuidedConcepts.training_losses, system.G
 def spy_losses(self, batch, *args, **kwargs):
     seen.extend(f"{o}/{v}/{'flip' if f else 'plain'}" for o, v, f in
                 zip(batch["object_name"], batch["view_id"], batch["flipped"].tolist()))
-    return original_losses(self, batch, *args, **kwargs)
+    terms = original_losses(self, batch, *args, **kwargs)
+    losses.append(terms["denoise"][1].detach().float().mean().item())     # this rank's own
+    return terms
 
 
 def spy_init(self, *args, **kwargs):
@@ -44,4 +46,4 @@ for name in ("save_checkpoint", "validate", "export_tokens", "append_environment
 train.main(argv)
 out.mkdir(parents=True, exist_ok=True)
 save_file({k: v.contiguous() for k, v in systems[-1].trainable_state().items()}, str(out / f"heads_rank{rank}.safetensors"))
-(out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "calls": calls}))
+(out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "calls": calls, "losses": losses}))

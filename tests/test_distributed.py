@@ -22,27 +22,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_one_model(tmp_path, tiny_model_dir, chairs_dir):
-    spy = tmp_path / "spy"
-    steps = 4
+def launch(spy: Path, *train_args: str) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` of tests/distributed_run.py, on CPU."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()),
-               str(REPO / "tests" / "distributed_run.py"), str(spy),
-               "--name", "ddp", "--set", f"run.output_dir={tmp_path}", "--set", f"train.steps={steps}",
-               "--set", "train.batch_size=6", "--set", "data.triplets=false", "--set", "train.log_every=2",
-               "--set", "train.checkpoint_every=2", "--set", "train.sample_every=0", "--set", "sample.steps=1"]
+               "--main_process_port", str(free_port()), str(REPO / "tests" / "distributed_run.py"), str(spy),
+               *train_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Its own process group, so a hang is cleaned up whole (launcher and both ranks).
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=240)
+        output, _ = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
+        # torchrun may put the ranks in their own groups: kill everything running this driver.
+        subprocess.run(["pkill", "-9", "-f", str(spy)], check=False)
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        raise AssertionError(f"two-process run timed out:\n{output[-4000:]}")
+        raise AssertionError(f"two-process run timed out:\n{output[-6000:]}")
     assert process.returncode == 0, output[-4000:]
+
+
+COMMON = ["--set", "train.batch_size=6", "--set", "data.triplets=false", "--set", "train.log_every=1",
+          "--set", "train.checkpoint_every=2", "--set", "train.sample_every=0", "--set", "sample.steps=1"]
+
+
+def test_two_processes_train_one_model(tmp_path, tiny_model_dir, chairs_dir):
+    steps = 4
+    spy = tmp_path / "spy"
+    launch(spy, "--name", "ddp", "--set", f"run.output_dir={tmp_path}", "--set", f"train.steps={steps}", *COMMON)
     ranks = [json.loads((spy / f"rank{i}.json").read_text()) for i in (0, 1)]
     heads = [load_file(str(spy / f"heads_rank{i}.safetensors")) for i in (0, 1)]
 
@@ -54,15 +62,28 @@ def test_two_processes_train_one_model(tmp_path, tiny_model_dir, chairs_dir):
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
 
     # Each rank trained on its own share: 4 batches of 6 views each, none shared.
-    seen = [set(r["seen"]) for r in ranks]
     assert all(len(r["seen"]) == steps * 6 for r in ranks)
-    views = [{s.rsplit("/", 1)[0] for s in rank_seen} for rank_seen in seen]
+    views = [{s.rsplit("/", 1)[0] for s in r["seen"]} for r in ranks]
     assert not views[0] & views[1]
 
-    # Only rank 0 wrote: checkpoints, samples, metrics, environment.
+    # Only rank 0 wrote: checkpoints, samples, metrics, environment; logged losses are the mean
+    # over both processes' batches.
     assert ranks[1]["calls"] == []
     assert ranks[0]["calls"].count("save_checkpoint") == 2 and "validate" in ranks[0]["calls"]
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "loss" in x] == [2, 4]              # once, not once per rank
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]                    # once, not once per rank
+    for line, own in zip(lines, zip(ranks[0]["losses"], ranks[1]["losses"])):
+        assert abs(line["denoise"] - sum(own) / 2) < 1e-6
     (environment,) = json.loads((run / "environment.json").read_text())
     assert environment["num_processes"] == 2
+
+    # Resume with two processes: each gets its own noise stream and log sums back, so stopping at
+    # step 2 and resuming ends exactly where the straight run did.
+    launch(tmp_path / "spy2", "--name", "ddp2", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2", *COMMON)
+    launch(tmp_path / "spy3", "--name", "ddp2", "--set", f"run.output_dir={tmp_path}", "--set", f"train.steps={steps}",
+           "--resume")
+    resumed = load_file(str(tmp_path / "spy3" / "heads_rank0.safetensors"))
+    assert all(torch.equal(resumed[k], heads[0][k]) for k in heads[0])
+    strip = lambda path: [{k: v for k, v in json.loads(x).items() if not k.startswith("time")}   # noqa: E731
+                          for x in path.read_text().splitlines() if '"loss"' in x]
+    assert strip(tmp_path / "ddp2" / "metrics.jsonl") == strip(run / "metrics.jsonl")

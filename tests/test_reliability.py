@@ -222,24 +222,44 @@ def test_lr_schedules():
 # ----------------------------------------------------------------------------------------------
 # Exact resume
 # ----------------------------------------------------------------------------------------------
-RESUME = ["--tokens", "shape,pose", "--set", "train.log_every=1", "--set", "train.checkpoint_every=100",
-          "--set", "train.lr_schedule=cosine", "--set", "train.warmup_steps=2"]
+RESUME = ["--tokens", "shape,pose", "--set", "train.log_every=2", "--set", "train.checkpoint_every=100",
+          "--set", "train.lr_schedule=cosine", "--set", "train.warmup_steps=2", "--set", "train.steps=6"]
 
 
-def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
-    """3 steps, then --resume to 6, against 6 straight: every logged loss and every head weight
-    identical (not close: equal), so heads, optimizer, lr schedule, every RNG and the data
-    position all came back."""
-    straight = train.main(run_args(tmp_path, "a", *RESUME, "--set", "train.steps=6"))
-    train.main(run_args(tmp_path, "b", *RESUME, "--set", "train.steps=3"))
-    resumed = train.main(["--name", "b", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=6", "--resume"])
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
+    """A run stopped by SIGINT during step 3, then --resume, against 6 straight steps: every
+    logged loss and every head weight identical (not close: equal), so heads, optimizer, the
+    cosine lr schedule, every RNG, the data position and the half-accumulated log line
+    (log_every=2, stopped at 3) all came back."""
+    from system import GuidedConcepts
+    straight = train.main(run_args(tmp_path, "a", *RESUME))
+    original, calls = GuidedConcepts.training_losses, {"n": 0}
+
+    def interrupt_third_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)       # Ctrl-C in the middle of step 3
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(GuidedConcepts, "training_losses", interrupt_third_step)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(run_args(tmp_path, "b", *RESUME))
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert latest_checkpoint(tmp_path / "b").name == "step_000003"
+    monkeypatch.setattr(GuidedConcepts, "training_losses", original)
+    resumed = train.main(["--name", "b", "--set", f"run.output_dir={tmp_path}", "--resume"])
     a, b = metric_lines(straight), metric_lines(resumed)
-    assert [r["step"] for r in a] == [1, 2, 3, 4, 5, 6, 6]           # six training lines + validation
-    assert [r["step"] for r in b] == [1, 2, 3, 3, 4, 5, 6, 6]        # + the 3-step run's own validation
-    assert a == b[:3] + b[4:]
+    assert [r["step"] for r in a] == [2, 4, 6, 6]                   # training lines + final validation
+    assert a == b
     final = "checkpoints/step_000006/heads.safetensors"
     ha, hb = load_file(str(straight / final)), load_file(str(resumed / final))
     assert all(torch.equal(ha[k], hb[k]) for k in ha)
+
+
+def test_extending_a_decaying_schedule_needs_force(tmp_path):
+    run = train.main(run_args(tmp_path, "c", "--set", "train.steps=2", "--set", "train.lr_schedule=cosine"))
+    with pytest.raises(SystemExit, match=r"train.steps: 2 -> 4.*--force"):
+        train.main(["--name", "c", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=4", "--resume"])
+    assert latest_checkpoint(run).name == "step_000002"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -334,7 +354,7 @@ def test_sigint_checkpoints_exits_and_resumes_bit_for_bit(tmp_path):
     stopped = latest_checkpoint(tmp_path / "i")
     k = load_checkpoint(stopped)[0]
     assert 4 <= k < 400
-    total = k + 3 + (k % 2)                # the resumed part crosses a log line split by the stop when k is odd
+    total = max(k + 3, 40)                 # 33 batches an epoch: the resumed part crosses into epoch 1
     resumed = train.main(["--name", "i", "--set", f"run.output_dir={tmp_path}", "--set", f"train.steps={total}",
                           "--resume"])
     straight = train.main(run_args(tmp_path, "s", *common, "--set", f"train.steps={total}"))

@@ -1,0 +1,48 @@
+"""The run's data: scan and validate the object folders for the active words, fit the heads to
+the data set (camera bounds, keypoint count), split off held-out objects, and check the batches
+can be built. Everything here runs before the run folder is touched."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from concepts import CONCEPTS
+from configs.schema import Config, mask_set_size
+from objectdata import DataError, ObjectViewsDataset, ensure_default_data, scan_objects
+
+
+def build_data(cfg: Config):
+    """-> (train, validation) datasets; raises DataError naming the file at the first problem."""
+    needs = {k for n in cfg.tokens for k in CONCEPTS[n][0].needs_for(cfg.concepts[n])}
+    root = Path(cfg.data.root) if cfg.data.root else ensure_default_data()
+    records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
+                           require_keypoints="keypoints" in needs)
+    info = dataset_info(records)
+    for n in cfg.tokens:     # e.g. camera bounds; saved in config.yaml so generation reuses them
+        cfg.concepts[n] = CONCEPTS[n][0].fit_to_data(cfg.concepts[n], info)
+    holdout = min(cfg.data.holdout, len(records) - 1)
+    train_records, val_records = records[:len(records) - holdout], records[len(records) - holdout:]
+    set_size = mask_set_size(cfg)
+    train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
+                               mask_set_size=set_size, random_set_size=True)
+    val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size)
+    check_data_fits(cfg, train)
+    return train, val
+
+
+def dataset_info(records) -> dict:
+    """Dataset-wide bounds the heads rescale with."""
+    views = [v for r in records for v in r.views]
+    def bounds(key):
+        values = [getattr(v, key) for v in views if getattr(v, key) is not None]
+        return (min(values), max(values)) if values else None
+    return {"elevation": bounds("elevation"), "distance": bounds("distance"),
+            "num_keypoints": max((len(v.keypoints or []) for v in views), default=0)}
+
+
+def check_data_fits(cfg: Config, train_set) -> None:
+    """Triplet batches pair each view with another object at the same camera: 2 objects at least."""
+    objects = len(train_set.records)
+    if cfg.data.triplets and objects < 2:
+        raise DataError(f"{cfg.data.root or 'bundled data'}: {objects} training object(s) after holding out "
+                        f"{cfg.data.holdout}; data.triplets batches need at least 2 (a view of another object at the "
+                        "same camera): add objects, lower data.holdout, or --set data.triplets=false")
