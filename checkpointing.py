@@ -101,8 +101,10 @@ def atomic_folder(final: Path, write: Callable[[Path], None]) -> Path:
     (replacing an older `final`): the folder is either whole or absent."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     old = final.with_name(f".{final.name}.old")
+    if old.exists() and not final.exists():   # a kill between the two renames below: put it back
+        os.replace(old, final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         write(tmp)
         for file in tmp.rglob("*"):
@@ -139,8 +141,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
 
 
 def _complete_checkpoints(run_dir: Path) -> list[Path]:
-    found = sorted(Path(run_dir, "checkpoints").glob("step_*[0-9]"))
-    return [p for p in found if (p / "state.json").exists()]
+    found = [p for p in Path(run_dir, "checkpoints").glob("step_*[0-9]") if p.name[5:].isdigit()]
+    return sorted((p for p in found if (p / "state.json").exists()), key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

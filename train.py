@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm import tqdm
 
@@ -92,6 +92,20 @@ def main(argv=None):
             check_resume(cfg, run_dir, args.force)
     except (ConfigError, DataError, FileExistsError) as err:
         sys.exit(f"error: {err}")
+    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        return run(cfg, args, train_set, val_set, run_dir)
+    finally:
+        # Whatever ended the run (done, stopped, an exception): give back the process-wide state
+        # so main() can run again in this process (sweeps, tests) with other settings.
+        torch.use_deterministic_algorithms(flags[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[1:]
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
+    """Train one validated config into `run_dir`: everything from here on may write."""
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
     # laptop): gloo on CPU. Without cpu=True accelerate would let each process train alone.
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -125,8 +139,14 @@ def main(argv=None):
             step, head_state, opt_state, state = load_checkpoint(ckpt)
             system.load_trainable_state(head_state)
             phase2 = state.get("phase2", phase2)      # where the run started its adapters stays put
-    except (ValueError, OSError) as err:
-        AcceleratorState._reset_state(reset_partial_state=True)
+            saved_groups = len(opt_state["optimizer"]["param_groups"])
+            if adapters is not None and load_adapters(ckpt) is None:
+                raise ValueError(f"{ckpt}: has no adapters.safetensors but the config has adapters.kind="
+                                 f"{cfg.adapters.kind}; resume with the run's own adapters setting")
+            if saved_groups not in (len(cfg.tokens), len(cfg.tokens) + (adapters is not None)):
+                raise ValueError(f"{ckpt}: its optimizer has {saved_groups} parameter groups, this config "
+                                 f"{len(cfg.tokens)} (+1 with adapters); resume with the run's own config")
+    except (ValueError, OSError, TypeError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
     if accelerator.is_main_process:
@@ -141,9 +161,9 @@ def main(argv=None):
             gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             scheduler={"class": type(backbone.scheduler).__name__, **dict(backbone.scheduler.config)}))
     accelerator.wait_for_everyone()
-    was_deterministic = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    if cfg.train.deterministic:   # warn_only: a few CUDA backward ops (bilinear resize) have no deterministic kernel
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     for module in backbone.frozen_modules():
         module.to(accelerator.device)
@@ -191,7 +211,7 @@ def main(argv=None):
     # resumed run continues the exact same stream whatever else touched the global RNG.
     noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
     system.concepts.set_noise_generator(noise_rng)
-    rng = random.Random(cfg.train.seed)                       # prompt templates and word subsets
+    rng = random.Random(cfg.train.seed + 7919 * accelerator.process_index)   # prompt templates and word subsets
     if args.resume:
         if adapters is not None:
             adapters.load_state_dict(load_adapters(ckpt))
@@ -250,12 +270,7 @@ def main(argv=None):
     def finish():
         accelerator.wait_for_everyone()      # no process tears the group down while another still uses it
         bar.close()
-        torch.use_deterministic_algorithms(was_deterministic[0])
-        torch.backends.cudnn.deterministic = was_deterministic[1]
         accelerator.end_training()
-        # accelerate keeps its state per process; reset it so main() can run again in this process
-        # (sweeps, tests) with other settings, e.g. another mixed precision.
-        AcceleratorState._reset_state(reset_partial_state=True)
 
     def stop_on_nonfinite(terms, loss, batch, prompts):
         """Nothing is stepped or saved: the last checkpoint stays the last good one."""
@@ -285,7 +300,7 @@ def main(argv=None):
             for batch in batches:
                 waited += time.perf_counter() - ready          # the step waited this long for data
                 batch_in_epoch += 1
-                if adapters is not None and step == phase2 and not adapters.parameters()[0].requires_grad:
+                if adapters is not None and step >= phase2 and not adapters.parameters()[0].requires_grad:
                     start_phase2()
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * cfg.train.lr_factor(step)

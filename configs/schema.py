@@ -43,7 +43,7 @@ class DataConfig:
     flip_prob: float = field(default=0.5, metadata={"help": "horizontal flip probability (image and mask together)"})
     holdout: int = field(default=2, metadata={"help": "objects held out for validation samples and metrics"})
     triplets: bool = field(default=True, metadata={"help": "batches of (view, same object other view, other object same camera) for the consistency losses"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers (persistent; pinned memory on CUDA)"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers (started each epoch; pinned memory on CUDA)"})
     cache_latents: bool = field(default=False, metadata={"help": "encode each (view, flip) with the VAE once and keep its latent mean/std; the same samples are drawn as without the cache"})
 
     def __post_init__(self):

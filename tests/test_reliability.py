@@ -375,3 +375,26 @@ def test_stop_signals_flag_first_and_interrupt_on_second():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGTERM) is before        # handlers given back
+
+
+def test_forced_resume_that_cannot_load_writes_nothing(short_run):
+    run, out = short_run
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match="has no adapters.safetensors but the config has adapters.kind=lora"):
+        train.main(["--name", "short", "--set", f"run.output_dir={out}", "--set", "adapters.kind=lora",
+                    "--resume", "--force"])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_crash_inside_the_run_leaves_no_process_state_behind(tmp_path, monkeypatch):
+    """An exception escaping the loop: deterministic mode and accelerate's state are given back,
+    so the next run in this process (here with another mixed precision) starts cleanly."""
+    def broken_validate(*args, **kwargs):
+        raise RuntimeError("validation exploded")
+    monkeypatch.setattr(train, "validate", broken_validate)
+    with pytest.raises(RuntimeError, match="validation exploded"):
+        train.main(run_args(tmp_path, "boom", "--set", "train.steps=1", "--deterministic"))
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.undo()
+    run = train.main(run_args(tmp_path, "next", "--set", "train.steps=1", "--set", "model.mixed_precision=bf16"))
+    assert json.loads((run / "environment.json").read_text())[0]["mixed_precision"] == "bf16"
