@@ -43,6 +43,7 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     """mode "encoder": tune the heads (+ adapters) from the run; "textual_inversion": the baseline,
     each word a free vector starting at its initializer word, same steps and lr."""
     system, cfg = generate.load_run(run_dir)
+    system.latent_cache = {}       # a few views, encoded at every timestep and step: encode each once
     tc = cfg.tune
     for key, value in (overrides or {}).items():
         setattr(tc, key, value)

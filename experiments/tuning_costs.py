@@ -20,14 +20,14 @@ from objectdata import ensure_default_data, scan_objects
 
 def sd15_unet_flops(batch: int = 1) -> float:
     """Forward FLOPs of SD 1.5's UNet at 512 px (64x64 latents), counted on the meta device."""
-    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.floor import sd15_modules
+    unet = sd15_modules()[0]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-        x, t, e = torch.randn(batch, 4, 64, 64), torch.tensor([500] * batch), torch.randn(batch, 77, 768)
+        x, e = torch.randn(batch, 4, 64, 64, dtype=unet.dtype), torch.randn(batch, 77, 768, dtype=unet.dtype)
         with FlopCounterMode(display=False) as counter:
-            unet(x, t, e)
+            unet(x, torch.tensor([500] * batch), e)
     return float(counter.get_total_flops())
 
 
