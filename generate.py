@@ -2,6 +2,7 @@
 
     python generate.py --run runs/default --prompt "a red chair in the shape of *s" \
         --shape-from my_chairs/chair_001 --num 4
+    python generate.py --prompt "a red chair with arms, seen from the left"   # the base model alone
 """
 from __future__ import annotations
 
@@ -141,7 +142,8 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder (runs/<name>)")
+    p.add_argument("--run", help="run folder (runs/<name>); without it, the base model --model samples the prompt")
+    p.add_argument("--model", default="toyworld", help="base model without --run: 'toyworld' (shipped), 'tiny', a folder or hub id")
     p.add_argument("--prompt", required=True, help="any prompt using the run's words, e.g. 'a chair in the shape of *s'")
     for name in CONCEPTS:
         p.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
@@ -160,6 +162,8 @@ def main(argv=None):
     p.add_argument("--out", help="output PNG (default: <run>/samples/generated.png)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.run is None:
+        return sample_base_model(args)
     try:
         system, cfg = load_run(args.run, args.checkpoint, args.device, args.artefact)
         sources = {n: getattr(args, f"{n}_from") for n in system.tokens if getattr(args, f"{n}_from")}
@@ -173,6 +177,35 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     names = [system.concepts[n].config.token for n in system.attention_concepts]
     attention_grid(reference[None].repeat(len(images), 1, 1, 1), images, maps, names).save(out)
+    print(f"wrote {out}")
+    return out
+
+
+def sample_base_model(args) -> Path:
+    """No run: sample the prompt with the base model's own words (a row of --num seeds)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from backbone.load import resolve_model_path
+    from toyworld.evaluate import save_grid
+    if re.search(r"(?<![\w])\*\w", args.prompt):
+        sys.exit(f"error: --prompt {args.prompt!r} uses a learned word; pass --run with the run that trained it")
+    import diffusers
+    diffusers.utils.logging.disable_progress_bar()
+    try:
+        path = resolve_model_path(args.model)
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: --model {args.model}: {err}")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num)]
+    images = pipe([args.prompt] * args.num, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  generator=generators, output_type="pt").images.float().cpu()
+    out = Path(args.out) if args.out else Path("runs") / "generated.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(images, args.num, out, scale=max(1, 256 // images.shape[-1]))
     print(f"wrote {out}")
     return out
 

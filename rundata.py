@@ -7,13 +7,13 @@ from pathlib import Path
 
 from concepts import CONCEPTS
 from configs.schema import Config, mask_set_size
-from objectdata import DataError, ObjectViewsDataset, ensure_default_data, scan_objects
+from objectdata import DataError, ObjectViewsDataset, resolve_data_root, scan_objects
 
 
 def build_data(cfg: Config):
     """-> (train, validation) datasets; raises DataError naming the file at the first problem."""
     needs = {k for n in cfg.tokens for k in CONCEPTS[n][0].needs_for(cfg.concepts[n])}
-    root = Path(cfg.data.root) if cfg.data.root else ensure_default_data()
+    root = resolve_data_root(cfg.data.root)
     records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
                            require_keypoints="keypoints" in needs)
     info = dataset_info(records)

@@ -37,13 +37,16 @@ from rundata import build_data
 from system import GuidedConcepts
 from validation import export_tokens, validate
 
+CONFIG_ENV_VAR = "GUIDED_CONCEPTS_CONFIG"   # a default config of your own (the tests point it at configs/tiny.yaml)
+
 
 # ----------------------------------------------------------------------------------------------
 # CLI -> config
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(Path(__file__).parent / "configs" / "base.yaml"), help="YAML config")
+    p.add_argument("--config", default=os.environ.get(CONFIG_ENV_VAR, str(Path(__file__).parent / "configs" / "base.yaml")),
+                   help=f"YAML config (default: ${CONFIG_ENV_VAR}, else configs/base.yaml)")
     p.add_argument("--tokens", help="active concepts, e.g. shape or shape,pose")
     p.add_argument("--model", help="'tiny', a diffusers Stable Diffusion folder, or a hub id (model.name)")
     p.add_argument("--name", help="run folder name (run.name)")

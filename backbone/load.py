@@ -59,9 +59,23 @@ class Backbone:
         return mods + ([self.image_encoder] if self.image_encoder is not None else [])
 
 
+# Models that ship inside this repository: name -> folder (a diffusers SD folder).
+SHIPPED_MODELS = {
+    "toyworld": Path(__file__).resolve().parent.parent / "toyworld" / "weights",   # python -m toyworld pretrain
+}
+
+
 def resolve_model_path(name: str) -> str:
-    """'tiny' and 'tiny-sd15' are built from config on first use; anything else is a folder or hub id."""
-    return str(ensure_tiny_model(layout=name)) if name in TINY_LAYOUTS else name
+    """'tiny' and 'tiny-sd15' are built from config on first use; SHIPPED_MODELS names are folders
+    in the repository; anything else is a folder or hub id."""
+    if name in TINY_LAYOUTS:
+        return str(ensure_tiny_model(layout=name))
+    if name in SHIPPED_MODELS:
+        if not (SHIPPED_MODELS[name] / "model_index.json").exists():
+            raise ValueError(f"model.name {name!r}: its weights are missing from {SHIPPED_MODELS[name]} "
+                             "(a partial checkout?); `python -m toyworld pretrain` rebuilds them")
+        return str(SHIPPED_MODELS[name])
+    return name
 
 
 def load_backbone(name: str, image_encoder: str | None = None, need_image_encoder: bool = False,
@@ -85,7 +99,9 @@ def load_backbone(name: str, image_encoder: str | None = None, need_image_encode
         raise ValueError(f"{path}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/)")
     kw = {"revision": revision} if revision else {}
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+    # fp32 like diffusers' modules, whatever the stored dtype (shipped weights are fp16); the
+    # run's mixed precision is applied later.
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32, **kw)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
@@ -93,9 +109,9 @@ def load_backbone(name: str, image_encoder: str | None = None, need_image_encode
     if not need_image_encoder:
         pass
     elif image_encoder is not None:
-        encoder = FrozenImageEncoder(CLIPVisionModelWithProjection.from_pretrained(image_encoder))
+        encoder = FrozenImageEncoder(CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=torch.float32))
     elif Path(path, "image_encoder", "config.json").exists():
-        encoder = FrozenImageEncoder(CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder"))
+        encoder = FrozenImageEncoder(CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder", dtype=torch.float32))
     else:
         raise ValueError(f"model.image_encoder: a head uses the image encoder but {path} has no image_encoder/; "
                          "set model.image_encoder to a CLIP vision model folder or hub id")

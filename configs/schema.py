@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str | None = field(default=None, metadata={"help": "object folders; null = the bundled synthetic chairs"})
+    root: str | None = field(default=None, metadata={"help": "object folders; null = the bundled synthetic chairs; 'toyworld' = ToyWorld chairs with ground truth (generated on first use)"})
     resolution: int = field(default=64, metadata={"help": "training image size (512 for SD 1.5)"})
     flip_prob: float = field(default=0.5, metadata={"help": "horizontal flip probability (image and mask together)"})
     holdout: int = field(default=2, metadata={"help": "objects held out for validation samples and metrics"})

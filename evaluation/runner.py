@@ -15,8 +15,11 @@ from evaluation.image_metrics import (ClipScorer, inspiration_tree_scores, load_
                                       pixel_features, segment_plain_background, silhouette_iou)
 from configs.schema import mask_set_size
 from metrics import attention_mask_metrics
-from objectdata import ObjectViewsDataset, collate, ensure_default_data, scan_objects
+from objectdata import ObjectViewsDataset, collate, resolve_data_root, scan_objects
 from system import render_prompt, to_device
+from toyworld.evaluate import ground_truth_scores
+from toyworld.scorer import load_scorer
+from toyworld.world import toy_chair_from_meta
 
 # The seeds' prompts: base, two edits, and the words alone ("what did *s learn").
 DEFAULT_PROMPTS = {
@@ -43,7 +46,7 @@ class EvalSettings:
 
 def held_out_objects(cfg) -> list[Path]:
     """The run's held-out objects; with a single-object data set (nothing held out), that object."""
-    records = scan_objects(cfg.data.root or ensure_default_data())
+    records = scan_objects(resolve_data_root(cfg.data.root))
     holdout = min(cfg.data.holdout, len(records) - 1)
     return [r.root for r in (records[len(records) - holdout:] if holdout > 0 else records)]
 
@@ -75,9 +78,11 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
     if not objects:
         raise ValueError("no reference objects to evaluate (pass object folders)")
     rows, samples, token_features = [], {}, {}
+    scorer = ground_truth_scorer(cfg)
     for obj in objects:
         records = scan_objects(obj)
         category = records[0].category
+        truth = toyworld_truth(obj) if scorer is not None else None
         sources = {n: obj for n in system.tokens}
         views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0,
                                    mask_set_size=mask_set_size(cfg))
@@ -94,6 +99,11 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
                    "silhouette_iou": sil["centroid_iou"].mean().item(),
                    "silhouette_iou_max_view": sil["max_view_iou"].mean().item(),
                    "diversity": mean_pairwise_distance(feats)}
+            if truth is not None:      # ToyWorld: attributes and silhouette against the true chair
+                pose_view = views[0] if "pose" in system.tokens else None
+                row.update(ground_truth_scores(scorer, images, truth, prompt,
+                                               None if pose_view is None else pose_view["camera"].tolist(),
+                                               None if pose_view is None else pose_view["mask"][0] > 0.5))
             if clip.available:
                 texts = [class_word_prompt(system, prompt, category)] * len(images)
                 row["clip_t"] = clip.text_image(images, texts).mean().item()
@@ -116,11 +126,26 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
     for row in rows:
         for k, v in row.pop("_views", {}).items():
             view_metrics.setdefault(k, []).append(v)
-    summary = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if isinstance(rows[0][k], float)}
+    keys = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float))
+    summary = {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}  # gt/colour: colour prompts only
     summary.update({f"attention/{k}" if "/iou" in k or "mass" in k else k: sum(v) / len(v) for k, v in view_metrics.items()})
     summary.update(inspiration_tree_scores({t: torch.cat(f) for t, f in token_features.items()}))
     return {"run": run_dir.name, "backbone": cfg.model.name, "rows": rows, "summary": summary,
             "samples": samples, "notes": notes}
+
+
+def ground_truth_scorer(cfg):
+    """The ToyWorld scorer when the run's backbone ships one (model folder's scorer/), else None."""
+    from backbone.load import resolve_model_path
+    folder = Path(resolve_model_path(cfg.model.name)) / "scorer"
+    return load_scorer(folder) if (folder / "model.safetensors").exists() else None
+
+
+def toyworld_truth(obj: Path):
+    """The object's ToyWorld ground truth (meta.json shape.toyworld), or None for other data."""
+    meta_path = Path(obj) / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return toy_chair_from_meta(meta) if "toyworld" in meta.get("shape", {}) else None
 
 
 def write_results(results: list[dict], out_dir: Path) -> tuple[Path, Path]:

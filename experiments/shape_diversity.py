@@ -28,13 +28,13 @@ import generate
 import train
 from losses import attention_iou
 from metrics import variance_ratio
-from objectdata import ObjectViewsDataset, collate, scan_objects
+from objectdata import ObjectViewsDataset, collate, resolve_data_root, scan_objects
 
 TAUS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 
 
 def split_records(cfg):
-    records = scan_objects(cfg.data.root or train.ensure_default_data())
+    records = scan_objects(resolve_data_root(cfg.data.root))
     holdout = min(cfg.data.holdout, len(records) - 1)
     return records[:len(records) - holdout], records[len(records) - holdout:]
 

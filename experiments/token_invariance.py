@@ -19,12 +19,12 @@ import torch
 import generate
 import train
 from metrics import variance_ratio
-from objectdata import ObjectViewsDataset, collate, scan_objects
+from objectdata import ObjectViewsDataset, collate, resolve_data_root, scan_objects
 
 
 def measure(run_dir: Path) -> dict:
     system, cfg = generate.load_run(run_dir)
-    records = scan_objects(cfg.data.root or train.ensure_default_data())
+    records = scan_objects(resolve_data_root(cfg.data.root))
     holdout = min(cfg.data.holdout, len(records) - 1)
     out = {}
     # Held-out objects are few (2 by default): ratios across objects are reported on all objects.

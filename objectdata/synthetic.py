@@ -69,16 +69,24 @@ class Chair:
     shape: dict  # sampled proportions, written to meta.json for reference
 
 
-def sample_chair(rng: np.random.Generator) -> Chair:
-    """Random proportions and part colours, normalised to fit the unit sphere around the origin."""
+def sample_chair(rng: np.random.Generator, has_arms: bool | None = None, back_height: float | None = None,
+                 colours: np.ndarray | None = None) -> Chair:
+    """Random proportions and part colours, normalised to fit the unit sphere around the origin.
+
+    `has_arms`, `back_height` and `colours` ([4,3]: seat, back, legs, arms) override the drawn
+    values; every value is still drawn, so overriding one keeps the others what they would be.
+    """
     width, depth = rng.uniform(0.8, 1.2), rng.uniform(0.75, 1.1)
     seat_height, seat_thickness = rng.uniform(0.55, 0.85), rng.uniform(0.08, 0.16)
     leg_thickness, leg_inset = rng.uniform(0.06, 0.14), rng.uniform(0.0, 0.08)
-    back_height, back_thickness = rng.uniform(0.45, 0.85), rng.uniform(0.06, 0.12)
-    has_arms = bool(rng.random() < 0.5)
+    back_height_drawn, back_thickness = rng.uniform(0.45, 0.85), rng.uniform(0.06, 0.12)
+    has_arms_drawn = bool(rng.random() < 0.5)
     arm_height, arm_thickness = rng.uniform(0.2, 0.35), rng.uniform(0.07, 0.12)
     # Darkish colours so no part melts into the white background.
-    seat_colour, back_colour, leg_colour, arm_colour = rng.uniform(0.08, 0.8, size=(4, 3))
+    drawn_colours = rng.uniform(0.08, 0.8, size=(4, 3))
+    has_arms = has_arms if has_arms is not None else has_arms_drawn
+    back_height = back_height if back_height is not None else back_height_drawn
+    seat_colour, back_colour, leg_colour, arm_colour = drawn_colours if colours is None else np.asarray(colours, float)
 
     def box(centre, size, colour) -> Box:
         return Box(np.array(centre, dtype=float), np.array(size, dtype=float), colour)
@@ -277,12 +285,10 @@ def default_data_dir() -> Path:
     return Path.home() / ".cache" / "guided_concepts" / DEFAULT_DIR_NAME
 
 
-def ensure_default_data(path: Path | str | None = None) -> Path:
-    """Generate the default set (12 chairs x 6 pool views) at `path` unless it exists.
-
-    Never leaves a half-written set.
-    """
-    path = Path(path) if path is not None else default_data_dir()
+def ensure_generated(path: Path, generate) -> Path:
+    """Run `generate(folder)` into a sibling temp folder and rename it to `path`, unless `path`
+    exists. Never leaves a half-written set."""
+    path = Path(path)
     if path.is_dir():
         return path
     if path.exists():
@@ -291,7 +297,7 @@ def ensure_default_data(path: Path | str | None = None) -> Path:
     # Build in a sibling temp folder (same filesystem) and rename it into place in one step.
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        generate_chairs(staging)
+        generate(staging)
         try:
             os.replace(staging, path)
         except OSError:
@@ -300,6 +306,31 @@ def ensure_default_data(path: Path | str | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def ensure_default_data(path: Path | str | None = None) -> Path:
+    """Generate the default set (12 chairs x 6 pool views) at `path` unless it exists."""
+    return ensure_generated(Path(path) if path is not None else default_data_dir(), generate_chairs)
+
+
+def ensure_toyworld_data() -> Path:
+    """ToyWorld's chairs (48 objects x 8 views at 32 px, with ground truth), in the cache."""
+    from toyworld.world import write_toy_objects
+    folder = default_data_dir().parent / "toyworld_chairs_v1"  # bump the version whenever the output changes
+    return ensure_generated(folder, write_toy_objects)
+
+
+# Data sets `data.root` may name instead of a folder (generated on first use).
+NAMED_DATASETS = {"toyworld": ensure_toyworld_data}
+
+
+def resolve_data_root(root: str | None) -> Path:
+    """data.root -> a folder: null = the bundled chairs, a NAMED_DATASETS name, else the path itself."""
+    if not root:
+        return ensure_default_data()
+    if root in NAMED_DATASETS and not Path(root).exists():
+        return NAMED_DATASETS[root]()
+    return Path(root)
 
 
 def main(argv: list[str] | None = None) -> None:

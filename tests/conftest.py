@@ -15,6 +15,8 @@ import pytest
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="guided-concepts-tests-"))
 os.environ.setdefault("GUIDED_CONCEPTS_CACHE", str(_SESSION_TMP / "cache"))
 os.environ.setdefault("GUIDED_CONCEPTS_DATA", str(_SESSION_TMP / "cache" / "synthetic_chairs"))
+# The random tiny model for speed; configs/base.yaml (ToyWorld) has tests of its own.
+os.environ.setdefault("GUIDED_CONCEPTS_CONFIG", str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"))
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,175 @@
+"""ToyWorld: the world's captions and renders, the pretraining command (resumable, exact), the
+scorer, the shipped weights, and the framework running on them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from toyworld.world import (ATTRIBUTES, COLOUR_NAMES, DIRECTIONS, HELD_OUT_COMBOS, caption, direction_azimuth,
+                            direction_bin, random_caption, render, render_set, toy_chair_from_meta, write_toy_objects)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "toyworld" / "weights"
+TINY_PRETRAIN = ["chairs=6", "views=4", "scorer_chairs=10", "vae_steps=4", "vae_batch=8", "unet_steps=4",
+                 "unet_batch=8", "scorer_steps=3", "checkpoint_every=2", "eval_seeds=1", "eval_steps=2",
+                 "warmup_steps=1", "sizes.vae_channels=16,16,16", "sizes.unet_channels=16,32,32",
+                 "sizes.text_width=16", "sizes.text_layers=1", "sizes.unet_head_dim=8"]
+
+
+# -- the world ------------------------------------------------------------------------------------
+def test_caption_names_what_it_is_given_and_leaves_out_the_rest():
+    assert caption(0, 1, 1, 6) == "a red chair with arms and a tall back, seen from the left"
+    assert caption(None, 0, None, None, prefix="a photo of a") == "a photo of a chair without arms"
+    assert caption(colour=2) == "a blue chair"
+    rng = np.random.default_rng(0)
+    texts = [random_caption(rng, dict(colour=4, arms=1, back=0, direction=2), keep=0.5) for _ in range(200)]
+    assert any("purple" in t for t in texts) and any("purple" not in t for t in texts)
+    assert all(("arms" not in t or "with arms" in t) and "tall" not in t for t in texts)
+
+
+def test_direction_bins_round_trip_and_wrap():
+    for d in range(len(DIRECTIONS)):
+        assert direction_bin(direction_azimuth(d)) == d
+        assert direction_bin(direction_azimuth(d) + 22.0) == d and direction_bin(direction_azimuth(d) - 22.0) == d
+    assert direction_bin(-180.0) == direction_bin(180.0) == DIRECTIONS.index("back")
+
+
+def test_pretraining_renders_never_show_a_held_out_combination():
+    data = render_set(40, 2, 16, seed=3)
+    combos = {tuple(row[:3]) for row in data["labels"].tolist()}
+    assert combos and not combos & set(HELD_OUT_COMBOS)
+    held = render_set(10, 1, 16, seed=3, held_out=True)
+    assert {tuple(row[:3]) for row in held["labels"].tolist()} <= set(HELD_OUT_COMBOS)
+    assert data["images"].shape == (80, 16, 16, 3) and data["masks"].any(axis=(1, 2)).all()
+
+
+def test_object_folders_record_ground_truth_that_renders_their_views(tmp_path):
+    from objectdata import scan_objects
+    from objectdata.images import load_mask
+    write_toy_objects(tmp_path / "objs", num_objects=3, views=4, resolution=32, seed=5)
+    records = scan_objects(tmp_path / "objs", require_cameras=True, require_keypoints=True)
+    assert len(records) == 3
+    for record in records:
+        meta = json.loads((record.root / "meta.json").read_text())
+        truth = toy_chair_from_meta(meta)
+        assert meta["shape"]["caption"] == caption(truth.colour, truth.arms, truth.back)
+        for view in record.views:
+            _, mask = render(truth, view.azimuth, view.elevation, view.distance, 32)
+            stored = load_mask(view.mask_path).numpy()[0] > 0.5
+            assert (mask == stored).all()
+
+
+# -- the scorer -----------------------------------------------------------------------------------
+def test_scorer_learns_attributes_from_renders_and_silhouettes_match_masks():
+    from toyworld.scorer import mask_iou, silhouette, train_scorer
+    data = render_set(60, 4, 32, seed=11)
+    scorer, summary = train_scorer(data, steps=120, batch=64, seed=0, log=lambda *_: None)
+    accuracy = summary["render_accuracy"]
+    assert accuracy["colour"] > 0.6 > 1 / ATTRIBUTES["colour"]      # colour is easy: far above chance
+    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 255
+    iou = mask_iou(silhouette(images), torch.from_numpy(data["masks"]))
+    assert iou.mean() > 0.9                                          # background-distance = the true mask
+
+
+# -- pretraining ----------------------------------------------------------------------------------
+def pretrain(out: Path, *extra: str, overrides=TINY_PRETRAIN) -> int:
+    from toyworld.__main__ import main
+    return main(["pretrain", "--out", str(out), *[x for o in overrides for x in ("--set", o)], *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toyworld") / "run"
+    assert pretrain(out) == 0
+    return out
+
+
+def test_pretraining_writes_an_sd_folder_in_fp16_that_loads_like_any_other(pretrained):
+    from diffusers import StableDiffusionPipeline
+    from backbone import load_backbone
+    model = pretrained / "model"
+    unet = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in unet.values()} == {torch.float16}
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red chair", num_inference_steps=2, height=32, width=32, output_type="pt").images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+    backbone = load_backbone(str(model))
+    assert backbone.vae_scale_factor == 4 and backbone.unet.dtype == torch.float32
+    assert backbone.text_side[0][1].dtype == torch.float32
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert set(metrics["held_out_accuracy"]) == set(ATTRIBUTES) and metrics["chance"]["direction"] == 0.125
+    assert (model / "scorer" / "model.safetensors").exists() and (model / "samples.png").exists()
+
+
+def test_pretraining_resumed_mid_stage_equals_a_run_never_stopped(pretrained, tmp_path, monkeypatch):
+    from toyworld import pretrain as module
+    original = module.Pretraining.save_training
+
+    def save_then_die(self, stage, step, *args, **kwargs):
+        original(self, stage, step, *args, **kwargs)
+        if stage == "unet":
+            raise KeyboardInterrupt("killed after the unet checkpoint at step 2")
+    monkeypatch.setattr(module.Pretraining, "save_training", save_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(out)
+    assert json.loads((out / "checkpoints" / "unet" / "state.json").read_text())["step"] == 2
+    assert not (out / "model").exists()
+    monkeypatch.setattr(module.Pretraining, "save_training", original)
+    assert pretrain(out, "--resume", overrides=[]) == 0
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors"):
+        resumed, straight = load_file(str(out / "model" / part)), load_file(str(pretrained / "model" / part))
+        assert resumed.keys() == straight.keys()
+        assert all(torch.equal(resumed[k], straight[k]) for k in straight), part
+
+
+def test_pretraining_refuses_to_overwrite_and_rejects_unknown_keys(pretrained, capsys):
+    with pytest.raises(SystemExit):
+        pretrain(pretrained)
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain(pretrained.parent / "other", overrides=["unet_stepz=3"])
+    err = capsys.readouterr().err
+    assert "unknown key" in err and "unet_steps" in err
+    assert not (pretrained.parent / "other" / "stages").exists()
+
+
+# -- the shipped weights --------------------------------------------------------------------------
+shipped = pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="toyworld/weights not built")
+
+
+@shipped
+def test_shipped_model_draws_the_colour_and_direction_it_is_asked_for():
+    from toyworld.evaluate import generate, load_pipeline
+    from toyworld.scorer import load_scorer, silhouette
+    pipe, scorer = load_pipeline(SHIPPED), load_scorer(SHIPPED / "scorer")
+    colours, directions = [0, 2, 3, 5] * 2, [0, 2, 4, 6, 1, 3, 5, 7]
+    prompts = [caption(c, None, None, d) for c, d in zip(colours, directions)]
+    images = generate(pipe, prompts, list(range(len(prompts))), steps=10, guidance_scale=4.0)
+    predicted = scorer.predict(images)
+    colour_accuracy = (predicted["colour"] == torch.tensor(colours)).float().mean()
+    direction_accuracy = (predicted["direction"] == torch.tensor(directions)).float().mean()
+    assert colour_accuracy >= 0.5 > 1 / len(COLOUR_NAMES)
+    assert direction_accuracy >= 0.25 > 1 / len(DIRECTIONS)
+    area = silhouette(images).flatten(1).float().mean(1)
+    assert ((area > 0.05) & (area < 0.7)).all()              # an object on a white floor, every time
+
+
+@shipped
+def test_framework_trains_shape_and_pose_on_toyworld(tmp_path):
+    import train
+    train.main(["--config", str(ROOT / "configs" / "base.yaml"), "--name", "tw",
+                "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3", "--set", "train.sample_every=0",
+                "--set", "train.log_every=1"])
+    lines = [json.loads(line) for line in (tmp_path / "tw" / "metrics.jsonl").read_text().splitlines()]
+    assert any("shape/mask_attention" in line for line in lines)
+    assert any("val/shape/mass_inside@t100" in line for line in lines)
+    config = (tmp_path / "tw" / "config.yaml").read_text()
+    assert "name: toyworld" in config and "resolution: 32" in config

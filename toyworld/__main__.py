@@ -1,0 +1,76 @@
+"""ToyWorld command line.
+
+    python -m toyworld pretrain --out runs/toyworld [--resume | --overwrite] [--set key=value ...]
+    python -m toyworld evaluate --model toyworld/weights        # base-model attribute accuracy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("pretrain", help="train VAE, text encoder, UNet and scorer; export an SD folder")
+    pre.add_argument("--out", type=Path, required=True, help="run folder (model/ is the result)")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --out with its own config")
+    pre.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a PretrainConfig key (sizes.KEY for model sizes)")
+    pre.add_argument("--stop-after", choices=None, default=None, help="stop after this stage")
+    pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ev = sub.add_parser("evaluate", help="score a ToyWorld model's samples on held-out attribute prompts")
+    ev.add_argument("--model", default="toyworld", help="'toyworld' (the shipped weights) or a model folder")
+    ev.add_argument("--seeds", type=int, default=2)
+    ev.add_argument("--grid", type=Path, default=None, help="write the held-out samples as a PNG grid")
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+    if args.command == "pretrain":
+        from checkpointing import RunFolderError
+        from toyworld.pretrain import STAGES, Pretraining, PretrainConfig, config_from_overrides
+        config_file = args.out / "config.json"
+        try:
+            if args.stop_after is not None and args.stop_after not in STAGES:
+                raise ValueError(f"--stop-after {args.stop_after!r}: not one of {', '.join(STAGES)}")
+            if args.resume:
+                if not config_file.exists():
+                    raise RunFolderError(f"{args.out}: --resume given but there is no {config_file.name}")
+                if args.set:
+                    raise ValueError("--resume continues with the run's own config.json; --set is not allowed")
+                saved = json.loads(config_file.read_text())
+                config = config_from_overrides([f"{k}={v}" for k, v in saved.items() if k != "sizes"]
+                                               + [f"sizes.{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                                                  for k, v in saved["sizes"].items()])
+            else:
+                config = config_from_overrides(args.set)
+                if args.out.exists() and any(args.out.iterdir()):
+                    if not args.overwrite:
+                        raise RunFolderError(f"{args.out} already exists; pass --resume to continue it or "
+                                             "--overwrite to replace it")
+                    import shutil
+                    shutil.rmtree(args.out)
+                args.out.mkdir(parents=True, exist_ok=True)
+                config_file.write_text(json.dumps(asdict(config), indent=1))
+        except (ValueError, RunFolderError) as error:
+            parser.error(str(error))
+        model = Pretraining(args.out, config).run(stop_after=args.stop_after)
+        print(model)
+        return 0
+
+    from backbone.load import resolve_model_path
+    from toyworld.evaluate import evaluate_base_model
+    metrics = evaluate_base_model(resolve_model_path(args.model), seeds=args.seeds, grid=args.grid)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
