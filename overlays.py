@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
+MIN_TILE = 64
+
 
 def overlay(image: torch.Tensor, attn: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
     """image [3, H, W] in [0, 1], attn [h, w] -> [3, H, W]: the map (max-normalised, jet) on the image."""
@@ -28,7 +30,12 @@ def columns_with_overlays(images: torch.Tensor, maps: torch.Tensor | None, label
 
 
 def image_grid(columns: list[tuple[str, torch.Tensor]]) -> Image.Image:
-    """columns: (header, [B, 3, H, W] in [0, 1]) side by side, one row per sample."""
+    """columns: (header, [B, 3, H, W] in [0, 1]) side by side, one row per sample. Tiles below
+    MIN_TILE pixels are upscaled (nearest) so 32 px samples and their labels stay readable."""
+    size = columns[0][1].shape[-1]
+    if size < MIN_TILE:
+        factor = -(-MIN_TILE // size)
+        columns = [(label, F.interpolate(images.float(), scale_factor=factor, mode="nearest")) for label, images in columns]
     grid = torch.cat([torch.cat(list(images), dim=-2) for _, images in columns], dim=-1).clamp(0, 1)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     header = 14

@@ -8,8 +8,9 @@ colours, and compare each sample's silhouette with the same chair's true render 
     python -m experiments.toyworld_masks --out runs/toyworld_masks             # ~15 min on 2 cores
 
 Rows besides each weight: "no *s" (the same run's prompt without the shape word: what pose and
-the class word alone give) and "other chair" (the true render of another held-out chair at the
-same camera: the IoU any chair would get). The scorer also reads arms and back height (carried
+the class word alone give), "true arms and back in words" (the chair's attributes written in the
+prompt instead of *s: what the shape word would have to carry) and "other chair" (the true
+render of another held-out chair at the same camera: the IoU any chair would get). The scorer also reads arms and back height (carried
 by `*s`), the direction (carried by `*p`) and the colour (asked for in words) from each sample.
 Writes results.json and table.md.
 """
@@ -28,7 +29,7 @@ from backbone.load import resolve_model_path
 from objectdata import scan_objects
 from toyworld.evaluate import CHANCE
 from toyworld.scorer import load_scorer, mask_iou, silhouette
-from toyworld.world import COLOUR_NAMES, DIRECTIONS, direction_bin, render, toy_chair_from_meta
+from toyworld.world import COLOUR_NAMES, caption, direction_bin, render, toy_chair_from_meta
 
 TARGET_CAMERAS = ((0.0, 20.0), (90.0, 20.0), (180.0, 20.0), (-90.0, 20.0), (45.0, 30.0), (-135.0, 10.0))
 COLOURS = (None, "red", "blue")
@@ -56,7 +57,9 @@ def object_truth(folder: Path):
 
 @torch.no_grad()
 def score_run(run: Path, objects: list[Path], scorer, samples: int, steps: int, guidance: float,
-              with_shape: bool = True) -> dict:
+              shape: str = "word", colours=COLOURS) -> dict:
+    """shape: how the prompt gives the shape: "word" (*s from the object's masks), "none", or
+    "attributes" (the true arms and back in words: what *s would have to carry)."""
     system, cfg = generate.load_run(run)
     resolution = cfg.data.resolution
     ious, hits = [], {"arms": [], "back": [], "direction": [], "colour": []}
@@ -65,10 +68,11 @@ def score_run(run: Path, objects: list[Path], scorer, samples: int, steps: int, 
         truth = object_truth(folder)
         for c, (azimuth, elevation) in enumerate(TARGET_CAMERAS):
             _, true_mask = render(truth, azimuth, elevation, 2.5, resolution)
-            for colour in COLOURS:
+            for colour in colours:
                 words = f"a {colour + ' ' if colour else ''}chair"
-                prompt = f"{words} {system.clause('shape')} {system.clause('pose')}" if with_shape else \
-                    f"{words} {system.clause('pose')}"
+                shape_words = {"word": system.clause("shape"), "none": "",
+                               "attributes": caption(arms=truth.arms, back=truth.back, prefix="").replace(" chair ", "")}[shape]
+                prompt = " ".join(filter(None, [words, shape_words, system.clause("pose")]))
                 sources = {"shape": folder, "pose": {"azimuth": azimuth, "elevation": elevation, "distance": 2.5}}
                 _, images, _ = generate.generate(system, cfg, prompt, sources, samples, seed=100 * o + 10 * c,
                                                  steps=steps, guidance_scale=guidance)
@@ -87,6 +91,27 @@ def score_run(run: Path, objects: list[Path], scorer, samples: int, steps: int, 
     if metrics:
         result.update({k: v for k, v in metrics[-1].items() if k.startswith("val/") and "shape" in k})
     return result, torch.stack(grid)
+
+
+@torch.no_grad()
+def shape_word_effect(run: Path, objects: list[Path], steps: int, guidance: float) -> float:
+    """How much swapping *s for another chair's changes a sample, relative to changing the seed:
+    mean |x(*s of o, seed) - x(*s of o+1, seed)| / mean |x(*s of o, seed) - x(*s of o, seed+1)|,
+    same prompt and pose. 0 = the word is ignored; about 1 = it matters as much as the noise."""
+    system, cfg = generate.load_run(run)
+    prompt = f"a chair {system.clause('shape')} {system.clause('pose')}"
+    swap, reseed = [], []
+    for o, folder in enumerate(objects):
+        for c, (azimuth, elevation) in enumerate(TARGET_CAMERAS[:3]):
+            pose = {"azimuth": azimuth, "elevation": elevation, "distance": 2.5}
+
+            def sample(shape_from, seed):
+                return generate.generate(system, cfg, prompt, {"shape": shape_from, "pose": pose}, 1, seed=seed,
+                                         steps=steps, guidance_scale=guidance)[1]
+            base = sample(folder, 7 * o + c)
+            swap.append((base - sample(objects[(o + 1) % len(objects)], 7 * o + c)).abs().mean().item())
+            reseed.append((base - sample(folder, 7 * o + c + 1000)).abs().mean().item())
+    return float(np.mean(swap) / np.mean(reseed))
 
 
 def other_chair_iou(objects: list[Path], resolution: int) -> float:
@@ -113,6 +138,7 @@ def main(argv=None):
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--overwrite", action="store_true", help="retrain runs that exist")
     p.add_argument("--set", action="append", default=[], help="extra train.py --set for every run")
+    p.add_argument("--quick", action="store_true", help="no colour words, for a fast look (colour_accuracy absent)")
     args = p.parse_args(argv)
     weights = [float(w) for w in args.weights.split(",")]
     extra = [x for item in args.set for x in ("--set", item)]
@@ -123,12 +149,18 @@ def main(argv=None):
     objects = [r.root for r in records[len(records) - cfg.data.holdout:]]
     scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
     table, grids = {}, []
+    colours = (None,) if args.quick else COLOURS
     for weight, run in runs.items():
         table[f"mask weight {weight:g}"], grid = score_run(run, objects, scorer, args.samples, args.sample_steps,
-                                                           args.guidance_scale)
+                                                           args.guidance_scale, colours=colours)
+        table[f"mask weight {weight:g}"]["shape_word_effect"] = shape_word_effect(run, objects, args.sample_steps,
+                                                                                 args.guidance_scale)
         grids.append(grid)
     table["no *s (weight 0 run)"], grid = score_run(first, objects, scorer, args.samples, args.sample_steps,
-                                                    args.guidance_scale, with_shape=False)
+                                                    args.guidance_scale, shape="none", colours=colours)
+    grids.append(grid)
+    table["true arms and back in words (weight 0 run)"], grid = score_run(
+        first, objects, scorer, args.samples, args.sample_steps, args.guidance_scale, shape="attributes", colours=colours)
     grids.append(grid)
     table["other chair's true render"] = {"silhouette_iou": other_chair_iou(objects, cfg.data.resolution)}
     result = {"variant": args.variant, "steps": args.steps, "held_out_objects": [o.name for o in objects],
@@ -149,7 +181,7 @@ def resolve_data_root_for(cfg):
 
 def markdown_table(table: dict, variant: str) -> str:
     columns = ["silhouette_iou", "arms_accuracy", "back_accuracy", "direction_accuracy", "colour_accuracy",
-               "val/shape/mass_inside@t100", "val/shape/iou@t100"]
+               "shape_word_effect", "val/shape/mass_inside@t100", "val/shape/iou@t100"]
     lines = [f"| row ({variant}) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in table.items():
         cells = [f"{row[c]:.3f}" + (f" ± {row['silhouette_iou_std_err']:.3f}" if c == "silhouette_iou" and

@@ -325,10 +325,11 @@ NAMED_DATASETS = {"toyworld": ensure_toyworld_data}
 
 
 def resolve_data_root(root: str | None) -> Path:
-    """data.root -> a folder: null = the bundled chairs, a NAMED_DATASETS name, else the path itself."""
+    """data.root -> a folder: null = the bundled chairs, a NAMED_DATASETS name (a folder with that
+    name: write ./toyworld), else the path itself."""
     if not root:
         return ensure_default_data()
-    if root in NAMED_DATASETS and not Path(root).exists():
+    if root in NAMED_DATASETS:
         return NAMED_DATASETS[root]()
     return Path(root)
 

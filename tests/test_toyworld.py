@@ -173,3 +173,34 @@ def test_framework_trains_shape_and_pose_on_toyworld(tmp_path):
     assert any("val/shape/mass_inside@t100" in line for line in lines)
     config = (tmp_path / "tw" / "config.yaml").read_text()
     assert "name: toyworld" in config and "resolution: 32" in config
+
+    # python -m evaluation adds ground-truth scores for ToyWorld objects.
+    from evaluation.runner import EvalSettings, evaluate_run
+    from objectdata import resolve_data_root
+    held_out = sorted(resolve_data_root("toyworld").iterdir())[-1]
+    settings = EvalSettings(prompts={"red": "a red {category} {phrases}"}, num_samples=2, steps=2, objects=[held_out])
+    result = evaluate_run(tmp_path / "tw", settings)
+    row = result["rows"][0]
+    assert {"gt/arms", "gt/back", "gt/colour", "gt/direction", "gt/silhouette_iou"} <= row.keys()
+    assert all(0.0 <= row[k] <= 1.0 for k in row if k.startswith("gt/"))
+    assert result["summary"]["gt/colour"] == row["gt/colour"]
+
+
+def test_named_data_and_model_resolve_and_fail_clearly(tmp_path, monkeypatch):
+    from backbone import load
+    from objectdata import resolve_data_root
+    assert resolve_data_root("toyworld").name.startswith("toyworld_chairs")
+    assert resolve_data_root(str(tmp_path)) == tmp_path
+    monkeypatch.setitem(load.SHIPPED_MODELS, "toyworld", tmp_path / "missing")
+    with pytest.raises(ValueError, match="weights are missing"):
+        load.resolve_model_path("toyworld")
+
+
+def test_generate_without_a_run_samples_the_base_model(tmp_path, capsys):
+    import generate
+    from PIL import Image
+    out = generate.main(["--model", "tiny", "--prompt", "a red chair", "--num", "2", "--steps", "2",
+                         "--out", str(tmp_path / "g.png")])
+    assert Image.open(out).size[0] > Image.open(out).size[1]           # a row of 2 samples
+    with pytest.raises(SystemExit, match="learned word"):
+        generate.main(["--model", "tiny", "--prompt", "a chair in the shape of *s"])

@@ -231,7 +231,7 @@ def test_training_at_a_non_native_resolution(tmp_path):
     run = train.main(args(tmp_path, "r32", "--set", "data.resolution=32", "--set", "train.steps=2"))
     from PIL import Image
     grid = Image.open(run / "samples" / "step_000002.png")
-    assert grid.size == (32 * 4, 32 * 2 + 14)       # reference | *s t=100 | sample | *s, 2 objects
+    assert grid.size == (64 * 4, 64 * 2 + 14)       # reference | *s t=100 | sample | *s, 2 objects; 32 px tiles shown at 64
 
 
 def test_v_prediction_model_trains_and_samples(tmp_path, tiny_model_dir):

@@ -273,6 +273,12 @@ class Pretraining:
 
         def write(tmp: Path):
             pipe.to(torch.float16).save_pretrained(tmp)
+            # fp16 on disk, but a plain from_pretrained must give fp32 throughout: diffusers loads the
+            # UNet and VAE in fp32 by default, transformers would keep the config's dtype.
+            config_file = tmp / "text_encoder" / "config.json"
+            config = json.loads(config_file.read_text())
+            config["dtype"] = "float32"
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             shutil.copytree(self.stage_dir("scorer") / "scorer", tmp / "scorer")
             (tmp / "pretrain_config.json").write_text(json.dumps(asdict(self.config), indent=1))
         atomic_folder(self.out / "model", write)
