@@ -26,7 +26,7 @@ import torch
 import generate
 import train
 from backbone.load import resolve_model_path
-from objectdata import scan_objects
+from objectdata import resolve_data_root, scan_objects
 from toyworld.evaluate import CHANCE
 from toyworld.scorer import load_scorer, mask_iou, silhouette
 from toyworld.world import COLOUR_NAMES, caption, direction_bin, render, toy_chair_from_meta
@@ -56,11 +56,11 @@ def object_truth(folder: Path):
 
 
 @torch.no_grad()
-def score_run(run: Path, objects: list[Path], scorer, samples: int, steps: int, guidance: float,
+def score_run(run: Path, loaded: tuple, objects: list[Path], scorer, samples: int, steps: int, guidance: float,
               shape: str = "word", colours=COLOURS) -> dict:
     """shape: how the prompt gives the shape: "word" (*s from the object's masks), "none", or
     "attributes" (the true arms and back in words: what *s would have to carry)."""
-    system, cfg = generate.load_run(run)
+    system, cfg = loaded             # generate.load_run(run)
     resolution = cfg.data.resolution
     ious, hits = [], {"arms": [], "back": [], "direction": [], "colour": []}
     grid = []
@@ -86,7 +86,7 @@ def score_run(run: Path, objects: list[Path], scorer, samples: int, steps: int, 
                 if colour is None and o < 4:
                     grid.append(images[0])
     result = {"silhouette_iou": float(np.mean(ious)), "silhouette_iou_std_err": float(np.std(ious) / np.sqrt(len(ious))),
-              **{f"{k}_accuracy": float(np.mean(v)) for k, v in hits.items()}, "samples": len(ious)}
+              **{f"{k}_accuracy": float(np.mean(v)) for k, v in hits.items() if v}, "samples": len(ious)}
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val/' in line]
     if metrics:
         result.update({k: v for k, v in metrics[-1].items() if k.startswith("val/") and "shape" in k})
@@ -94,11 +94,11 @@ def score_run(run: Path, objects: list[Path], scorer, samples: int, steps: int, 
 
 
 @torch.no_grad()
-def shape_word_effect(run: Path, objects: list[Path], steps: int, guidance: float) -> float:
+def shape_word_effect(loaded: tuple, objects: list[Path], steps: int, guidance: float) -> float:
     """How much swapping *s for another chair's changes a sample, relative to changing the seed:
     mean |x(*s of o, seed) - x(*s of o+1, seed)| / mean |x(*s of o, seed) - x(*s of o, seed+1)|,
     same prompt and pose. 0 = the word is ignored; about 1 = it matters as much as the noise."""
-    system, cfg = generate.load_run(run)
+    system, cfg = loaded             # generate.load_run(run)
     prompt = f"a chair {system.clause('shape')} {system.clause('pose')}"
     swap, reseed = [], []
     for o, folder in enumerate(objects):
@@ -144,24 +144,24 @@ def main(argv=None):
     extra = [x for item in args.set for x in ("--set", item)]
     runs = train_runs(args.out, weights, args.variant, args.steps, args.overwrite, extra)
     first = runs[weights[0]]
-    _, cfg = generate.load_run(first)
-    records = scan_objects(resolve_data_root_for(cfg))
+    loaded = {weight: generate.load_run(run) for weight, run in runs.items()}   # (system, cfg), once per run
+    cfg = loaded[weights[0]][1]
+    records = scan_objects(resolve_data_root(cfg.data.root))
     objects = [r.root for r in records[len(records) - cfg.data.holdout:]]
     scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
     table, grids = {}, []
     colours = (None,) if args.quick else COLOURS
+    score = dict(objects=objects, scorer=scorer, samples=args.samples, steps=args.sample_steps,
+                 guidance=args.guidance_scale, colours=colours)
     for weight, run in runs.items():
-        table[f"mask weight {weight:g}"], grid = score_run(run, objects, scorer, args.samples, args.sample_steps,
-                                                           args.guidance_scale, colours=colours)
-        table[f"mask weight {weight:g}"]["shape_word_effect"] = shape_word_effect(run, objects, args.sample_steps,
-                                                                                 args.guidance_scale)
+        row = f"mask weight {weight:g}"
+        table[row], grid = score_run(run, loaded[weight], **score)
+        table[row]["shape_word_effect"] = shape_word_effect(loaded[weight], objects, args.sample_steps,
+                                                            args.guidance_scale)
         grids.append(grid)
-    table["no *s (weight 0 run)"], grid = score_run(first, objects, scorer, args.samples, args.sample_steps,
-                                                    args.guidance_scale, shape="none", colours=colours)
-    grids.append(grid)
-    table["true arms and back in words (weight 0 run)"], grid = score_run(
-        first, objects, scorer, args.samples, args.sample_steps, args.guidance_scale, shape="attributes", colours=colours)
-    grids.append(grid)
+    for row, shape in (("no *s (weight 0 run)", "none"), ("true arms and back in words (weight 0 run)", "attributes")):
+        table[row], grid = score_run(first, loaded[weights[0]], shape=shape, **score)
+        grids.append(grid)
     table["other chair's true render"] = {"silhouette_iou": other_chair_iou(objects, cfg.data.resolution)}
     result = {"variant": args.variant, "steps": args.steps, "held_out_objects": [o.name for o in objects],
               "cameras": TARGET_CAMERAS, "colours": COLOURS, "chance": CHANCE, "rows": table}
@@ -172,11 +172,6 @@ def main(argv=None):
     save_grid(torch.cat(grids), len(TARGET_CAMERAS), args.out / "samples.png", scale=3)
     print(markdown_table(table, args.variant))
     return result
-
-
-def resolve_data_root_for(cfg):
-    from objectdata import resolve_data_root
-    return resolve_data_root(cfg.data.root)
 
 
 def markdown_table(table: dict, variant: str) -> str:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "toyworld" / "weights"
 TINY_PRETRAIN = ["chairs=6", "views=4", "scorer_chairs=10", "vae_steps=4", "vae_batch=8", "unet_steps=4",
                  "unet_batch=8", "scorer_steps=3", "checkpoint_every=2", "eval_seeds=1", "eval_steps=2",
-                 "warmup_steps=1", "sizes.vae_channels=16,16,16", "sizes.unet_channels=16,32,32",
+                 "warmup_steps=1", "sizes.vae_channels=[16,16,16]", "sizes.unet_channels=[16,32,32]",
                  "sizes.text_width=16", "sizes.text_layers=1", "sizes.unet_head_dim=8"]
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from toyworld.pretrain import STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a PretrainConfig key (sizes.KEY for model sizes)")
-    pre.add_argument("--stop-after", choices=None, default=None, help="stop after this stage")
+    pre.add_argument("--stop-after", choices=STAGES, help="stop after this stage")
     pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ev = sub.add_parser("evaluate", help="score a ToyWorld model's samples on held-out attribute prompts")
     ev.add_argument("--model", default="toyworld", help="'toyworld' (the shipped weights) or a model folder")
@@ -35,27 +38,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "pretrain":
         from checkpointing import RunFolderError
-        from toyworld.pretrain import STAGES, Pretraining, PretrainConfig, config_from_overrides
+        from toyworld.pretrain import Pretraining, config_from_overrides
         config_file = args.out / "config.json"
         try:
-            if args.stop_after is not None and args.stop_after not in STAGES:
-                raise ValueError(f"--stop-after {args.stop_after!r}: not one of {', '.join(STAGES)}")
             if args.resume:
                 if not config_file.exists():
                     raise RunFolderError(f"{args.out}: --resume given but there is no {config_file.name}")
                 if args.set:
                     raise ValueError("--resume continues with the run's own config.json; --set is not allowed")
-                saved = json.loads(config_file.read_text())
-                config = config_from_overrides([f"{k}={v}" for k, v in saved.items() if k != "sizes"]
-                                               + [f"sizes.{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                                                  for k, v in saved["sizes"].items()])
+                config = config_from_overrides([], json.loads(config_file.read_text()))
             else:
                 config = config_from_overrides(args.set)
                 if args.out.exists() and any(args.out.iterdir()):
                     if not args.overwrite:
                         raise RunFolderError(f"{args.out} already exists; pass --resume to continue it or "
                                              "--overwrite to replace it")
-                    import shutil
                     shutil.rmtree(args.out)
                 args.out.mkdir(parents=True, exist_ok=True)
                 config_file.write_text(json.dumps(asdict(config), indent=1))

@@ -15,11 +15,11 @@ from toyworld.world import caption_words
 @dataclass
 class ToyWorldSizes:
     resolution: int = field(default=32, metadata={"help": "image size in pixels"})
-    vae_channels: tuple = field(default=(32, 64, 64), metadata={"help": "VAE block widths (3 blocks: 4x downsampling)"})
+    vae_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata={"help": "VAE block widths (3 blocks: 4x downsampling)"})
     text_width: int = field(default=64, metadata={"help": "CLIP text model hidden size (= UNet cross-attention dim)"})
     text_layers: int = field(default=3, metadata={"help": "CLIP text model layers"})
     max_tokens: int = field(default=32, metadata={"help": "tokenizer model_max_length (captions are < 25 tokens)"})
-    unet_channels: tuple = field(default=(64, 128, 128), metadata={"help": "UNet block widths"})
+    unet_channels: tuple[int, ...] = field(default=(64, 128, 128), metadata={"help": "UNet block widths"})
     unet_head_dim: int = field(default=16, metadata={"help": "UNet attention head dim"})
 
 

@@ -17,7 +17,6 @@ Checkpoints (one per training stage, replaced atomically) hold model, EMA and op
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -27,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from checkpointing import atomic_folder, atomic_write, remove_stale_temporaries
+from configs.schema import apply_override, build_dataclass, parse_override
 from toyworld import models, scorer as scoring
 from toyworld.models import ToyWorldSizes
 from toyworld.world import random_caption, render_set
@@ -145,6 +144,7 @@ class Pretraining:
         scorer_set = render_set(c.scorer_chairs, 8, self.sizes.resolution, c.seed + 10_000, held_out=False,
                                 progress=bar.update)
         extra = render_set(max(1, c.scorer_chairs // 5), 8, self.sizes.resolution, c.seed + 20_000, held_out=True)
+        extra["chair"] += c.scorer_chairs          # chair ids stay unique across the two sets
         scorer_set = {k: np.concatenate([scorer_set[k], extra[k]]) for k in scorer_set}
         bar.close()
         self.finish("data", lambda tmp: (np.savez_compressed(tmp / "train.npz", **train),
@@ -159,8 +159,9 @@ class Pretraining:
         c = self.config
         torch.manual_seed(c.seed)
         vae = models.build_vae(self.sizes)
-        images = pixels(self.load_data("train")["images"])                       # [N,3,H,W] in [-1,1]
-        masks = torch.from_numpy(self.load_data("train")["masks"]).float()[:, None]  # [N,1,H,W]
+        data = self.load_data("train")
+        images = pixels(data["images"])                                       # [N,3,H,W] in [-1,1]
+        masks = torch.from_numpy(data["masks"]).float()[:, None]              # [N,1,H,W]
         optimizer = torch.optim.AdamW(vae.parameters(), lr=c.vae_lr, weight_decay=0.0)
         start = self.load_training("vae", {"vae": vae}, optimizer)
         bar = tqdm(range(start, c.vae_steps), initial=start, total=c.vae_steps, desc="vae")
@@ -195,7 +196,7 @@ class Pretraining:
         self.finish("vae", write, {"scaling_factor": scaling, "psnr_db_first_256": round(psnr, 2)})
 
     def stage_unet(self):
-        from diffusers.training_utils import EMAModel, compute_snr
+        from diffusers.training_utils import EMAModel
         c = self.config
         torch.manual_seed(c.seed + 1)
         tokenizer = models.build_tokenizer(self.sizes)
@@ -310,20 +311,10 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def config_from_overrides(overrides: list[str]) -> PretrainConfig:
-    """`key=value` (sizes.key=value for model sizes) over the defaults; unknown keys are errors."""
-    config = PretrainConfig()
+def config_from_overrides(overrides: list[str], saved: dict | None = None) -> PretrainConfig:
+    """`key=value` (sizes.key=value for model sizes) over `saved` (a run's config.json) or the
+    defaults, typed and checked like train.py's --set: an unknown key lists the valid ones."""
+    raw = saved or {}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        target, name = (config.sizes, key[6:]) if key.startswith("sizes.") else (config, key)
-        valid = {f.name: f for f in dataclasses.fields(target)}
-        if not sep or name not in valid or name == "sizes":
-            raise ValueError(f"--set {item!r}: unknown key; valid: {', '.join(k for k in valid if k != 'sizes')}, "
-                             f"sizes.<{', '.join(f.name for f in dataclasses.fields(ToyWorldSizes))}>")
-        current = getattr(target, name)
-        try:
-            parsed = tuple(int(v) for v in value.strip("()").split(",")) if isinstance(current, tuple) else type(current)(value)
-        except ValueError as error:
-            raise ValueError(f"--set {item!r}: expected {type(current).__name__}") from error
-        setattr(target, name, parsed)
-    return config
+        apply_override(raw, *parse_override(item))
+    return build_dataclass(PretrainConfig, raw, "")
