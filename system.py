@@ -13,8 +13,8 @@ from torch import nn
 from backbone import Backbone
 from capture import AttentionStore, choose_layers, install_capture
 from concepts import CONCEPTS, StepView
-from losses import denoising_loss, denoising_target
-from objectdata.sampling import partner_weights
+from losses import contrast_loss, denoising_loss, denoising_target
+from objectdata.sampling import contrast_partners, partner_weights
 from tokens import PlaceholderSpec, PlaceholderTable, encode_prompts, placeholder_selection, tokenize
 
 
@@ -187,7 +187,31 @@ class GuidedConcepts(nn.Module):
             used = present[n].to(device).float() if present is not None else None
             for name, (weight, value) in self.concepts[n].guidance_losses(out, batch, view).items():
                 losses[f"{n}/{name}"] = (weight, value * used if used is not None else value)
+        losses.update(self.contrast_losses(batch, prompts, outs, noisy, t, target, losses["denoise"][1], present, generator))
         return losses
+
+    def contrast_losses(self, batch, prompts, outs, noisy, t, target, own, present, generator) -> dict:
+        """Word contrast (a concept's loss config `contrast_weight` > 0): one such word per step,
+        drawn at random, is replaced in every prompt by another object's (objectdata's
+        contrast_partners), the UNet runs again on the same noisy latents, and the word pays when
+        its own object's image is not explained better than with the other's. One extra UNet pass."""
+        weights = {n: getattr(self.concepts[n].loss_config, "contrast_weight", 0.0) for n in outs}
+        names = [n for n, w in weights.items() if w > 0]
+        if not names or "object_index" not in batch:
+            return {}
+        name = names[int(torch.randint(len(names), (1,), generator=generator))]
+        partners = contrast_partners(batch["object_index"], batch["camera"], batch["has_camera"], generator)
+        swapped = {n: SimpleNamespace(embeds=o.embeds[partners.to(o.embeds.device)] if n == name else o.embeds)
+                   for n, o in outs.items()}
+        text, selection = self.text_embeddings(prompts, swapped)
+        pred, _ = self.unet_with_attention(noisy, t, text, selection, capture=False)
+        value = contrast_loss(own, denoising_loss(pred, target), self.concepts[name].loss_config.contrast_margin)
+        valid = (partners.to(value.device) != torch.arange(len(value), device=value.device)).float()
+        if present is not None:
+            valid = valid * present[name].to(value.device).float()
+        # Logged for every contrast word (0 on steps it was not drawn), so log lines keep their keys.
+        return {f"{n}/contrast": (weights[n] * len(names), value * valid if n == name else torch.zeros_like(value))
+                for n in names}
 
     def encode_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """VAE latents of the batch's images, scaled.  -> [B, 4, h, w] fp32

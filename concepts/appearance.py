@@ -10,16 +10,19 @@ from concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, Of
 from losses import denoising_loss, offset_l2
 
 
+APPEARANCE_ENCODERS = ("cnn", "pretrained", "colour")
+
+
 @dataclass
 class AppearanceConfig(ConceptConfig):
     token: str = field(default="*a", metadata={"help": "placeholder word for the appearance"})
     initializer: str = field(default="texture", metadata={"help": "vocabulary word the embedding starts from"})
     phrase: str = field(default="with the appearance of {token}", metadata={"help": "prompt clause"})
-    encoder: str = field(default="cnn", metadata={"help": "cnn (small, trained) | pretrained (the frozen image encoder)"})
+    encoder: str = field(default="cnn", metadata={"help": f"one of {APPEARANCE_ENCODERS}: cnn (small, trained, on the masked pixels) | pretrained (the frozen image encoder) | colour (colour statistics inside the mask: no silhouette, so shape has one route only)"})
 
     def __post_init__(self):
-        if self.encoder not in ("cnn", "pretrained"):
-            raise ValueError(f"concepts.appearance.encoder: {self.encoder!r} is not 'cnn' or 'pretrained'")
+        if self.encoder not in APPEARANCE_ENCODERS:
+            raise ValueError(f"concepts.appearance.encoder: {self.encoder!r} is not one of {APPEARANCE_ENCODERS}")
 
 
 @dataclass
@@ -27,6 +30,26 @@ class AppearanceLossConfig:
     masked_denoise_weight: float = field(default=1.0, metadata={"help": "denoising loss inside the object mask"})
     normalize: str = field(default="area", metadata={"help": "area (per object) | mean (over all pixels)"})
     offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
+    contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
+    contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
+
+
+class ColourStatistics(torch.nn.Module):
+    """Colour inside the mask, with no trace of its outline: per channel the mean, standard
+    deviation and quartiles of the object's pixels.  [B, 3, H, W], [B, 1, H, W] -> [B, 15]"""
+    out_dim = 15
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pixels = image.float().flatten(2)                                        # [B, 3, N]
+        inside = mask.float().flatten(2) > 0.5                                   # [B, 1, N]
+        count = inside.sum(-1).clamp(min=1)                                      # [B, 1]
+        mean = (pixels * inside).sum(-1) / count                                 # [B, 3]
+        std = (((pixels - mean[..., None]) ** 2 * inside).sum(-1) / count).sqrt()
+        # quartiles over the object's pixels only: outside pixels are set to NaN and ignored
+        quartiles = torch.nanquantile(pixels.masked_fill(~inside, float("nan")),
+                                      torch.tensor([0.25, 0.5, 0.75], device=image.device), dim=-1)  # [3q, B, 3]
+        quartiles = torch.nan_to_num(quartiles).permute(1, 0, 2).flatten(1)     # [B, 9]
+        return torch.cat([mean, std, quartiles], dim=1)
 
 
 def masked_pixels(batch: dict) -> torch.Tensor:
@@ -50,13 +73,18 @@ class AppearanceConcept(Concept):
             if image_encoder is None:
                 raise ValueError("concepts.appearance.encoder is 'pretrained' but the model has no image encoder")
             self.image_encoder, in_dim = image_encoder, image_encoder.out_dim
+        elif config.encoder == "colour":
+            self.colour_statistics = ColourStatistics()
+            in_dim = ColourStatistics.out_dim
         else:
             self.pixel_encoder = ConvEncoder(in_channels=3)
             in_dim = self.pixel_encoder.out_dim
         self.head = OffsetHead(in_dim, initializer_row, config.num_vectors, config.hidden_dim, config.scale,
-                               config.train_rows)
+                               config.train_rows, config.center, config.gain_init, config.fixed_norm)
 
     def encode(self, batch: dict) -> ConceptOutput:
+        if self.config.encoder == "colour":
+            return self.head(self.colour_statistics(batch["image"], batch["mask"]))
         pixels = masked_pixels(batch)
         encoder = self.image_encoder if self.config.encoder == "pretrained" else self.pixel_encoder
         return self.head(encoder(pixels))

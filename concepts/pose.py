@@ -42,6 +42,8 @@ class PoseLossConfig:
     attention_t_range: tuple[int, int] = field(default=(0, 600), metadata={"help": "timesteps [lo, hi) for the attention loss"})
     consistency_weight: float = field(default=0.1, metadata={"help": "same camera, different objects -> same *p"})
     offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
+    contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
+    contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
 
     def __post_init__(self):
         self.attention_t_range = tuple(self.attention_t_range)
@@ -100,7 +102,7 @@ class PoseConcept(Concept):
             self.image_cnn = ConvEncoder(in_channels=3)
             in_dim += self.image_cnn.out_dim
         self.head = OffsetHead(in_dim, initializer_row, config.num_vectors, config.hidden_dim, config.scale,
-                               config.train_rows)
+                               config.train_rows, config.center, config.gain_init, config.fixed_norm)
         self.register_buffer("initializer_norm", initializer_row.detach().float().norm(), persistent=False)
         dim = initializer_row.numel() * config.num_vectors
         # Probe: *p -> (sin az, cos az, elevation, distance), both rescaled to [-1, 1].

@@ -34,6 +34,8 @@ class ShapeConfig(ConceptConfig):
     code_dim: int = field(default=32, metadata={"help": "size of the shape code z"})
     use_image: bool = field(default=False, metadata={"help": "image branch: the frozen image encoder predicts the code from one RGB view"})
     mask_width: int = field(default=16, metadata={"help": "channels of the mask CNN's first layer"})
+    standardize: bool = field(default=False, metadata={"help": "standardise the code across objects (batch norm without affine; running statistics after training): mask features differ little between objects, so unscaled the code's object part drowns in its noise and the head learns to ignore it"})
+    logvar_init: float = field(default=0.0, metadata={"help": "set encoder: the code's log variance starts here; a wide code (0: sigma 1) drowns the masks' signal in noise early on"})
 
     def __post_init__(self):
         if self.encoder not in SHAPE_ENCODERS:
@@ -46,6 +48,8 @@ class ShapeLossConfig:
     mask_t_range: tuple[int, int] = field(default=(0, 600), metadata={"help": "timesteps [lo, hi) where the mask loss applies; at high noise the object is not visible"})
     attention_target: str = field(default="shape", metadata={"help": "shape: *s's map vs the view's mask; shape_pose_union: *s + *p maps vs the mask (needs pose)"})
     offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
+    contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
+    contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
     view_consistency_weight: float = field(default=0.1, metadata={"help": "pull *s of one object's views together (needs multi-view batches)"})
     kl_weight: float = field(default=1e-3, metadata={"help": "set encoder: KL of the shape code toward N(0, I)"})
     align_weight: float = field(default=0.1, metadata={"help": "image branch: tie its code to the mask branch's"})
@@ -66,7 +70,8 @@ class MaskSetEncoder(nn.Module):
     Attention pooling with a learned query: invariant to the order of the views, any S >= 1.
     """
 
-    def __init__(self, width: int, code_dim: int, use_cameras: bool):
+    def __init__(self, width: int, code_dim: int, use_cameras: bool, logvar_init: float = 0.0,
+                 standardize: bool = False):
         super().__init__()
         self.cnn = ConvEncoder(in_channels=1, width=width)
         dim = self.cnn.out_dim
@@ -76,6 +81,9 @@ class MaskSetEncoder(nn.Module):
         self.pool = nn.MultiheadAttention(dim, num_heads=4, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.to_stats = nn.Linear(dim, 2 * code_dim)
+        with torch.no_grad():
+            self.to_stats.bias[code_dim:] += logvar_init
+        self.standardize = nn.BatchNorm1d(code_dim, affine=False, momentum=0.1) if standardize else None
 
     def forward(self, masks, valid, cameras=None):
         b, s = masks.shape[:2]
@@ -86,6 +94,8 @@ class MaskSetEncoder(nn.Module):
             tokens = tokens + self.camera(angles)
         pooled, _ = self.pool(self.query.expand(b, -1, -1), tokens, tokens, key_padding_mask=~valid)  # [B, 1, F]
         mu, logvar = self.to_stats(self.norm(pooled[:, 0])).chunk(2, dim=-1)  # [B, Z] each
+        if self.standardize is not None:
+            mu = self.standardize(mu)                                         # unit spread across objects
         return mu, logvar.clamp(-8, 4)
 
 class ShapeConcept(Concept):
@@ -105,11 +115,13 @@ class ShapeConcept(Concept):
         self.source = "masks"         # or "image": the code from one RGB view (image branch)
         self.noise_generator: torch.Generator | None = None
         if config.encoder == "set":
-            self.set_encoder = MaskSetEncoder(config.mask_width, config.code_dim, config.use_cameras)
+            self.set_encoder = MaskSetEncoder(config.mask_width, config.code_dim, config.use_cameras, config.logvar_init,
+                                              config.standardize)
             in_dim = config.code_dim
         else:
             self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width)
             in_dim = self.mask_encoder.out_dim
+            self.standardize = nn.BatchNorm1d(in_dim, affine=False, momentum=0.1) if config.standardize else None
         self.image_encoder = None
         if config.use_image:
             if image_encoder is None:
@@ -119,12 +131,14 @@ class ShapeConcept(Concept):
                                                nn.LayerNorm(config.hidden_dim), nn.SiLU(),
                                                nn.Linear(config.hidden_dim, in_dim))
         self.head = OffsetHead(in_dim, initializer_row, config.num_vectors, config.hidden_dim, config.scale,
-                               config.train_rows)
+                               config.train_rows, config.center, config.gain_init, config.fixed_norm)
 
     def mask_code(self, batch: dict):
         """-> (z, mu, logvar) from the masks; mu/logvar are None for the single-view encoder."""
         if self.config.encoder == "view":
             z = self.mask_encoder(batch["mask"])
+            if self.standardize is not None:
+                z = self.standardize(z)
             return z, None, None
         if "mask_set" in batch:
             masks, valid, cameras = batch["mask_set"], batch["mask_set_valid"], batch.get("mask_set_camera")

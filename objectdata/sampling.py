@@ -227,6 +227,25 @@ def partner_weights(object_index: torch.Tensor, camera: torch.Tensor, has_camera
     return same_object, same_camera
 
 
+def contrast_partners(object_index: torch.Tensor, camera: torch.Tensor, has_camera: torch.Tensor,
+                      generator: torch.Generator | None = None, min_angle_deg: float = 45.0) -> torch.Tensor:
+    """For each sample, another sample whose words should differ from its own: a different
+    object, seen from a camera at least `min_angle_deg` away where both have cameras (so a pose
+    word differs too); failing that any other object; failing that itself.  -> indices [B]"""
+    b = object_index.shape[0]
+    camera = camera.float().cpu()
+    other = object_index.cpu()[:, None] != object_index.cpu()[None, :]
+    angle = angular_distance(camera[:, None, 0], camera[:, None, 1], camera[None, :, 0], camera[None, :, 1])
+    cams = has_camera.cpu().bool()
+    far = other & ((angle >= min_angle_deg) | ~(cams[:, None] & cams[None, :]))
+    choice = torch.rand(b, b, generator=generator)                      # random pick among candidates
+    partners = []
+    for i in range(b):
+        candidates = far[i] if far[i].any() else other[i]
+        partners.append(int(torch.where(candidates, choice[i], -1.0).argmax()) if candidates.any() else i)
+    return torch.tensor(partners, device=object_index.device)
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: Ctrl-C (sent to the whole process group) and SIGTERM are the
     main process's to handle (checkpoint, then stop); a worker dying of them first would turn a

@@ -1,0 +1,343 @@
+"""Swap matrix: does each word control its own factor in what is generated?
+
+For ordered pairs of held-out ToyWorld chairs (A = donor, B = recipient), one word comes from A and
+every other word from B (pose: A's camera instead of B's), and the sample is read back with
+ToyWorld's scorer and the true renders. For every swapped word and every factor the matrix says how
+often the factor follows A, over the samples where A and B differ in it:
+
+    rows: words; columns: arms, back, silhouette, direction, colour
+    diagonal (a factor the word owns): control;  off-diagonal: leakage
+
+Reference rows, scored the same way: the donor's factor written in words instead of the word, the
+prompt without the word (what the other words and the class word give), and per-object textual
+inversion of the word (the ceiling an encoder is judged against; --ti-steps 0 skips it).
+
+    python -m experiments.swap_matrix --run runs/words --out runs/words/swap     # ~5 min on 2 cores
+    python -m experiments.swap_matrix --train --out runs/swap                     # trains the run first
+
+Silhouette: the sample's silhouette IoU against the donor-side truth (shape/appearance: A's chair at
+the sample's camera; pose: B's chair at A's camera) minus against the recipient-side truth; "follows
+A" when that difference is positive, and the mean difference is reported too. Writes results.json,
+table.md and samples.png (rows: words; columns: donor, recipient, samples).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import generate
+from backbone.load import resolve_model_path
+from objectdata import resolve_data_root, scan_objects
+from system import render_prompt, to_device
+from toyworld.scorer import load_scorer, mask_iou, silhouette
+from toyworld.world import COLOUR_NAMES, DIRECTIONS, caption, direction_azimuth, direction_bin, render, toy_chair_from_meta
+
+FACTORS = ("arms", "back", "silhouette", "direction", "colour")
+# What each word is meant to carry; everything else it changes is leakage.
+OWNS = {"shape": ("arms", "back", "silhouette"), "pose": ("direction", "silhouette"), "appearance": ("colour",)}
+ELEVATION, DISTANCE = 20.0, 2.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Words from objects
+# ----------------------------------------------------------------------------------------------
+def held_out_objects(cfg) -> list[Path]:
+    records = scan_objects(resolve_data_root(cfg.data.root))
+    return [r.root for r in records[len(records) - cfg.data.holdout:]]
+
+
+def truth_of(folder: Path):
+    return toy_chair_from_meta(json.loads((Path(folder) / "meta.json").read_text()))
+
+
+def camera_of(direction: int) -> dict:
+    return {"azimuth": direction_azimuth(direction), "elevation": ELEVATION, "distance": DISTANCE}
+
+
+@torch.no_grad()
+def encode_word(system, cfg, name: str, source) -> torch.Tensor:
+    """The word's embedding [K, D]: from an object folder, or (pose) a camera dict."""
+    concept = system.concepts[name]
+    concept.diversity = 0.0
+    if isinstance(source, dict):
+        batch = generate.camera_batch(source, getattr(cfg.concepts[name], "distance_range", None))
+    else:
+        batch = generate.reference_batch(source, 0, cfg.data.resolution, concept.needs_for(cfg.concepts[name]),
+                                         getattr(cfg.concepts[name], "max_views", 0))
+    device = next(system.backbone.unet.parameters()).device
+    return concept.encode(to_device(batch, device)).embeds[0].detach()
+
+
+def words_clause(name: str, truth, direction: int) -> str:
+    """The factor a word owns, written in ToyWorld's caption words."""
+    if name == "shape":
+        return caption(arms=truth.arms, back=truth.back, prefix="").replace(" chair ", "").strip()
+    if name == "pose":
+        return f"seen from the {DIRECTIONS[direction]}"
+    if name == "appearance":
+        return COLOUR_NAMES[truth.colour]
+    raise ValueError(f"no words for {name}")
+
+
+def build_prompt(system, words: list[str], mode: dict[str, str], donor, direction: int) -> str:
+    """mode: word -> "word" (the learned word), "text" (donor's factor in words) or "none"."""
+    clauses, colour = {}, ""
+    for name in words:
+        if mode[name] == "word":
+            clauses[name] = system.clause(name)
+        elif mode[name] == "text":
+            if name == "appearance":
+                colour = words_clause(name, donor, direction) + " "
+            else:
+                clauses[name] = words_clause(name, donor, direction)
+    return render_prompt("a {category} {phrases}", colour + "chair", clauses)
+
+
+# ----------------------------------------------------------------------------------------------
+# One condition: sample every (pair, seed), score it
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_batch(system, prompts: list[str], embeds: dict[str, torch.Tensor], seed: int, steps: int,
+                 guidance: float, chunk: int = 32) -> torch.Tensor:
+    images = []
+    for start in range(0, len(prompts), chunk):
+        outs = {n: SimpleNamespace(embeds=e[start:start + chunk]) for n, e in embeds.items()}
+        image, _ = system.sample(prompts[start:start + chunk], steps=steps, guidance_scale=guidance,
+                                 seed=seed + start, outs=outs)
+        images.append(image)
+    return torch.cat(images)
+
+
+def score(images, scorer, items: list[dict], resolution: int) -> dict:
+    """Per factor: follows-donor flags where donor and recipient differ, and IoU differences."""
+    predicted = scorer.predict(images)
+    shapes = silhouette(images)
+    follows = {f: [] for f in FACTORS}
+    iou_diff = []
+    for i, item in enumerate(items):
+        a, b = item["donor_truth"], item["sample_truth"]           # the factors the sample could follow
+        for factor in ("arms", "back", "colour"):
+            if getattr(a, factor) != getattr(b, factor):
+                follows[factor].append(int(predicted[factor][i]) == getattr(a, factor))
+        if item["donor_direction"] != item["sample_direction"]:
+            follows["direction"].append(int(predicted["direction"][i]) == item["donor_direction"])
+        iou_a = float(mask_iou(shapes[i:i + 1], item["donor_mask"][None]))
+        iou_b = float(mask_iou(shapes[i:i + 1], item["sample_mask"][None]))
+        if not torch.equal(item["donor_mask"], item["sample_mask"]):
+            follows["silhouette"].append(iou_a > iou_b)
+            iou_diff.append(iou_a - iou_b)
+    out = {}
+    for factor, values in follows.items():
+        if values:
+            p = float(np.mean(values))
+            out[factor] = {"follows": p, "n": len(values), "se": float(np.sqrt(p * (1 - p) / len(values)))}
+    if iou_diff:
+        out["silhouette"]["iou_difference"] = float(np.mean(iou_diff))
+        out["silhouette"]["iou_difference_se"] = float(np.std(iou_diff) / np.sqrt(len(iou_diff)))
+    return out
+
+
+def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words: dict, ti: dict | None,
+                   seeds: int, steps: int, guidance: float, scorer) -> tuple[dict, torch.Tensor, list]:
+    """mode: "word" (A's word), "text" (A's factor in words), "none" (no word), "ti" (A's inverted word)."""
+    active = [n for n in system.tokens if n in OWNS]
+    prompts, embeds, items = [], {n: [] for n in active}, []
+    res = cfg.data.resolution
+    for a in range(len(objects)):
+        for b in range(len(objects)):
+            if a == b:
+                continue
+            dir_a, dir_b = (a + 2 * b) % 8, (a + 2 * b + 3) % 8        # two cameras 135 degrees apart
+            for s in range(seeds):
+                sample_dir = dir_a if swapped == "pose" else dir_b
+                sample_chair = truths[b] if swapped == "pose" else truths[b]
+                donor_chair = truths[b] if swapped == "pose" else truths[a]
+                donor_dir = dir_a if swapped == "pose" else dir_b
+                # the sample's own (recipient-side) truth: B's chair at B's camera
+                cam_a, cam_b = camera_of(dir_a), camera_of(dir_b)
+                donor_mask = render(donor_chair if swapped != "pose" else truths[b],
+                                    cam_a["azimuth"] if swapped == "pose" else cam_b["azimuth"], ELEVATION, DISTANCE, res)[1]
+                sample_mask = render(truths[b], cam_b["azimuth"], ELEVATION, DISTANCE, res)[1]
+                if swapped == "pose":
+                    donor_truth, sample_truth = truths[b], truths[b]
+                else:
+                    donor_truth, sample_truth = truths[a], truths[b]
+                mode_of = {n: ("word" if n != swapped else mode) for n in active}
+                text_donor = truths[a]
+                prompts.append(build_prompt(system, active, mode_of, text_donor, dir_a))
+                for n in active:
+                    if n == swapped and mode in ("word", "ti"):
+                        source = ti[n][a if n != "pose" else dir_a] if mode == "ti" else \
+                            words[n][a if n != "pose" else dir_a]
+                    else:
+                        source = words[n][b if n != "pose" else dir_b]
+                    embeds[n].append(source)
+                items.append({"donor_truth": donor_truth, "sample_truth": sample_truth,
+                              "donor_direction": dir_a if swapped == "pose" else donor_dir,
+                              "sample_direction": dir_b,
+                              "donor_mask": torch.from_numpy(donor_mask), "sample_mask": torch.from_numpy(sample_mask),
+                              "pair": (a, b), "seed": s, "sample_dir": sample_dir, "sample_chair": sample_chair})
+    stacked = {n: torch.stack(v) for n, v in embeds.items()}
+    images = sample_batch(system, prompts, stacked, seed=1000, steps=steps, guidance=guidance)
+    return score(images, scorer, items, res), images, prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-object textual inversion (the ceiling)
+# ----------------------------------------------------------------------------------------------
+def inversion_words(run: Path, objects: list[Path], names: list[str], steps: int, out: Path) -> dict:
+    """Per-object textual inversion with the run's own tuning code (tune.py --mode
+    textual_inversion): every word a free vector from its initializer, denoising loss only.
+    Shape and appearance: one inversion per chair (its 8 views). Pose: one per direction, on
+    ToyWorld renders of the held-out chairs at that camera (the pose is what they share)."""
+    import tune
+    from objectdata.synthetic import write_chair
+    result = {n: {} for n in names}
+    overrides = {"steps": steps, "lr": 5e-3, "batch_size": 8}
+    for i, folder in enumerate(objects):
+        if not ({"shape", "appearance"} & set(names)):
+            break
+        info = tune.tune_object(run, folder, steps, out / "ti" / folder.name, mode="textual_inversion",
+                                overrides={**overrides, "losses": {}})
+        for n in names:
+            if n != "pose":
+                result[n][i] = load_token(Path(info["path"]) / "tokens" / f"{n}.safetensors")
+    if "pose" in names:
+        for direction in range(8):
+            folder = out / "ti_pose_data" / f"direction_{direction}"
+            if not folder.exists():
+                write_camera_object(folder, objects, direction, tune)
+            info = tune.tune_object(run, folder, steps, out / "ti" / folder.name, mode="textual_inversion",
+                                    overrides={**overrides, "losses": {}})
+            result["pose"][direction] = load_token(Path(info["path"]) / "tokens" / "pose.safetensors")
+    return result
+
+
+def load_token(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    values = list(load_file(str(path)).values())
+    return values[0].reshape(-1, values[0].shape[-1]).float()
+
+
+def write_camera_object(folder: Path, objects: list[Path], direction: int, tune) -> None:
+    """One 'object' whose views are different chairs seen from one camera (for a pose inversion)."""
+    from PIL import Image
+    (folder / "views").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    views = {}
+    for i, source in enumerate(objects):
+        truth = truth_of(source)
+        elevation = 10.0 + 5 * (i % 4)
+        image, mask = render(truth, direction_azimuth(direction), elevation, DISTANCE, 32)
+        Image.fromarray(image).save(folder / "views" / f"{i:03d}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"{i:03d}.png")
+        views[f"{i:03d}"] = {"azimuth": direction_azimuth(direction), "elevation": elevation, "distance": DISTANCE}
+    (folder / "meta.json").write_text(json.dumps({"category": "chair", "views": views}))
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+ROW_MODES = (("word", "{token} from A"), ("text", "A's factor in words"), ("none", "without {token}"),
+             ("ti", "{token} inverted on A (textual inversion)"))
+
+
+def markdown_table(rows: dict) -> str:
+    lines = ["| swapped | row | " + " | ".join(FACTORS) + " |", "|---" * (len(FACTORS) + 2) + "|"]
+    for (word, label), cells in rows.items():
+        text = []
+        for factor in FACTORS:
+            cell = cells.get(factor)
+            if cell is None:
+                text.append("–")
+                continue
+            mark = "**" if factor in OWNS[word] else ""
+            extra = f", ΔIoU {cell['iou_difference']:+.3f}" if "iou_difference" in cell else ""
+            text.append(f"{mark}{cell['follows']:.2f}{mark} ± {cell['se']:.2f} (n={cell['n']}{extra})")
+        lines.append(f"| {word} | {label} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: float = 4.0, ti_steps: int = 300,
+               modes=("word", "text", "none", "ti"), log=print) -> dict:
+    system, cfg = generate.load_run(run)
+    objects = held_out_objects(cfg)
+    truths = [truth_of(f) for f in objects]
+    scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
+    active = [n for n in system.tokens if n in OWNS]
+    started = time.time()
+    words = {n: ({d: encode_word(system, cfg, n, camera_of(d)) for d in range(8)} if n == "pose" else
+                 {i: encode_word(system, cfg, n, f) for i, f in enumerate(objects)}) for n in active}
+    ti = None
+    if "ti" in modes and ti_steps > 0:
+        t0 = time.time()
+        ti = inversion_words(run, objects, active, ti_steps, out)
+        log(f"textual inversion: {time.time() - t0:.0f} s")
+        system, cfg = generate.load_run(run)          # tune_object changed its own copy; reload to be safe
+    rows, grids = {}, []
+    for swapped in active:
+        token = system.concepts[swapped].config.token
+        for mode, label in ROW_MODES:
+            if mode not in modes or (mode == "ti" and ti is None):
+                continue
+            t0 = time.time()
+            cells, images, prompts = swap_condition(system, cfg, swapped, mode, objects, truths, words, ti, seeds,
+                                                    steps, guidance, scorer)
+            rows[(swapped, label.format(token=token))] = cells
+            log(f"{swapped} / {mode}: {len(prompts)} samples, {time.time() - t0:.0f} s; e.g. {prompts[0]!r}")
+            if mode == "word":
+                grids.append(images[: 2 * seeds * 7: seeds][:8])
+    stds = {n: float(torch.stack(list(words[n].values())).std(0).norm()) for n in active}
+    norms = {n: float(torch.stack(list(words[n].values())).norm(dim=-1).mean()) for n in active}
+    result = {"run": str(run), "held_out_objects": [o.name for o in objects], "seeds": seeds,
+              "sample_steps": steps, "guidance_scale": guidance, "ti_steps": ti_steps if ti else 0,
+              "word_std_across_sources": stds, "word_norm": norms, "seconds": round(time.time() - started, 1),
+              "rows": [{"swapped": w, "row": label, **{f: cells.get(f) for f in FACTORS}} for (w, label), cells in rows.items()]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    table = markdown_table(rows)
+    (out / "table.md").write_text(table)
+    if grids:
+        from toyworld.evaluate import save_grid
+        save_grid(torch.cat(grids), 8, out / "samples.png", scale=3)
+    log(table)
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="a trained run with shape, pose and/or appearance (ToyWorld)")
+    p.add_argument("--train", action="store_true", help="train the run first (configs/base.yaml, --tokens, --steps)")
+    p.add_argument("--tokens", default="shape,pose,appearance")
+    p.add_argument("--steps", type=int, default=600, help="training steps with --train")
+    p.add_argument("--set", action="append", default=[], help="extra train.py --set with --train")
+    p.add_argument("--out", type=Path, default=Path("runs/swap_matrix"))
+    p.add_argument("--seeds", type=int, default=2, help="samples per ordered pair of chairs")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--ti-steps", type=int, default=300, help="per-object textual inversion steps (0: skip that row)")
+    args = p.parse_args(argv)
+    run = args.run
+    if args.train:
+        import train
+        run = args.out / "run"
+        if not (run / "checkpoints").exists():
+            train.main(["--config", str(Path(__file__).resolve().parent.parent / "configs" / "base.yaml"),
+                        "--tokens", args.tokens, "--name", "run", "--set", f"run.output_dir={args.out}",
+                        "--set", f"train.steps={args.steps}", "--set", "train.sample_every=0",
+                        *[x for item in args.set for x in ("--set", item)]])
+    if run is None:
+        p.error("give --run or --train")
+    random.seed(0)
+    return run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps)
+
+
+if __name__ == "__main__":
+    main()
