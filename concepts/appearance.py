@@ -80,7 +80,7 @@ class AppearanceConcept(Concept):
             self.pixel_encoder = ConvEncoder(in_channels=3)
             in_dim = self.pixel_encoder.out_dim
         self.head = OffsetHead(in_dim, initializer_row, config.num_vectors, config.hidden_dim, config.scale,
-                               config.train_rows, config.center, config.gain_init, config.fixed_norm)
+                               config.train_rows, config.fixed_norm)
 
     def encode(self, batch: dict) -> ConceptOutput:
         if self.config.encoder == "colour":

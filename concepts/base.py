@@ -18,9 +18,7 @@ class ConceptConfig:
     scale: float = field(default=0.1, metadata={"help": "embedding = initializer + scale * offset"})
     hidden_dim: int = field(default=128, metadata={"help": "width of the head's MLP"})
     train_rows: bool = field(default=True, metadata={"help": "also learn the placeholder rows (start: the initializer word)"})
-    center: bool = field(default=False, metadata={"help": "standardise the head's offset across objects (batch statistics in training, running ones after): the head can only say how an object differs, so no loss can be met by one word shared by every object"})
-    gain_init: float = field(default=0.0, metadata={"help": "with center: the learned gain on the standardised offset starts here (0: step 0 is the initializer word)"})
-    fixed_norm: float = field(default=0.0, metadata={"help": "rescale each vector to this norm (0: free); a loss then cannot be met by growing the word"})
+    fixed_norm: float = field(default=0.0, metadata={"help": "each vector has this norm and only its direction is learned (NeTI / Directional Textual Inversion); 0: free. A loss then cannot be met by growing one shared word"})
 
 
 @dataclass
@@ -33,11 +31,12 @@ class ConceptOutput:
 class OffsetHead(nn.Module):
     """features [B, F] -> rows + scale * MLP(features), reshaped to [B, K, D].
 
-    The last layer starts at zero, so at step 0 the word is exactly its initializer word.
+    The last layer starts at zero, so at step 0 the word is exactly its initializer word (with
+    fixed_norm: the initializer's direction at that norm).
     """
 
     def __init__(self, in_dim: int, rows: torch.Tensor, num_vectors: int, hidden_dim: int, scale: float,
-                 train_rows: bool, center: bool = False, gain_init: float = 0.0, fixed_norm: float = 0.0):
+                 train_rows: bool, fixed_norm: float = 0.0):
         super().__init__()
         rows = rows.detach().float().reshape(1, -1).repeat(num_vectors, 1)     # [K, D]
         self.rows = nn.Parameter(rows, requires_grad=train_rows)
@@ -45,18 +44,11 @@ class OffsetHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
                                  nn.Linear(hidden_dim, rows.numel()))
         self.fixed_norm = fixed_norm
-        # centred: zero-mean, unit-variance offset per dimension across objects, times a learned gain
-        self.center = nn.BatchNorm1d(rows.numel(), affine=False, momentum=0.1) if center else None
-        self.gain = nn.Parameter(torch.tensor(float(gain_init))) if center else None
-        if not center:
-            nn.init.zeros_(self.mlp[-1].weight)
-            nn.init.zeros_(self.mlp[-1].bias)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, features: torch.Tensor) -> ConceptOutput:
-        offset = self.mlp(features)                                               # [B, K*D]
-        if self.center is not None:
-            offset = self.gain * self.center(offset)
-        offset = offset.view(features.shape[0], *self.rows.shape)                 # [B, K, D]
+        offset = self.mlp(features).view(features.shape[0], *self.rows.shape)   # [B, K, D]
         embeds = self.rows + self.scale * offset
         if self.fixed_norm > 0:
             embeds = embeds * (self.fixed_norm / embeds.norm(dim=-1, keepdim=True).clamp(min=1e-8))

@@ -102,7 +102,7 @@ class PoseConcept(Concept):
             self.image_cnn = ConvEncoder(in_channels=3)
             in_dim += self.image_cnn.out_dim
         self.head = OffsetHead(in_dim, initializer_row, config.num_vectors, config.hidden_dim, config.scale,
-                               config.train_rows, config.center, config.gain_init, config.fixed_norm)
+                               config.train_rows, config.fixed_norm)
         self.register_buffer("initializer_norm", initializer_row.detach().float().norm(), persistent=False)
         dim = initializer_row.numel() * config.num_vectors
         # Probe: *p -> (sin az, cos az, elevation, distance), both rescaled to [-1, 1].

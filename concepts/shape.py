@@ -18,7 +18,7 @@ from torch import nn
 
 from concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
 from losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss, gaussian_kl,
-                    mask_attention_loss, offset_l2)
+                    identity_loss, mask_attention_loss, offset_l2)
 
 SHAPE_ENCODERS = ("set", "view")
 ATTENTION_TARGETS = ("shape", "shape_pose_union")
@@ -51,6 +51,7 @@ class ShapeLossConfig:
     contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
     contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
     view_consistency_weight: float = field(default=0.1, metadata={"help": "pull *s of one object's views together (needs multi-view batches)"})
+    identity_weight: float = field(default=0.0, metadata={"help": "set encoder: supervised contrast on the code's mean; views of one object pick each other out of the batch (an object code, not a view code)"})
     kl_weight: float = field(default=1e-3, metadata={"help": "set encoder: KL of the shape code toward N(0, I)"})
     align_weight: float = field(default=0.1, metadata={"help": "image branch: tie its code to the mask branch's"})
     align_kind: str = field(default="cosine", metadata={"help": f"one of {ALIGNMENT_KINDS}: cosine ties each object's two codes directly; infonce also separates objects"})
@@ -131,7 +132,7 @@ class ShapeConcept(Concept):
                                                nn.LayerNorm(config.hidden_dim), nn.SiLU(),
                                                nn.Linear(config.hidden_dim, in_dim))
         self.head = OffsetHead(in_dim, initializer_row, config.num_vectors, config.hidden_dim, config.scale,
-                               config.train_rows, config.center, config.gain_init, config.fixed_norm)
+                               config.train_rows, config.fixed_norm)
 
     def mask_code(self, batch: dict):
         """-> (z, mu, logvar) from the masks; mu/logvar are None for the single-view encoder."""
@@ -188,6 +189,8 @@ class ShapeConcept(Concept):
             # samples together would teach the head to ignore the code (mu collapses).
             code = out.extras.get("mu", out.offset)
             losses["view_consistency"] = (lc.view_consistency_weight, consistency_loss(code[:, None], step.same_object))
+        if "mu" in out.extras and lc.identity_weight > 0 and "object_index" in batch:
+            losses["identity"] = (lc.identity_weight, identity_loss(out.extras["mu"], batch["object_index"]))
         if "mu" in out.extras and lc.kl_weight > 0:
             losses["kl"] = (lc.kl_weight, gaussian_kl(out.extras["mu"], out.extras["logvar"]))
         if "image_code" in out.extras and lc.align_weight > 0:

@@ -58,7 +58,7 @@ class StyleConcept(Concept):
         self.config, self.loss_config = config, loss_config
         self.statistics = StyleStatistics(config.gram_channels)
         self.head = OffsetHead(self.statistics.out_dim, initializer_row, config.num_vectors, config.hidden_dim,
-                               config.scale, config.train_rows, config.center, config.gain_init, config.fixed_norm)
+                               config.scale, config.train_rows, config.fixed_norm)
 
     def encode(self, batch: dict) -> ConceptOutput:
         return self.head(self.statistics(batch["image"]))

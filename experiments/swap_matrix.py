@@ -23,6 +23,7 @@ table.md and samples.png (rows: words; columns: donor, recipient, samples).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import time
@@ -55,6 +56,12 @@ def held_out_objects(cfg) -> list[Path]:
 
 def truth_of(folder: Path):
     return toy_chair_from_meta(json.loads((Path(folder) / "meta.json").read_text()))
+
+
+@functools.lru_cache(maxsize=None)
+def true_mask(chair, azimuth: float, resolution: int) -> torch.Tensor:
+    """The chair's true silhouette at a sample camera (bool [H, W]); renders are cached."""
+    return torch.from_numpy(render(chair, azimuth, ELEVATION, DISTANCE, resolution)[1])
 
 
 def camera_of(direction: int) -> dict:
@@ -155,35 +162,21 @@ def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words:
             if a == b:
                 continue
             dir_a, dir_b = (a + 2 * b) % 8, (a + 2 * b + 3) % 8        # two cameras 135 degrees apart
+            cam_a, cam_b = camera_of(dir_a)["azimuth"], camera_of(dir_b)["azimuth"]
+            if swapped == "pose":     # B's chair, seen from A's camera instead of B's
+                donor_truth, donor_dir, donor_mask = truths[b], dir_a, true_mask(truths[b], cam_a, res)
+            else:                     # A's chair (shape, appearance) at B's camera
+                donor_truth, donor_dir, donor_mask = truths[a], dir_b, true_mask(truths[a], cam_b, res)
+            sample_mask = true_mask(truths[b], cam_b, res)
+            mode_of = {n: ("word" if n != swapped else mode) for n in active}
             for s in range(seeds):
-                sample_dir = dir_a if swapped == "pose" else dir_b
-                sample_chair = truths[b] if swapped == "pose" else truths[b]
-                donor_chair = truths[b] if swapped == "pose" else truths[a]
-                donor_dir = dir_a if swapped == "pose" else dir_b
-                # the sample's own (recipient-side) truth: B's chair at B's camera
-                cam_a, cam_b = camera_of(dir_a), camera_of(dir_b)
-                donor_mask = render(donor_chair if swapped != "pose" else truths[b],
-                                    cam_a["azimuth"] if swapped == "pose" else cam_b["azimuth"], ELEVATION, DISTANCE, res)[1]
-                sample_mask = render(truths[b], cam_b["azimuth"], ELEVATION, DISTANCE, res)[1]
-                if swapped == "pose":
-                    donor_truth, sample_truth = truths[b], truths[b]
-                else:
-                    donor_truth, sample_truth = truths[a], truths[b]
-                mode_of = {n: ("word" if n != swapped else mode) for n in active}
-                text_donor = truths[a]
-                prompts.append(build_prompt(system, active, mode_of, text_donor, dir_a))
+                prompts.append(build_prompt(system, active, mode_of, truths[a], dir_a))
                 for n in active:
-                    if n == swapped and mode in ("word", "ti"):
-                        source = ti[n][a if n != "pose" else dir_a] if mode == "ti" else \
-                            words[n][a if n != "pose" else dir_a]
-                    else:
-                        source = words[n][b if n != "pose" else dir_b]
-                    embeds[n].append(source)
-                items.append({"donor_truth": donor_truth, "sample_truth": sample_truth,
-                              "donor_direction": dir_a if swapped == "pose" else donor_dir,
-                              "sample_direction": dir_b,
-                              "donor_mask": torch.from_numpy(donor_mask), "sample_mask": torch.from_numpy(sample_mask),
-                              "pair": (a, b), "seed": s, "sample_dir": sample_dir, "sample_chair": sample_chair})
+                    index = (dir_a if n == "pose" else a) if n == swapped else (dir_b if n == "pose" else b)
+                    source = ti if (n == swapped and mode == "ti") else words
+                    embeds[n].append(source[n][index])
+                items.append({"donor_truth": donor_truth, "sample_truth": truths[b], "donor_direction": donor_dir,
+                              "sample_direction": dir_b, "donor_mask": donor_mask, "sample_mask": sample_mask})
     stacked = {n: torch.stack(v) for n, v in embeds.items()}
     images = sample_batch(system, prompts, stacked, seed=1000, steps=steps, guidance=guidance)
     return score(images, scorer, items, res), images, prompts

@@ -1,4 +1,4 @@
-from losses.alignment import ALIGNMENT_KINDS, alignment_loss
+from losses.alignment import ALIGNMENT_KINDS, alignment_loss, identity_loss
 from losses.attention import MASK_ATTENTION_VARIANTS, attention_iou, attention_mass_inside, mask_attention_loss
 from losses.consistency import consistency_loss
 from losses.contrast import contrast_loss
@@ -7,4 +7,4 @@ from losses.kl import gaussian_kl
 from losses.regularizers import offset_l2
 
 __all__ = ["ALIGNMENT_KINDS", "MASK_ATTENTION_VARIANTS", "alignment_loss", "attention_iou", "attention_mass_inside",
-           "consistency_loss", "contrast_loss", "denoising_loss", "denoising_target", "gaussian_kl", "mask_attention_loss", "offset_l2"]
+           "consistency_loss", "contrast_loss", "identity_loss", "denoising_loss", "denoising_target", "gaussian_kl", "mask_attention_loss", "offset_l2"]

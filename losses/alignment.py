@@ -26,3 +26,19 @@ def alignment_loss(a: torch.Tensor, b: torch.Tensor, object_index: torch.Tensor 
     def nce(l):
         return -(torch.logsumexp(l.masked_fill(positive == 0, -1e9), 1) - torch.logsumexp(l, 1))
     return 0.5 * (nce(logits) + nce(logits.T))
+
+
+def identity_loss(codes: torch.Tensor, object_index: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrast (SupCon) within a batch: codes [B, Z], object_index [B] -> [B].
+
+    Each sample's code must pick out the other samples of its object (never itself) among all
+    the others; 0 for a sample whose object appears once in the batch."""
+    z = F.normalize(codes.float(), dim=-1)
+    logits = z @ z.T / temperature                                            # [B, B]
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    positive = (object_index[:, None] == object_index[None]) & ~eye
+    logits = logits.masked_fill(eye, -1e9)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    count = positive.sum(1)
+    loss = -(log_prob * positive).sum(1) / count.clamp(min=1)
+    return torch.where(count > 0, loss, torch.zeros_like(loss))

@@ -17,11 +17,15 @@ ROWS = [
     ("shape", {"use_image": True}, {}),
     ("shape", {"encoder": "view"}, {"mask_variant": "mass_ratio"}),
     ("shape", {"encoder": "view", "use_image": True}, {"align_kind": "cosine"}),
+    ("shape", {"fixed_norm": 0.9, "standardize": True, "logvar_init": -4.0}, {"identity_weight": 0.1, "contrast_weight": 1.0}),
+    ("shape", {"encoder": "view", "standardize": True}, {}),
     ("pose", {}, {}),
     ("pose", {"inputs": ["keypoints"], "num_keypoints": 10}, {}),
     ("pose", {"inputs": ["image", "camera"], "num_vectors": 2}, {}),
+    ("pose", {"fixed_norm": 0.9, "norm_to_initializer": False}, {"contrast_weight": 1.0}),
     ("appearance", {}, {}),
     ("appearance", {"encoder": "pretrained"}, {}),
+    ("appearance", {"encoder": "colour", "fixed_norm": 0.9}, {"contrast_weight": 1.0}),
     ("style", {}, {}),
 ]
 
@@ -55,6 +59,9 @@ def test_fresh_word_is_its_initializer(row_system, chair_batch):
     b = len(chair_batch["category"])
     assert out.embeds.shape == (b, k, system.table.embedding_dim) == out.offset.shape
     rows = system.table.initializer_rows[name].expand(b, k, -1)
+    fixed = system.concepts[name].config.fixed_norm
+    if fixed:       # the initializer's direction at the fixed norm
+        rows = rows * fixed / rows.norm(dim=-1, keepdim=True)
     assert torch.allclose(out.embeds, rows, atol=1e-6) and not out.offset.any()
 
 
@@ -92,3 +99,44 @@ def test_encoding_depends_on_the_input_and_is_deterministic(row_system, chair_ba
         b = system.concepts[name].encode(chair_batch).embeds
     assert torch.equal(a, b)
     assert not torch.allclose(a[0], a[1])       # different objects, different words
+
+
+def test_fixed_norm_word_cannot_grow():
+    """With fixed_norm only the direction is learned: any head output gives a word of that norm."""
+    from concepts.base import OffsetHead
+    head = OffsetHead(8, torch.randn(16) * 0.1, num_vectors=2, hidden_dim=32, scale=1.0, train_rows=True, fixed_norm=0.9)
+    with torch.no_grad():
+        head.mlp[-1].weight.normal_(std=10.0)
+        head.rows.mul_(100)
+    out = head(torch.randn(5, 8))
+    assert out.embeds.shape == (5, 2, 16)
+    assert torch.allclose(out.embeds.norm(dim=-1), torch.full((5, 2), 0.9), atol=1e-5)
+
+
+def test_colour_statistics_see_colour_but_not_the_outline():
+    from concepts.appearance import ColourStatistics
+    image = torch.zeros(2, 3, 16, 16)
+    image[:, 0] = 0.8                                   # red object everywhere it is visible
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[0, :, 2:6, 2:14] = 1                          # a wide outline
+    mask[1, :, 4:14, 6:10] = 1                         # a tall one
+    stats = ColourStatistics()(image, mask)
+    assert stats.shape == (2, ColourStatistics.out_dim)
+    assert torch.allclose(stats[0], stats[1])          # same colour, different silhouette: same input
+    blue = image.clone()
+    blue[:, 0], blue[:, 2] = 0.0, 0.8
+    assert not torch.allclose(ColourStatistics()(blue, mask)[0], stats[0])
+
+
+def test_standardised_shape_code_keeps_objects_apart():
+    """The set encoder's code is standardised across the batch: objects whose masks differ only a
+    little still get codes of unit spread, so the head cannot read them as one constant."""
+    from concepts.shape import MaskSetEncoder
+    torch.manual_seed(0)
+    encoder = MaskSetEncoder(width=8, code_dim=6, use_cameras=False, logvar_init=-4.0, standardize=True)
+    masks = torch.zeros(4, 2, 1, 32, 32)
+    for i in range(4):
+        masks[i, :, :, 8:24, 8:24 + i] = 1              # squares one pixel wider each
+    mu, logvar = encoder(masks, torch.ones(4, 2, dtype=torch.bool))
+    assert torch.allclose(mu.std(0, unbiased=False), torch.ones(6), atol=1e-2)
+    assert torch.allclose(logvar.mean(), torch.tensor(-4.0), atol=1.0)      # starts narrow

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from losses import (attention_iou, attention_mass_inside, denoising_loss, denoising_target, mask_attention_loss,
-                    offset_l2)
+from losses import (attention_iou, attention_mass_inside, contrast_loss, denoising_loss, denoising_target,
+                    identity_loss, mask_attention_loss, offset_l2)
 
 
 def square_mask(b=3, size=32, lo=8, hi=24):
@@ -78,3 +78,25 @@ def test_offset_l2_is_per_sample():
     offset = torch.zeros(3, 2, 4)
     offset[1] = 2.0
     assert torch.equal(offset_l2(offset), torch.tensor([0.0, 4.0, 0.0]))
+
+
+def test_contrast_loss_charges_a_word_that_does_not_beat_another_objects():
+    own = torch.tensor([0.10, 0.10, 0.10])
+    swapped = torch.tensor([0.10, 0.20, 0.05])          # same word / clearly worse / better than own
+    loss = contrast_loss(own, swapped, margin=0.05)
+    assert loss.shape == (3,)
+    assert torch.isclose(loss[0], torch.tensor(0.05))   # a word shared by every object pays the margin
+    assert loss[1] == 0                                  # the other object's word loses by more than the margin
+    assert loss[2] > loss[0]                             # another object's word explains the image better
+
+
+def test_identity_loss_rewards_codes_that_pick_out_their_own_object():
+    objects = torch.tensor([0, 0, 1, 1, 2])
+    separated = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0], [0.1, 0.9, 0], [0, 0, 1.0]])
+    mixed = separated[torch.tensor([0, 2, 1, 4, 3])]
+    good, bad = identity_loss(separated, objects), identity_loss(mixed, objects)
+    assert good.shape == (5,) and good[4] == 0          # an object seen once has no partner
+    assert good[:4].mean() < bad[:4].mean()
+    codes = separated.clone().requires_grad_(True)
+    identity_loss(codes, objects).sum().backward()
+    assert codes.grad.abs().sum() > 0

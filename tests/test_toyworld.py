@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -204,3 +205,35 @@ def test_generate_without_a_run_samples_the_base_model(tmp_path, capsys):
     assert Image.open(out).size[0] > Image.open(out).size[1]           # a row of 2 samples
     with pytest.raises(SystemExit, match="learned word"):
         generate.main(["--model", "tiny", "--prompt", "a chair in the shape of *s"])
+
+
+@shipped
+def test_shape_word_differs_between_chairs_and_moves_the_silhouette_more_than_the_seed(tmp_path):
+    """The collapse the swap matrix found: every chair got the same *s. With the default config's
+    shape head, different held-out chairs get different words, and swapping *s for another
+    chair's changes the generated silhouette more than changing the seed does."""
+    import generate
+    import train
+    from experiments.swap_matrix import encode_word, held_out_objects
+    from toyworld.scorer import mask_iou, silhouette
+    run = train.main(["--config", str(ROOT / "configs" / "base.yaml"), "--tokens", "shape", "--name", "collapse",
+                      "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=120",
+                      "--set", "train.sample_every=0", "--set", "train.checkpoint_every=1000"])
+    system, cfg = generate.load_run(run)
+    objects = held_out_objects(cfg)[:4]
+    words = torch.stack([encode_word(system, cfg, "shape", folder) for folder in objects])      # [4, K, D]
+    spread = (words - words.mean(0)).norm(dim=-1).mean() / words.norm(dim=-1).mean()
+    assert spread > 0.05, f"*s is (nearly) the same word for every chair: relative spread {spread:.2e}"
+
+    def silhouettes(order, seed):
+        prompts = ["a chair in the shape of *s"] * len(objects)
+        outs = {"shape": SimpleNamespace(embeds=words[order])}
+        images, _ = system.sample(prompts, steps=10, guidance_scale=4.0, seed=seed, outs=outs)
+        return silhouette(images)
+
+    base = silhouettes([0, 1, 2, 3], seed=0)
+    swapped = silhouettes([1, 2, 3, 0], seed=0)           # same noise, another chair's *s
+    reseeded = silhouettes([0, 1, 2, 3], seed=1)          # same *s, other noise
+    swap_change = (1 - mask_iou(base, swapped)).mean()
+    seed_change = (1 - mask_iou(base, reseeded)).mean()
+    assert swap_change > seed_change, (swap_change, seed_change)
