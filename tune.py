@@ -69,6 +69,7 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
                 concept.head.mlp[-1].weight.zero_()
                 concept.head.mlp[-1].bias.zero_()
                 concept.head.rows.copy_(system.table.initializer_rows[concept.name].expand_as(concept.head.rows))
+            concept.head.fixed_norm = 0.0      # a free vector, as plain textual inversion has it
             concept.requires_grad_(False)
             concept.head.rows.requires_grad_(True)
             params.append(concept.head.rows)
@@ -88,6 +89,11 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
                                   mask_set_size=set_size, random_set_size=True)
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     system.concepts.train()
+    for module in system.concepts.modules():
+        # Statistics across objects (a standardised shape code) are the domain run's: one
+        # object's views cannot supply them, and batch statistics would erase the object.
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
     system.concepts.set_noise_generator(generator)
     started = time.time()
     for step in range(steps):

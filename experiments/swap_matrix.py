@@ -38,7 +38,7 @@ from backbone.load import resolve_model_path
 from objectdata import resolve_data_root, scan_objects
 from system import render_prompt, to_device
 from toyworld.scorer import load_scorer, mask_iou, silhouette
-from toyworld.world import COLOUR_NAMES, DIRECTIONS, caption, direction_azimuth, direction_bin, render, toy_chair_from_meta
+from toyworld.world import COLOUR_NAMES, DIRECTIONS, caption, direction_azimuth, render, toy_chair_from_meta
 
 FACTORS = ("arms", "back", "silhouette", "direction", "colour")
 # What each word is meant to carry; everything else it changes is leakage.
@@ -190,15 +190,11 @@ def inversion_words(run: Path, objects: list[Path], names: list[str], steps: int
     textual_inversion): every word a free vector from its initializer, denoising loss only.
     Shape and appearance: one inversion per chair (its 8 views). Pose: one per direction, on
     ToyWorld renders of the held-out chairs at that camera (the pose is what they share)."""
-    import tune
-    from objectdata.synthetic import write_chair
     result = {n: {} for n in names}
-    overrides = {"steps": steps, "lr": 5e-3, "batch_size": 8}
     for i, folder in enumerate(objects):
         if not ({"shape", "appearance"} & set(names)):
             break
-        info = tune.tune_object(run, folder, steps, out / "ti" / folder.name, mode="textual_inversion",
-                                overrides={**overrides, "losses": {}})
+        info = tuned(run, folder, steps, out / "ti" / folder.name, "textual_inversion")
         for n in names:
             if n != "pose":
                 result[n][i] = load_token(Path(info["path"]) / "tokens" / f"{n}.safetensors")
@@ -206,11 +202,20 @@ def inversion_words(run: Path, objects: list[Path], names: list[str], steps: int
         for direction in range(8):
             folder = out / "ti_pose_data" / f"direction_{direction}"
             if not folder.exists():
-                write_camera_object(folder, objects, direction, tune)
-            info = tune.tune_object(run, folder, steps, out / "ti" / folder.name, mode="textual_inversion",
-                                    overrides={**overrides, "losses": {}})
+                write_camera_object(folder, objects, direction)
+            info = tuned(run, folder, steps, out / "ti" / folder.name, "textual_inversion")
             result["pose"][direction] = load_token(Path(info["path"]) / "tokens" / "pose.safetensors")
     return result
+
+
+def tuned(run: Path, folder: Path, steps: int, path: Path, mode: str) -> dict:
+    """tune.py's artefact for one object, reused when an earlier run of the experiment left it.
+    Textual inversion as a new user runs it: lr 5e-3, batch 8, denoising loss only."""
+    import tune
+    if (path / "artefact.json").exists():
+        return {**json.loads((path / "artefact.json").read_text()), "path": str(path)}
+    overrides = {"steps": steps, "batch_size": 8, "lr": 5e-3, "losses": {}} if mode == "textual_inversion" else {}
+    return tune.tune_object(run, folder, steps, path, mode=mode, overrides=overrides)
 
 
 def load_token(path: Path) -> torch.Tensor:
@@ -219,7 +224,7 @@ def load_token(path: Path) -> torch.Tensor:
     return values[0].reshape(-1, values[0].shape[-1]).float()
 
 
-def write_camera_object(folder: Path, objects: list[Path], direction: int, tune) -> None:
+def write_camera_object(folder: Path, objects: list[Path], direction: int) -> None:
     """One 'object' whose views are different chairs seen from one camera (for a pose inversion)."""
     from PIL import Image
     (folder / "views").mkdir(parents=True)
@@ -233,6 +238,86 @@ def write_camera_object(folder: Path, objects: list[Path], direction: int, tune)
         Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"{i:03d}.png")
         views[f"{i:03d}"] = {"azimuth": direction_azimuth(direction), "elevation": elevation, "distance": DISTANCE}
     (folder / "meta.json").write_text(json.dumps({"category": "chair", "views": views}))
+
+
+# ----------------------------------------------------------------------------------------------
+# The ladder: how much of the inversion ceiling the encoder reaches, at what cost
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def own_word_accuracy(system, cfg, objects, truths, word_of, seeds: int, steps: int, guidance: float, scorer) -> dict:
+    """"a chair in the shape of *s" with each chair's own word: arms/back read back = the chair's."""
+    prompts, embeds, items = [], [], []
+    for i in range(len(objects)):
+        for _ in range(seeds):
+            prompts.append(render_prompt("a {category} {phrases}", "chair", {"shape": system.clause("shape")}))
+            embeds.append(word_of(i))
+            items.append(truths[i])
+    images = sample_batch(system, prompts, {"shape": torch.stack(embeds)}, seed=2000, steps=steps, guidance=guidance)
+    predicted = scorer.predict(images)
+    out = {}
+    for factor in ("arms", "back"):
+        hits = [int(predicted[factor][k]) == getattr(t, factor) for k, t in enumerate(items)]
+        p = float(np.mean(hits))
+        out[factor] = {"accuracy": p, "se": float(np.sqrt(p * (1 - p) / len(hits))), "n": len(hits)}
+    return out
+
+
+def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, seeds: int = 8, steps: int = 20,
+               guidance: float = 4.0, log=print) -> dict:
+    """Rows: the prompt without *s, the encoder alone (one forward pass), the encoder + tune.py's few
+    steps (E4T stage 2), textual inversion with the same few steps, textual inversion with
+    ti_steps (the ceiling), the attributes in words."""
+    system, cfg = generate.load_run(run)
+    objects = held_out_objects(cfg)
+    truths = [truth_of(f) for f in objects]
+    scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
+    rows = {}
+    t0 = time.time()
+    encoded = [encode_word(system, cfg, "shape", f) for f in objects]
+    rows["encoder alone"] = {**own_word_accuracy(system, cfg, objects, truths, lambda i: encoded[i], seeds, steps,
+                                                 guidance, scorer), "steps": 0,
+                             "seconds_per_object": (time.time() - t0) / len(objects)}
+    for label, mode, count in ((f"encoder + {few_steps} tuning steps", "encoder", few_steps),
+                               (f"textual inversion, {few_steps} steps", "textual_inversion", few_steps),
+                               (f"textual inversion, {ti_steps} steps", "textual_inversion", ti_steps)):
+        if count <= 0:
+            continue
+        words, seconds = [], []
+        for folder in objects:
+            same_as_matrix = mode == "textual_inversion" and count == ti_steps
+            path = out / "ti" / folder.name if same_as_matrix else out / "ladder" / f"{mode}_{count}" / folder.name
+            info = tuned(run, folder, count, path, mode)
+            seconds.append(info["seconds"])
+            words.append(load_token(Path(info["path"]) / "tokens" / "shape.safetensors"))
+        rows[label] = {**own_word_accuracy(system, cfg, objects, truths, lambda i: words[i], seeds, steps, guidance,
+                                           scorer), "steps": count, "seconds_per_object": float(np.mean(seconds))}
+        log(f"ladder: {label}: {rows[label]}")
+    # The references: no word, and the attributes written in words.
+    for label, clause in (("without *s", None), ("arms and back in words", "text")):
+        prompts, items = [], []
+        for i, t in enumerate(truths):
+            for _ in range(seeds):
+                clauses = {"shape": words_clause("shape", t, 0)} if clause else {}
+                prompts.append(render_prompt("a {category} {phrases}", "chair", clauses))
+                items.append(t)
+        images = sample_batch(system, prompts, {}, seed=2000, steps=steps, guidance=guidance)
+        predicted = scorer.predict(images)
+        rows[label] = {}
+        for factor in ("arms", "back"):
+            hits = [int(predicted[factor][k]) == getattr(t, factor) for k, t in enumerate(items)]
+            p = float(np.mean(hits))
+            rows[label][factor] = {"accuracy": p, "se": float(np.sqrt(p * (1 - p) / len(hits))), "n": len(hits)}
+    lines = ["| row | arms | back | steps | s / object |", "|---|---|---|---|---|"]
+    for label, row in rows.items():
+        cells = [f"{row[f]['accuracy']:.2f} ± {row[f]['se']:.2f}" for f in ("arms", "back")]
+        cost = [str(row.get("steps", "–")), f"{row['seconds_per_object']:.1f}" if "seconds_per_object" in row else "–"]
+        lines.append(f"| {label} | " + " | ".join(cells + cost) + " |")
+    table = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ladder.json").write_text(json.dumps(rows, indent=1))
+    (out / "ladder.md").write_text(table)
+    log(table)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +401,9 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--ti-steps", type=int, default=300, help="per-object textual inversion steps (0: skip that row)")
+    p.add_argument("--ladder", action="store_true", help="also the ladder: encoder, encoder + few tuning steps, "
+                   "textual inversion with as few and with --ti-steps steps (shape)")
+    p.add_argument("--few-steps", type=int, default=15, help="the ladder's few tuning steps (tune.py's default)")
     args = p.parse_args(argv)
     run = args.run
     if args.train:
@@ -329,7 +417,11 @@ def main(argv=None):
     if run is None:
         p.error("give --run or --train")
     random.seed(0)
-    return run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps)
+    result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps)
+    if args.ladder:
+        result["ladder"] = run_ladder(run, args.out, args.few_steps, args.ti_steps, steps=args.sample_steps,
+                                      guidance=args.guidance_scale)
+    return result
 
 
 if __name__ == "__main__":

@@ -110,3 +110,18 @@ def test_per_object_tuning_artefact_saves_loads_and_generates(adapter_run, chair
     baseline = tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=3, out_dir=tmp_path / "ti",
                                 mode="textual_inversion")
     assert baseline["mode"] == "textual_inversion" and (tmp_path / "ti" / "tokens" / "shape.safetensors").is_file()
+
+
+def test_tuning_keeps_the_domain_statistics_of_a_standardised_shape_code(tmp_path, chairs_dir):
+    """One object's views cannot supply statistics across objects: tuning leaves the standardised
+    code's running statistics as the domain run left them, and the tuned word still differs
+    between objects."""
+    run = train.main(["--name", "std", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3",
+                      "--set", "concepts.shape.standardize=true", "--set", "concepts.shape.fixed_norm=0.5",
+                      "--set", "train.sample_every=0", "--set", "sample.steps=1"])
+    before = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "heads.safetensors"))
+    tune.tune_object(run, chairs_dir / "chair_011", steps=2, out_dir=tmp_path / "obj")
+    after = load_file(str(tmp_path / "obj" / "heads.safetensors"))
+    stats = [k for k in before if "standardize.running" in k]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))   # it did tune

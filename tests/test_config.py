@@ -20,9 +20,10 @@ def test_every_shipped_config_loads(path):
 
 def test_ablation_overrides_only_what_it_names():
     base = load_config(CONFIGS / "base.yaml")
-    ablation = load_config(CONFIGS / "ablations" / "shape_no_mask_loss.yaml")
-    assert ablation.losses["shape"].mask_weight == 0.0 and base.losses["shape"].mask_weight > 0
-    assert ablation.losses["shape"].mask_variant == base.losses["shape"].mask_variant
+    ablation = load_config(CONFIGS / "ablations" / "shape_mask_loss.yaml")
+    assert ablation.losses["shape"].mask_weight == 0.1 and base.losses["shape"].mask_weight == 0
+    assert ablation.losses["shape"].mask_variant == "mse_maxnorm" != base.losses["shape"].mask_variant
+    assert ablation.losses["shape"].identity_weight == base.losses["shape"].identity_weight
     assert ablation.train == base.train and ablation.concepts == base.concepts
 
 

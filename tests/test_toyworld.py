@@ -168,7 +168,7 @@ def test_framework_trains_shape_and_pose_on_toyworld(tmp_path):
     import train
     train.main(["--config", str(ROOT / "configs" / "base.yaml"), "--name", "tw",
                 "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3", "--set", "train.sample_every=0",
-                "--set", "train.log_every=1"])
+                "--set", "train.log_every=1", "--set", "losses.shape.mask_weight=0.1"])
     lines = [json.loads(line) for line in (tmp_path / "tw" / "metrics.jsonl").read_text().splitlines()]
     assert any("shape/mask_attention" in line for line in lines)
     assert any("val/shape/mass_inside@t100" in line for line in lines)

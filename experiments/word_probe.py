@@ -1,0 +1,116 @@
+"""A quick probe of one setting: train on ToyWorld, then generate with each word alone and read its
+factor back. What the ablation table of the swap-matrix work was measured with.
+
+    python -m experiments.word_probe --name lr3 --steps 300 --tokens shape --set concepts.shape.lr=1e-3
+    python -m experiments.word_probe --name oracle --tokens shape --oracle-shape      # true arms/back as the code
+
+Per held-out chair: "a chair in the shape of *s" (arms, back), "a chair with the appearance of *a"
+(colour); per direction: "a chair with pose *p" (direction), `--samples` each. Also the shape
+word's spread across the held-out chairs (norm of the per-dimension std) and its mean norm: a
+spread near 0 is the collapse (one word for every chair). Appends a line to OUT/results.jsonl.
+
+--oracle-shape replaces the shape encoder's code with the chair's true arms and back (+-1 in two
+dimensions): it separates "the head and losses cannot make the word carry a clean input" from
+"the encoder does not deliver the input".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import generate
+from backbone.load import resolve_model_path
+from experiments.swap_matrix import encode_word, held_out_objects, truth_of
+from objectdata import resolve_data_root, scan_objects
+from toyworld.scorer import load_scorer
+from toyworld.world import direction_bin
+
+
+def use_oracle_shape_code():
+    """Monkeypatch the shape head's code with the truth (for the diagnostic only)."""
+    import concepts.shape as shape
+    attributes = {r.name: truth_of(r.root) for r in scan_objects(resolve_data_root("toyworld"))}
+
+    def oracle_code(self, batch):
+        rows = []
+        for name in batch["object_name"]:
+            code = torch.zeros(self.config.code_dim)
+            code[0], code[1] = 2 * attributes[name].arms - 1, 2 * attributes[name].back - 1
+            rows.append(code)
+        return torch.stack(rows).to(batch["mask"].device), None, None
+    shape.ShapeConcept.mask_code = oracle_code
+
+
+@torch.no_grad()
+def probe(run: Path, samples: int = 6) -> dict:
+    system, cfg = generate.load_run(run)
+    objects = held_out_objects(cfg)
+    scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
+    result = {}
+    if "shape" in system.tokens:
+        hits = {"arms": [], "back": []}
+        for o, folder in enumerate(objects):
+            truth = truth_of(folder)
+            images = generate.generate(system, cfg, f"a chair {system.clause('shape')}", {"shape": folder}, samples,
+                                       seed=100 * o, steps=20, guidance_scale=4.0)[1]
+            predicted = scorer.predict(images)
+            hits["arms"] += (predicted["arms"] == truth.arms).tolist()
+            hits["back"] += (predicted["back"] == truth.back).tolist()
+        words = torch.stack([encode_word(system, cfg, "shape", f) for f in objects])
+        result.update({k: float(np.mean(v)) for k, v in hits.items()})
+        result.update(shape_spread=float(words.std(0).norm()), shape_norm=float(words.norm(dim=-1).mean()))
+    if "pose" in system.tokens:
+        hits = []
+        for d in range(8):
+            camera = {"azimuth": 45.0 * d, "elevation": 20.0, "distance": 2.5}
+            images = generate.generate(system, cfg, f"a chair {system.clause('pose')}", {"pose": camera}, samples,
+                                       seed=10 * d, steps=20, guidance_scale=4.0)[1]
+            hits += (scorer.predict(images)["direction"] == direction_bin(45.0 * d)).tolist()
+        result["direction"] = float(np.mean(hits))
+    if "appearance" in system.tokens:
+        hits = []
+        for o, folder in enumerate(objects):
+            images = generate.generate(system, cfg, f"a chair {system.clause('appearance')}", {"appearance": folder},
+                                       samples, seed=10 * o, steps=20, guidance_scale=4.0)[1]
+            hits += (scorer.predict(images)["colour"] == truth_of(folder).colour).tolist()
+        result["colour"] = float(np.mean(hits))
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", type=Path, default=Path("runs/word_probe"))
+    p.add_argument("--tokens", default="shape")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--oracle-shape", action="store_true", help="the shape code is the chair's true arms and back")
+    p.add_argument("--set", action="append", default=[], help="train.py --set for the run")
+    args = p.parse_args(argv)
+    import train
+    if args.oracle_shape:
+        use_oracle_shape_code()
+    started = time.time()
+    run = args.out / args.name
+    if not (run / "checkpoints").exists():
+        train.main(["--config", str(Path(__file__).resolve().parent.parent / "configs" / "base.yaml"),
+                    "--tokens", args.tokens, "--name", args.name, "--set", f"run.output_dir={args.out}",
+                    "--set", f"train.steps={args.steps}", "--set", "train.sample_every=0",
+                    *[x for item in args.set for x in ("--set", item)]])
+    trained = time.time()
+    result = {"name": args.name, "steps": args.steps, "tokens": args.tokens, "set": args.set,
+              "oracle_shape": args.oracle_shape, **probe(run, args.samples),
+              "train_s": round(trained - started), "eval_s": round(time.time() - trained)}
+    print(json.dumps(result))
+    with open(args.out / "results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
