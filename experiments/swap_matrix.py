@@ -94,10 +94,11 @@ def words_clause(name: str, truth, direction: int) -> str:
 
 
 def build_prompt(system, words: list[str], mode: dict[str, str], donor, direction: int) -> str:
-    """mode: word -> "word" (the learned word), "text" (donor's factor in words) or "none"."""
+    """mode: word -> "word" (the learned word), "ti" (an inverted word in its place), "text" (the
+    donor's factor in words) or "none"."""
     clauses, colour = {}, ""
     for name in words:
-        if mode[name] == "word":
+        if mode[name] in ("word", "ti"):          # the learned or the inverted word: same clause
             clauses[name] = system.clause(name)
         elif mode[name] == "text":
             if name == "appearance":
