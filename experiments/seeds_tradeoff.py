@@ -29,7 +29,7 @@ import torch
 
 import generate
 from backbone.load import resolve_model_path
-from experiments.swap_matrix import encode_word, held_out_objects, sample_batch, true_mask, truth_of
+from experiments.swap_matrix import encode_word, held_out_objects, proportion, sample_batch, true_mask, truth_of
 from system import render_prompt
 from toyworld.scorer import load_scorer, mask_iou, silhouette
 from toyworld.world import COLOUR_NAMES, direction_azimuth
@@ -93,9 +93,8 @@ def score(system, cfg, seeds: int, steps: int, guidance: float, scorer, tau: flo
                 hits["colour"] += (predicted["colour"] == COLOUR_NAMES.index(colour)).tolist()
     out = {}
     for k, v in hits.items():
-        p = float(np.mean(v))
-        out[k] = p
-        out[f"{k}_se"] = float(np.sqrt(p * (1 - p) / len(v)))
+        rate = proportion(v, "p")
+        out[k], out[f"{k}_se"] = rate["p"], rate["se"]
     out["silhouette_own_minus_other"] = float(np.mean(fidelity))
     out["silhouette_own_minus_other_se"] = float(np.std(fidelity) / np.sqrt(len(fidelity)))
     out["diversity"] = float(np.mean(spread))

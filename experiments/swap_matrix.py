@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import random
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,7 +122,20 @@ def sample_batch(system, prompts: list[str], embeds: dict[str, torch.Tensor], se
     return torch.cat(images)
 
 
-def score(images, scorer, items: list[dict], resolution: int) -> dict:
+def proportion(flags: list, key: str = "follows") -> dict:
+    """{key: the share of True, n, se (binomial standard error)}."""
+    p = float(np.mean(flags))
+    return {key: p, "n": len(flags), "se": float(np.sqrt(p * (1 - p) / len(flags)))}
+
+
+def attribute_accuracy(images, scorer, truths: list) -> dict:
+    """Arms and back read back from each image against its chair's truth."""
+    predicted = scorer.predict(images)
+    return {f: proportion([int(predicted[f][k]) == getattr(t, f) for k, t in enumerate(truths)], "accuracy")
+            for f in ("arms", "back")}
+
+
+def score(images, scorer, items: list[dict]) -> dict:
     """Per factor: follows-donor flags where donor and recipient differ, and IoU differences."""
     predicted = scorer.predict(images)
     shapes = silhouette(images)
@@ -141,11 +153,7 @@ def score(images, scorer, items: list[dict], resolution: int) -> dict:
         if not torch.equal(item["donor_mask"], item["sample_mask"]):
             follows["silhouette"].append(iou_a > iou_b)
             iou_diff.append(iou_a - iou_b)
-    out = {}
-    for factor, values in follows.items():
-        if values:
-            p = float(np.mean(values))
-            out[factor] = {"follows": p, "n": len(values), "se": float(np.sqrt(p * (1 - p) / len(values)))}
+    out = {factor: proportion(values) for factor, values in follows.items() if values}
     if iou_diff:
         out["silhouette"]["iou_difference"] = float(np.mean(iou_diff))
         out["silhouette"]["iou_difference_se"] = float(np.std(iou_diff) / np.sqrt(len(iou_diff)))
@@ -180,7 +188,7 @@ def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words:
                               "sample_direction": dir_b, "donor_mask": donor_mask, "sample_mask": sample_mask})
     stacked = {n: torch.stack(v) for n, v in embeds.items()}
     images = sample_batch(system, prompts, stacked, seed=1000, steps=steps, guidance=guidance)
-    return score(images, scorer, items, res), images, prompts
+    return score(images, scorer, items), images, prompts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,13 +200,11 @@ def inversion_words(run: Path, objects: list[Path], names: list[str], steps: int
     Shape and appearance: one inversion per chair (its 8 views). Pose: one per direction, on
     ToyWorld renders of the held-out chairs at that camera (the pose is what they share)."""
     result = {n: {} for n in names}
-    for i, folder in enumerate(objects):
-        if not ({"shape", "appearance"} & set(names)):
-            break
+    per_chair = [n for n in names if n != "pose"]
+    for i, folder in enumerate(objects if per_chair else []):
         info = tuned(run, folder, steps, out / "ti" / folder.name, "textual_inversion")
-        for n in names:
-            if n != "pose":
-                result[n][i] = load_token(Path(info["path"]) / "tokens" / f"{n}.safetensors")
+        for n in per_chair:
+            result[n][i] = load_token(Path(info["path"]) / "tokens" / f"{n}.safetensors")
     if "pose" in names:
         for direction in range(8):
             folder = out / "ti_pose_data" / f"direction_{direction}"
@@ -254,13 +260,7 @@ def own_word_accuracy(system, cfg, objects, truths, word_of, seeds: int, steps: 
             embeds.append(word_of(i))
             items.append(truths[i])
     images = sample_batch(system, prompts, {"shape": torch.stack(embeds)}, seed=2000, steps=steps, guidance=guidance)
-    predicted = scorer.predict(images)
-    out = {}
-    for factor in ("arms", "back"):
-        hits = [int(predicted[factor][k]) == getattr(t, factor) for k, t in enumerate(items)]
-        p = float(np.mean(hits))
-        out[factor] = {"accuracy": p, "se": float(np.sqrt(p * (1 - p) / len(hits))), "n": len(hits)}
-    return out
+    return attribute_accuracy(images, scorer, items)
 
 
 def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, seeds: int = 8, steps: int = 20,
@@ -302,12 +302,7 @@ def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, s
                 prompts.append(render_prompt("a {category} {phrases}", "chair", clauses))
                 items.append(t)
         images = sample_batch(system, prompts, {}, seed=2000, steps=steps, guidance=guidance)
-        predicted = scorer.predict(images)
-        rows[label] = {}
-        for factor in ("arms", "back"):
-            hits = [int(predicted[factor][k]) == getattr(t, factor) for k, t in enumerate(items)]
-            p = float(np.mean(hits))
-            rows[label][factor] = {"accuracy": p, "se": float(np.sqrt(p * (1 - p) / len(hits))), "n": len(hits)}
+        rows[label] = attribute_accuracy(images, scorer, items)
     lines = ["| row | arms | back | steps | s / object |", "|---|---|---|---|---|"]
     for label, row in rows.items():
         cells = [f"{row[f]['accuracy']:.2f} ± {row[f]['se']:.2f}" for f in ("arms", "back")]
@@ -417,7 +412,6 @@ def main(argv=None):
                         *[x for item in args.set for x in ("--set", item)]])
     if run is None:
         p.error("give --run or --train")
-    random.seed(0)
     result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps)
     if args.ladder:
         result["ladder"] = run_ladder(run, args.out, args.few_steps, args.ti_steps, steps=args.sample_steps,
