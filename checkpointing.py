@@ -70,6 +70,23 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
+def check_writable(folder: Path) -> None:
+    """`folder`, or the nearest existing folder it will be created in, takes files: checked by
+    creating (and at once removing) a nameless temporary file, so nothing is left behind."""
+    folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunFolderError(f"run.output_dir: {existing} is a file, not a folder (needed for {folder})")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise RunFolderError(f"run.output_dir: cannot write in {existing} ({err.strerror or err}); "
+                             "choose another --set run.output_dir") from err
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     """Create (or, with overwrite, replace) the run folder; main process only."""
     run_dir = check_run_dir(run_dir, resume, overwrite)
@@ -145,23 +162,69 @@ def _complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in found if (p / "state.json").exists()), key=lambda p: int(p.name[5:]))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message starts with the file."""
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = _complete_checkpoints(run_dir)
     return found[-1] if found else None
 
 
+def latest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """-> (the newest checkpoint whose every file loads, or None; the problems of newer ones)."""
+    problems = []
+    for path in reversed(_complete_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path)
+            return path, problems
+        except CheckpointError as err:
+            problems.append(str(err))
+    return None, problems
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never loaded again)."""
+    aside = Path(path).with_name(f"{Path(path).name}.damaged")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    return aside
+
+
+def _read(file: Path, read):
+    try:
+        return read(file)
+    except Exception as err:        # truncated, zeroed, wrong format: each library raises its own
+        raise CheckpointError(f"{file}: damaged or unreadable ({type(err).__name__}: {str(err)[:200]})") from err
+
+
+def load_heads(path: Path) -> dict:
+    """heads.safetensors of a checkpoint or per-object artefact folder (CheckpointError names it)."""
+    return _read(Path(path) / "heads.safetensors", lambda f: load_file(str(f)))
+
+
 def load_adapters(path: Path) -> dict | None:
     """The adapter deltas saved with a checkpoint (or a per-object artefact), if any."""
     file = Path(path) / "adapters.safetensors"
-    return load_file(str(file)) if file.exists() else None
+    return _read(file, lambda f: load_file(str(f))) if file.exists() else None
+
+
+def load_state(path: Path) -> dict:
+    def read(file):
+        state = json.loads(file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+        return state
+    return _read(Path(path) / "state.json", read)
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
-    """-> (step, heads state, optimizer state, state.json)."""
-    state = json.loads((Path(path) / "state.json").read_text())
-    heads = load_file(str(Path(path) / "heads.safetensors"))
+    """-> (step, heads state, optimizer state, state.json); CheckpointError names a damaged file."""
+    state = load_state(path)
+    heads = load_heads(path)
     # Our own file (optimizer, scaler and RNG states, incl. Python's random state tuples).
-    optimizer = torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer = _read(Path(path) / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=False))
+    load_adapters(path)
     return state["step"], heads, optimizer, state
 
 
@@ -183,7 +246,7 @@ def check_resume(cfg, run_dir: Path, force: bool) -> None:
     """A resumed run trains what it trained before: the same tokens always, the same config
     (but for how long it runs and how it reports) unless forced. Raises ConfigError."""
     from configs.schema import ConfigError, config_changes, load_config
-    trained = json.loads((latest_checkpoint(run_dir) / "state.json").read_text()).get("tokens", cfg.tokens)
+    trained = load_state(latest_intact_checkpoint(run_dir)[0]).get("tokens", cfg.tokens)
     if trained != cfg.tokens:
         raise ConfigError(f"{run_dir} trained tokens {trained}, not {cfg.tokens}; resume with the same --tokens")
     changes = config_changes(load_config(Path(run_dir) / "config.yaml"), cfg)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from checkpointing import latest_checkpoint
+from checkpointing import latest_checkpoint, load_state
 from concepts import CONCEPTS
 from configs.schema import ConfigError, load_config
 from generate import camera_batch, load_run, parse_camera, reference_batch
@@ -70,7 +70,7 @@ def _resolve_checkpoint(run_dir: Path, checkpoint) -> tuple[Path, int]:
     state = ckpt / "state.json"
     if not state.is_file() or not (ckpt / "heads.safetensors").is_file():
         raise ConfigError(f"{ckpt}: not a checkpoint folder (needs state.json and heads.safetensors)")
-    return ckpt, int(json.loads(state.read_text())["step"])
+    return ckpt, load_state(ckpt)["step"]
 
 
 def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, dict]:

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from backbone import load_backbone
 from backbone.adapters import UNetAdapters
-from checkpointing import latest_checkpoint, load_adapters, load_checkpoint
+from checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
 from concepts import CONCEPTS
 from configs.schema import ConfigError, load_config
 from objectdata import DataError, ObjectViewsDataset, collate, scan_objects
@@ -40,7 +39,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
     system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                             latent_size=cfg.data.resolution // backbone.vae_scale_factor)
-    heads = load_file(str(ckpt / "heads.safetensors")) if artefact else load_checkpoint(ckpt)[1]
+    if not artefact:
+        load_state(ckpt)          # a checkpoint's state.json must read (CheckpointError names it)
+    heads = load_heads(ckpt)      # generation needs no optimizer state
     system.load_trainable_state(heads)
     if cfg.adapters.kind != "none":       # the run's UNet adapters (E4T domain tuning)
         system.adapters = UNetAdapters(backbone.unet, cfg.adapters)

@@ -3,7 +3,6 @@ the data set (camera bounds, keypoint count), split off held-out objects, and ch
 can be built. Everything here runs before the run folder is touched."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from concepts import CONCEPTS
 from configs.schema import Config, mask_set_size
@@ -15,18 +14,35 @@ def build_data(cfg: Config):
     needs = {k for n in cfg.tokens for k in CONCEPTS[n][0].needs_for(cfg.concepts[n])}
     root = resolve_data_root(cfg.data.root)
     records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
-                           require_keypoints="keypoints" in needs)
+                           require_keypoints="keypoints" in needs, resolution=cfg.data.resolution)
     info = dataset_info(records)
     for n in cfg.tokens:     # e.g. camera bounds; saved in config.yaml so generation reuses them
         cfg.concepts[n] = CONCEPTS[n][0].fit_to_data(cfg.concepts[n], info)
-    holdout = min(cfg.data.holdout, len(records) - 1)
-    train_records, val_records = records[:len(records) - holdout], records[len(records) - holdout:]
+    train_records, val_records = split_holdout(records, cfg.data.holdout, root)
     set_size = mask_set_size(cfg)
     train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
                                mask_set_size=set_size, random_set_size=True)
     val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size)
     check_data_fits(cfg, train)
+    cfg.train.samples_per_step = samples_per_step(cfg, train)     # in config.yaml, and said by train.py
     return train, val
+
+
+def split_holdout(records: list, holdout: int, root) -> tuple[list, list]:
+    """-> (training, held-out) records: the last `holdout` objects are held out. Holding out every
+    object is an error, not a silent holdout of 0 (validation would then show training objects)."""
+    if holdout >= len(records) and holdout > 0:
+        raise DataError(f"{root}: data.holdout={holdout} holds out all {len(records)} object(s), leaving none to "
+                        "train on; add objects, or --set data.holdout=0 to train on all (validation then shows "
+                        "training objects)")
+    return records[:len(records) - holdout], records[len(records) - holdout:]
+
+
+def samples_per_step(cfg: Config, train_set) -> int:
+    """What train.batch_size becomes: whole triplets with data.triplets, at most the training views."""
+    if cfg.data.triplets:
+        return 3 * max(1, cfg.train.batch_size // 3)
+    return min(cfg.train.batch_size, len(train_set))
 
 
 def dataset_info(records) -> dict:

@@ -13,7 +13,7 @@ from torch import nn
 from backbone import Backbone
 from capture import AttentionStore, choose_layers, install_capture
 from concepts import CONCEPTS, StepView
-from losses import contrast_loss, denoising_loss, denoising_target
+from losses import contrast_loss, denoising_loss, denoising_target, word_target_loss
 from objectdata.sampling import contrast_partners, partner_weights
 from tokens import PlaceholderSpec, PlaceholderTable, encode_prompts, placeholder_selection, tokenize
 
@@ -99,6 +99,7 @@ class GuidedConcepts(nn.Module):
         # checkpointing re-runs them in backward. They record only while a store is begun.
         self.store = AttentionStore()
         self.latent_cache: dict | None = None       # {} turns VAE latent caching on (data.cache_latents)
+        self.word_targets: dict = {}                 # concept -> object name -> [K, D] (train.word_targets)
         install_capture(backbone.unet, self.store, self.attention_layers if self.attention_concepts else [])
 
     # -- parameters ------------------------------------------------------------------------------
@@ -188,6 +189,22 @@ class GuidedConcepts(nn.Module):
             for name, (weight, value) in self.concepts[n].guidance_losses(out, batch, view).items():
                 losses[f"{n}/{name}"] = (weight, value * used if used is not None else value)
         losses.update(self.contrast_losses(batch, prompts, outs, noisy, t, target, losses["denoise"][1], present, generator))
+        losses.update(self.target_losses(batch, outs))
+        return losses
+
+    def target_losses(self, batch: dict, outs: dict) -> dict:
+        """Word targets (a concept's loss config `target_weight` > 0): each word against its
+        object's target word; objects without one (held out, new) contribute 0."""
+        losses = {}
+        for n, out in outs.items():
+            weight = getattr(self.concepts[n].loss_config, "target_weight", 0.0)
+            if weight <= 0 or n not in self.word_targets or "object_name" not in batch:
+                continue
+            words = self.word_targets[n]
+            targets = torch.stack([words.get(o, torch.zeros_like(out.embeds[0])).to(out.embeds.device)
+                                   for o in batch["object_name"]])                     # [B, K, D]
+            valid = torch.tensor([o in words for o in batch["object_name"]])
+            losses[f"{n}/word_target"] = (weight, word_target_loss(out.embeds, targets, valid))
         return losses
 
     def contrast_losses(self, batch, prompts, outs, noisy, t, target, own, present, generator) -> dict:

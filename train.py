@@ -26,15 +26,17 @@ from tqdm import tqdm
 
 from backbone import load_backbone
 from backbone.adapters import UNetAdapters
-from checkpointing import (StopSignals, append_environment, check_resume, check_run_dir, environment_record,
-                           global_rng_states, heads_fingerprint, latest_checkpoint, load_adapters, load_checkpoint,
-                           prepare_run_dir, prune_checkpoints, record_failure, remove_stale_temporaries,
-                           restore_global_rng_states, save_checkpoint, truncate_metrics)
+from checkpointing import (CheckpointError, StopSignals, append_environment, check_resume, check_run_dir,
+                           check_writable, environment_record, global_rng_states, heads_fingerprint, latest_checkpoint,
+                           latest_intact_checkpoint, load_adapters, load_checkpoint, prepare_run_dir, prune_checkpoints,
+                           record_failure, remove_stale_temporaries, restore_global_rng_states, save_checkpoint,
+                           set_aside, truncate_metrics)
 from concepts import CONCEPTS
 from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
 from objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
 from rundata import build_data
 from system import GuidedConcepts
+from tokens.targets import load_word_targets
 from validation import export_tokens, validate
 
 CONFIG_ENV_VAR = "GUIDED_CONCEPTS_CONFIG"   # a default config of your own (the tests point it at configs/tiny.yaml)
@@ -91,9 +93,16 @@ def main(argv=None):
         cfg, args = parse_args(argv)
         train_set, val_set = build_data(cfg)
         run_dir = check_run_dir(Path(cfg.run.output_dir) / cfg.run.name, args.resume, args.overwrite)
+        check_writable(run_dir)       # before the model loads (minutes on real weights)
         if args.resume:
+            # A checkpoint damaged after it was written (a full disk, a bad copy) is skipped for the
+            # newest one that loads whole; run() sets the damaged ones aside.
+            args.resume_from, args.damaged = latest_intact_checkpoint(run_dir)
+            if args.resume_from is None:
+                raise CheckpointError(f"no intact checkpoint to resume from in {run_dir / 'checkpoints'}: "
+                                      + "; ".join(args.damaged))
             check_resume(cfg, run_dir, args.force)
-    except (ConfigError, DataError, FileExistsError) as err:
+    except (ConfigError, DataError, FileExistsError, CheckpointError) as err:
         sys.exit(f"error: {err}")
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
@@ -130,6 +139,13 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
         system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                                 latent_size=cfg.data.resolution // backbone.vae_scale_factor)
         adapters = UNetAdapters(backbone.unet, cfg.adapters) if cfg.adapters.kind != "none" else None
+        pulled = [n for n in cfg.tokens if getattr(cfg.losses[n], "target_weight", 0.0) > 0]
+        if pulled:
+            if not cfg.train.word_targets:
+                raise ValueError(f"losses.{pulled[0]}.target_weight > 0 needs train.word_targets "
+                                 "(write one with tune.py --run <domain run> --targets <file>)")
+            shapes = {n: tuple(system.concepts[n].head.rows.shape) for n in pulled}
+            system.word_targets = load_word_targets(cfg.train.word_targets, pulled, shapes)
         if cfg.data.resolution % backbone.vae_scale_factor:
             r, f = cfg.data.resolution, backbone.vae_scale_factor
             raise ValueError(f"data.resolution: {r} is not divisible by the VAE's downsampling factor {f} of "
@@ -138,7 +154,7 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
         phase2 = cfg.adapters.start_step if cfg.adapters.start_step >= 0 else cfg.train.steps // 2
         step = 0
         if args.resume:      # the checkpoint must load into these heads before anything is written
-            ckpt = latest_checkpoint(run_dir)
+            ckpt = args.resume_from
             step, head_state, opt_state, state = load_checkpoint(ckpt)
             system.load_trainable_state(head_state)
             phase2 = state.get("phase2", phase2)      # where the run started its adapters stays put
@@ -154,10 +170,19 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
     accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
+        if args.resume and args.damaged:
+            newer = [p for p in (run_dir / "checkpoints").glob("step_*[0-9]")
+                     if p.name[5:].isdigit() and int(p.name[5:]) > int(ckpt.name[5:])]
+            aside = [set_aside(p).name for p in sorted(newer)]
+            accelerator.print(f"warning: {'; '.join(args.damaged)}; resuming from {ckpt.name} (set aside: {', '.join(aside)})")
         stale = remove_stale_temporaries(run_dir / "checkpoints") + remove_stale_temporaries(run_dir)
         if stale:
             accelerator.print(f"removed {len(stale)} half-written file(s) a killed run left: {', '.join(p.name for p in stale)}")
         save_config(cfg, run_dir / "config.yaml")
+        if cfg.train.samples_per_step != cfg.train.batch_size:
+            why = "whole triplets, data.triplets" if cfg.data.triplets else "the training views"
+            accelerator.print(f"note: train.batch_size {cfg.train.batch_size} gives {cfg.train.samples_per_step} samples a "
+                              f"step ({why}); config.yaml records train.samples_per_step")
         append_environment(run_dir, environment_record(
             seed=cfg.train.seed, resumed=args.resume, device=str(accelerator.device), num_processes=accelerator.num_processes,
             mixed_precision=accelerator.mixed_precision, deterministic=cfg.train.deterministic,

@@ -5,6 +5,12 @@ object's views. Writes a small artefact that generate.py loads.
     python tune.py --run runs/default --object my_chairs/chair_042            # 15 steps
     python generate.py --run runs/default --artefact runs/default/objects/chair_042 \
         --prompt "a red chair in the shape of *s" --shape-from my_chairs/chair_042
+
+--targets tunes every training object of the run the same way and writes their words to one file;
+training again with train.word_targets and losses.<concept>.target_weight pulls the encoder's
+words toward them (the encoder learns what per-object tuning finds):
+
+    python tune.py --run runs/default --targets runs/default/word_targets.safetensors
 """
 from __future__ import annotations
 
@@ -19,10 +25,12 @@ import torch
 from safetensors.torch import save_file
 
 import generate
-from checkpointing import atomic_folder
-from configs.schema import ConfigError, mask_set_size
-from objectdata import DataError, ObjectViewsDataset, collate, scan_objects
-from tokens.export import save_token
+from concepts import CONCEPTS
+from checkpointing import atomic_folder, atomic_write
+from configs.schema import ConfigError, load_config, mask_set_size
+from objectdata import DataError, ObjectViewsDataset, collate, resolve_data_root, scan_objects
+from tokens.export import load_token, save_token
+from tokens.targets import save_word_targets
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -118,6 +126,32 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
                             "denoise_before": before, "denoise_after": after, "tune_losses": tc.losses})
 
 
+def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, progress=print) -> dict:
+    """Tune every training object of the run (its data minus the held-out objects) from the run's
+    heads and write their object-level words to `out_path` (keys <concept>/<object>)."""
+    import tempfile
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    records = scan_objects(resolve_data_root(cfg.data.root))
+    training = records[:len(records) - min(cfg.data.holdout, len(records) - 1)]      # the split rundata makes
+    names = [n for n in cfg.tokens if CONCEPTS[n][0].object_level]
+    if not names:
+        raise ConfigError(f"{run_dir}: none of its words ({', '.join(cfg.tokens)}) is one word per object")
+    targets, started = {n: {} for n in names}, time.time()
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, record in enumerate(training):
+            info = tune_object(run_dir, record.root, steps, Path(scratch) / record.name, "encoder", seed=seed)
+            for n in names:
+                targets[n][record.name] = load_token(Path(info["path"]) / "tokens" / f"{n}.safetensors")[1]
+            progress(f"{i + 1}/{len(training)} {record.name}: denoising {info['denoise_before']:.4f} -> {info['denoise_after']:.4f}")
+    info = {"run": str(run_dir), "objects": len(training), "concepts": names, "steps": info["steps"],
+            "seconds": round(time.time() - started, 1)}
+    atomic_write(out_path, lambda tmp: save_word_targets(tmp, targets, info))
+    return {**info, "path": str(out_path)}
+
+
 def _write_artefact(system, out_dir: Path, views: dict, adapters, info: dict) -> dict:
     """<out>/{heads.safetensors, adapters.safetensors, tokens/<concept>.safetensors, lora/, artefact.json}."""
     def write(tmp: Path):
@@ -139,7 +173,10 @@ def _write_artefact(system, out_dir: Path, views: dict, adapters, info: dict) ->
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the domain run (runs/<name>)")
-    p.add_argument("--object", required=True, help="the new object's folder (views/, masks/, meta.json)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--object", help="the new object's folder (views/, masks/, meta.json)")
+    which.add_argument("--targets", metavar="FILE", help="tune every training object of the run; write their words "
+                                                          "to FILE (safetensors) for train.word_targets")
     p.add_argument("--steps", type=int, help="tuning steps (default: the run's tune.steps, 15)")
     p.add_argument("--mode", choices=["encoder", "textual_inversion"], default="encoder",
                    help="tune the run's heads (+adapters), or the textual-inversion baseline")
@@ -149,7 +186,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v is not None}
     try:
-        info = tune_object(args.run, args.object, args.steps, args.out, args.mode, overrides)
+        if args.targets:
+            if args.mode != "encoder" or args.out:
+                p.error("--targets tunes the run's heads (--mode encoder) and writes only FILE (no --out)")
+            info = tune_targets(args.run, args.targets, args.steps)
+        else:
+            info = tune_object(args.run, args.object, args.steps, args.out, args.mode, overrides)
     except (ConfigError, DataError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(json.dumps(info, indent=1))

@@ -1,6 +1,7 @@
 """Load a frozen Stable Diffusion backbone: a diffusers folder, a hub id, or `tiny`."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def resolve_model_path(name: str) -> str:
             raise ValueError(f"model.name {name!r}: its weights are missing from {SHIPPED_MODELS[name]} "
                              "(a partial checkout?); `python -m toyworld pretrain` rebuilds them")
         return str(SHIPPED_MODELS[name])
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    looks_like_path = name.startswith(("/", ".", "~", "\\")) or name.count("/") > 1 or name.endswith("/") or ":" in name
+    if looks_like_path:
+        raise ValueError(f"model.name {name!r}: the folder does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ValueError(f"model.name {name!r}: no such folder, and as a hub id it needs the network (HF_HUB_OFFLINE is "
+                         "set): pass a local diffusers folder, or download it once with the network on")
     return name
 
 
@@ -98,7 +107,13 @@ def load_backbone(name: str, image_encoder: str | None = None, need_image_encode
     if Path(path).exists() and missing:
         raise ValueError(f"{path}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/)")
     kw = {"revision": revision} if revision else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    except (OSError, ValueError) as err:       # hub id malformed, unknown, or unreachable
+        if Path(path).exists():
+            raise
+        raise ValueError(f"model.name {name!r}: no such folder, and the hub could not provide it "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from err
     # fp32 like diffusers' modules, whatever the stored dtype (shipped weights are fp16); the
     # run's mixed precision is applied later.
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32, **kw)

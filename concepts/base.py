@@ -78,12 +78,14 @@ class Concept(nn.Module):
     """One learned word: `encode(batch)` gives its embeddings, `guidance_losses` its losses.
 
     Subclasses set `name`, `needs` (data the head or losses require: "mask", "camera",
-    "keypoints"; checked before training) and `attention` (True if a loss reads the word's
-    cross-attention map).
+    "keypoints"; checked before training), `attention` (True if a loss reads the word's
+    cross-attention map) and `object_level` (False if the word differs between one object's views:
+    it then has no per-object target word).
     """
     name = "concept"
     needs: tuple[str, ...] = ()
     attention = False
+    object_level = True     # one word per object (False: it varies per view, e.g. the pose)
 
     def encode(self, batch: dict) -> ConceptOutput:
         raise NotImplementedError

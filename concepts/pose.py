@@ -68,6 +68,7 @@ def rescale(x: torch.Tensor, bounds) -> torch.Tensor:
 class PoseConcept(Concept):
     name = "pose"
     attention = True
+    object_level = False    # the camera's word: each view has its own
 
     @classmethod
     def needs_for(cls, config: PoseConfig) -> tuple[str, ...]:

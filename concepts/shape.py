@@ -50,6 +50,7 @@ class ShapeLossConfig:
     offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
     contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
     contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
+    target_weight: float = field(default=0.0, metadata={"help": "pull the word toward its object's target word in train.word_targets (tune.py --targets: the run's own words after a few tuning steps per object; HyperDreamBooth-style regression)"})
     view_consistency_weight: float = field(default=0.1, metadata={"help": "pull *s of one object's views together (needs multi-view batches)"})
     identity_weight: float = field(default=0.0, metadata={"help": "set encoder: supervised contrast on the code's mean; views of one object pick each other out of the batch (an object code, not a view code)"})
     kl_weight: float = field(default=1e-3, metadata={"help": "set encoder: KL of the shape code toward N(0, I)"})

@@ -49,6 +49,8 @@ class DataConfig:
     def __post_init__(self):
         if self.resolution < 8:
             raise ValueError(f"data.resolution: must be at least 8 pixels, got {self.resolution}")
+        if self.holdout < 0:
+            raise ValueError(f"data.holdout: must be >= 0, got {self.holdout}")
 
 
 @dataclass
@@ -79,6 +81,8 @@ class TrainConfig:
     lr_schedule: str = field(default="constant", metadata={"help": "constant | linear | cosine decay of every group's lr after warmup"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear lr warmup"})
     keep_last: int = field(default=5, metadata={"help": "checkpoints kept (older ones deleted after each save); 0 = keep all"})
+    samples_per_step: int = field(default=0, metadata={"help": "filled in by the run (leave 0): the samples each step trains on, batch_size rounded to whole triplets with data.triplets, at most the training views"})
+    word_targets: str = field(default="", metadata={"help": "safetensors of per-object target words (keys <concept>/<object>; written by tune.py --targets) that losses.<concept>.target_weight pulls the words toward"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic torch algorithms (slower on GPU; CPU runs resume bit for bit either way)"})
 
     def __post_init__(self):
@@ -171,6 +175,8 @@ def _check_value(key: str, value, hint):
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        if hint is float and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return value
     if typing.get_origin(hint) in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -200,7 +206,10 @@ def build_dataclass(cls, data: dict | None, prefix: str):
                 value = yaml.safe_load(value)
             kwargs[name] = build_dataclass(hint, value, f"{prefix}.{name}".lstrip("."))
         else:
-            kwargs[name] = _check_value(f"{prefix}.{name}".lstrip("."), value, hint)
+            key = f"{prefix}.{name}".lstrip(".")
+            kwargs[name] = _check_value(key, value, hint)
+            if (name == "lr" or name.endswith("_lr")) and isinstance(kwargs[name], float) and kwargs[name] <= 0:
+                raise ConfigError(f"{key}: a learning rate must be positive, got {kwargs[name]!r}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:

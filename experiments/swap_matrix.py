@@ -34,6 +34,7 @@ import torch
 
 import generate
 from backbone.load import resolve_model_path
+from concepts import CONCEPTS
 from objectdata import resolve_data_root, scan_objects
 from system import render_prompt, to_device
 from toyworld.scorer import load_scorer, mask_iou, silhouette
@@ -97,7 +98,7 @@ def build_prompt(system, words: list[str], mode: dict[str, str], donor, directio
     donor's factor in words) or "none"."""
     clauses, colour = {}, ""
     for name in words:
-        if mode[name] in ("word", "ti"):          # the learned or the inverted word: same clause
+        if mode[name] in ("word", "ti", "tuned"):  # the learned, inverted or tuned word: same clause
             clauses[name] = system.clause(name)
         elif mode[name] == "text":
             if name == "appearance":
@@ -162,7 +163,8 @@ def score(images, scorer, items: list[dict]) -> dict:
 
 def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words: dict, ti: dict | None,
                    seeds: int, steps: int, guidance: float, scorer) -> tuple[dict, torch.Tensor, list]:
-    """mode: "word" (A's word), "text" (A's factor in words), "none" (no word), "ti" (A's inverted word)."""
+    """mode: "word" (A's word), "text" (A's factor in words), "none" (no word), "ti" (A's inverted
+    word), "tuned" (A's word after tune.py's few steps from the encoder, E4T's stage 2; in `ti`)."""
     active = [n for n in system.tokens if n in OWNS]
     prompts, embeds, items = [], {n: [] for n in active}, []
     res = cfg.data.resolution
@@ -182,7 +184,7 @@ def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words:
                 prompts.append(build_prompt(system, active, mode_of, truths[a], dir_a))
                 for n in active:
                     index = (dir_a if n == "pose" else a) if n == swapped else (dir_b if n == "pose" else b)
-                    source = ti if (n == swapped and mode == "ti") else words
+                    source = ti if (n == swapped and mode in ("ti", "tuned")) else words
                     embeds[n].append(source[n][index])
                 items.append({"donor_truth": donor_truth, "sample_truth": truths[b], "donor_direction": donor_dir,
                               "sample_direction": dir_b, "donor_mask": donor_mask, "sample_mask": sample_mask})
@@ -212,6 +214,17 @@ def inversion_words(run: Path, objects: list[Path], names: list[str], steps: int
                 write_camera_object(folder, objects, direction)
             info = tuned(run, folder, steps, out / "ti" / folder.name, "textual_inversion")
             result["pose"][direction] = load_token(Path(info["path"]) / "tokens" / "pose.safetensors")
+    return result
+
+
+def tuned_words(run: Path, objects: list[Path], names: list[str], steps: int, out: Path) -> dict:
+    """E4T's stage 2 (tune.py, mode encoder): each chair's words after `steps` tuning steps from the
+    run's heads on its 8 views. Object-level words only (a pose word belongs to a camera)."""
+    result = {n: {} for n in names if CONCEPTS[n][0].object_level}
+    for i, folder in enumerate(objects if result else []):
+        info = tuned(run, folder, steps, out / "tuned" / f"{steps}_steps" / folder.name, "encoder")
+        for n in result:
+            result[n][i] = load_token(Path(info["path"]) / "tokens" / f"{n}.safetensors")
     return result
 
 
@@ -319,7 +332,8 @@ def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, s
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
-ROW_MODES = (("word", "{token} from A"), ("text", "A's factor in words"), ("none", "without {token}"),
+ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, encoder + {tuned} tuning steps (E4T)"),
+             ("text", "A's factor in words"), ("none", "without {token}"),
              ("ti", "{token} inverted on A (textual inversion)"))
 
 
@@ -340,7 +354,7 @@ def markdown_table(rows: dict) -> str:
 
 
 def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: float = 4.0, ti_steps: int = 300,
-               modes=("word", "text", "none", "ti"), log=print) -> dict:
+               modes=("word", "tuned", "text", "none", "ti"), tuned_steps: int = 15, log=print) -> dict:
     system, cfg = generate.load_run(run)
     objects = held_out_objects(cfg)
     truths = [truth_of(f) for f in objects]
@@ -355,16 +369,22 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
         ti = inversion_words(run, objects, active, ti_steps, out)
         log(f"textual inversion: {time.time() - t0:.0f} s")
         system, cfg = generate.load_run(run)          # tune_object changed its own copy; reload to be safe
+    tuned_by = {}
+    if "tuned" in modes and tuned_steps > 0:
+        t0 = time.time()
+        tuned_by = tuned_words(run, objects, active, tuned_steps, out)
+        log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
+        system, cfg = generate.load_run(run)
     rows, grids = {}, []
     for swapped in active:
         token = system.concepts[swapped].config.token
         for mode, label in ROW_MODES:
-            if mode not in modes or (mode == "ti" and ti is None):
+            if mode not in modes or (mode == "ti" and ti is None) or (mode == "tuned" and swapped not in tuned_by):
                 continue
             t0 = time.time()
-            cells, images, prompts = swap_condition(system, cfg, swapped, mode, objects, truths, words, ti, seeds,
-                                                    steps, guidance, scorer)
-            rows[(swapped, label.format(token=token))] = cells
+            cells, images, prompts = swap_condition(system, cfg, swapped, mode, objects, truths, words,
+                                                    tuned_by if mode == "tuned" else ti, seeds, steps, guidance, scorer)
+            rows[(swapped, label.format(token=token, tuned=tuned_steps))] = cells
             log(f"{swapped} / {mode}: {len(prompts)} samples, {time.time() - t0:.0f} s; e.g. {prompts[0]!r}")
             if mode == "word":
                 grids.append(images[: 2 * seeds * 7: seeds][:8])
@@ -372,6 +392,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
     norms = {n: float(torch.stack(list(words[n].values())).norm(dim=-1).mean()) for n in active}
     result = {"run": str(run), "held_out_objects": [o.name for o in objects], "seeds": seeds,
               "sample_steps": steps, "guidance_scale": guidance, "ti_steps": ti_steps if ti else 0,
+              "tuned_steps": tuned_steps if tuned_by else 0,
               "word_std_across_sources": stds, "word_norm": norms, "seconds": round(time.time() - started, 1),
               "rows": [{"swapped": w, "row": label, **{f: cells.get(f) for f in FACTORS}} for (w, label), cells in rows.items()]}
     out.mkdir(parents=True, exist_ok=True)
@@ -397,6 +418,8 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--ti-steps", type=int, default=300, help="per-object textual inversion steps (0: skip that row)")
+    p.add_argument("--tuned-steps", type=int, default=15, help="the row of words tuned from the encoder on A "
+                   "(tune.py, E4T's stage 2) for this many steps (0: skip that row)")
     p.add_argument("--ladder", action="store_true", help="also the ladder: encoder, encoder + few tuning steps, "
                    "textual inversion with as few and with --ti-steps steps (shape)")
     p.add_argument("--few-steps", type=int, default=15, help="the ladder's few tuning steps (tune.py's default)")
@@ -412,7 +435,8 @@ def main(argv=None):
                         *[x for item in args.set for x in ("--set", item)]])
     if run is None:
         p.error("give --run or --train")
-    result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps)
+    result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
+                        tuned_steps=args.tuned_steps)
     if args.ladder:
         result["ladder"] = run_ladder(run, args.out, args.few_steps, args.ti_steps, steps=args.sample_steps,
                                       guidance=args.guidance_scale)

@@ -5,6 +5,8 @@ from losses.contrast import contrast_loss
 from losses.denoising import denoising_loss, denoising_target
 from losses.kl import gaussian_kl
 from losses.regularizers import offset_l2
+from losses.targets import word_target_loss
 
 __all__ = ["ALIGNMENT_KINDS", "MASK_ATTENTION_VARIANTS", "alignment_loss", "attention_iou", "attention_mass_inside",
-           "consistency_loss", "contrast_loss", "identity_loss", "denoising_loss", "denoising_target", "gaussian_kl", "mask_attention_loss", "offset_l2"]
+           "consistency_loss", "contrast_loss", "identity_loss", "denoising_loss", "denoising_target", "gaussian_kl", "mask_attention_loss", "offset_l2",
+           "word_target_loss"]

@@ -4,13 +4,14 @@ from .dataset import ObjectViewsDataset, collate
 from .folder import scan_objects
 from .heatmaps import has_keypoints, keypoint_heatmaps
 from .images import load_mask, load_rgb
-from .records import DataError, ObjectRecord, ViewRecord
+from .records import DataError, DataWarning, ObjectRecord, ViewRecord
 from .sampling import ShuffledBatchSampler, TripletBatchSampler, ignore_stop_signals, partner_weights
 from .synthetic import CAMERA_POOL, default_data_dir, ensure_default_data, generate_chairs, resolve_data_root
 
 __all__ = [
     "CAMERA_POOL",
     "DataError",
+    "DataWarning",
     "ObjectRecord",
     "ObjectViewsDataset",
     "ShuffledBatchSampler",

@@ -50,11 +50,13 @@ class ObjectViewsDataset(Dataset):
 
     def __init__(self, records: Sequence[ObjectRecord], resolution: int = 64,
                  flip_prob: float = 0.5, seed: int = 0, mask_set_size: int = 0,
-                 mask_set_resolution: int = 64, random_set_size: bool = False) -> None:
+                 mask_set_resolution: int = 64, random_set_size: bool = False,
+                 cache_bytes: int = 2 << 30) -> None:
         """mask_set_size > 0 adds each item's object's masks (up to that many views, in random
         order, flipped with the item) for set encoders: "mask_set" [S, 1, r, r], "mask_set_valid"
         [S], "mask_set_camera" [S, 3]. random_set_size draws how many views (1..S) per item, so
-        a set encoder also learns from few views."""
+        a set encoder also learns from few views. cache_bytes: memory for decoded, resized
+        files (each decoded once; 0 = decode on every read)."""
         if not records:
             raise ValueError("no object records; call scan_objects() on a data folder first")
         if resolution < 1:
@@ -77,6 +79,33 @@ class ObjectViewsDataset(Dataset):
             (len(view.keypoints) for record in self.records for view in record.views if view.keypoints),
             default=0,
         )
+        # Every file is decoded once, at the size training uses (a 4000x3000 photo costs ~1 s to
+        # decode and resize; its 64 px result nothing). Up to cache_bytes; past that, read again.
+        self.cache: dict = {}
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
+
+    def _cached(self, key, make):
+        """make() once per key while the cache has room; the caller must not modify the result."""
+        if key in self.cache:
+            return self.cache[key]
+        value = make()
+        size = sum(t.numel() * t.element_size() for t in value if torch.is_tensor(t))
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[key] = value
+            self.cached_bytes += size
+        return value
+
+    def _view_pixels(self, view: ViewRecord):
+        """-> image [3,R,R], mask [1,R,R] (centre square, resized) and the square's side in pixels."""
+        image = load_rgb(view.image_path)  # [3,H,W] in [0,1]
+        mask = load_mask(view.mask_path) if view.mask_path else torch.ones_like(image[:1])  # [1,H,W]
+        if mask.shape[-2:] != image.shape[-2:]:  # records may be hand-built, not scanned
+            raise data_error(view.mask_path, f"mask size differs from image {view.image_path}")
+        height, width = image.shape[-2:]
+        image, mask, _ = centre_crop_square(image, mask, torch.zeros(0, 2))
+        side = image.shape[-1]
+        image, mask = resize_pair(image, mask, self.resolution)  # [3,R,R], [1,R,R]
+        return image, mask, side, ((width - side) // 2, (height - side) // 2)
 
     def __len__(self) -> int:
         return len(self.index_pairs)
@@ -121,16 +150,9 @@ class ObjectViewsDataset(Dataset):
         record = self.records[object_index]
         view = record.views[view_index]
 
-        image = load_rgb(view.image_path)  # [3,H,W] in [0,1]
-        mask = load_mask(view.mask_path) if view.mask_path else torch.ones_like(image[:1])  # [1,H,W]
-        if mask.shape[-2:] != image.shape[-2:]:  # records may be hand-built, not scanned
-            raise data_error(view.mask_path, f"mask size differs from image {view.image_path}")
+        image, mask, side, corner = self._cached(("view", object_index, view_index), lambda: self._view_pixels(view))
         keypoints, valid = self._padded_keypoints(view)  # [K,2] pixels, [K]
-
-        image, mask, keypoints = centre_crop_square(image, mask, keypoints)
-        side = image.shape[-1]
-        image, mask = resize_pair(image, mask, self.resolution)  # [3,R,R], [1,R,R]
-        keypoints = keypoints / side  # normalised [0,1] coords survive the resize unchanged
+        keypoints = (keypoints - torch.tensor(corner, dtype=keypoints.dtype)) / side  # into the square, [0,1]
         valid &= ((keypoints >= 0) & (keypoints <= 1)).all(dim=-1)  # cropped-away points are unusable
 
         azimuth = view.azimuth or 0.0
@@ -148,7 +170,7 @@ class ObjectViewsDataset(Dataset):
         camera = torch.tensor([azimuth, view.elevation or 0.0, view.distance or 0.0], dtype=torch.float32)
         item = {
             "image": image * 2.0 - 1.0,  # [3,R,R] in [-1,1]
-            "mask": mask,  # [1,R,R] in {0,1}
+            "mask": mask.clone(),  # [1,R,R] in {0,1} (a copy: the cache keeps its own)
             "has_mask": torch.tensor(view.mask_path is not None),
             "camera": camera,  # [3] (azimuth deg, elevation deg, distance)
             "has_camera": torch.tensor(view.has_camera),
@@ -164,6 +186,15 @@ class ObjectViewsDataset(Dataset):
         if self.mask_set_size > 0:
             item.update(self._mask_set(record, index, flipped))
         return item
+
+    @staticmethod
+    def _set_mask(path, res: int) -> torch.Tensor:
+        """A mask of the set: centre square, area-resized to res [1,res,res]."""
+        mask = load_mask(path)
+        side = min(mask.shape[-2:])
+        top, left = (mask.shape[-2] - side) // 2, (mask.shape[-1] - side) // 2
+        mask = mask[:, top:top + side, left:left + side]
+        return (F.interpolate(mask[None], size=(res, res), mode="area")[0] > 0.5).float()
 
     def _mask_set(self, record: ObjectRecord, index: int, flipped: bool) -> dict[str, torch.Tensor]:
         """The object's masks as a padded set, in a random (per item and epoch) order."""
@@ -181,11 +212,7 @@ class ObjectViewsDataset(Dataset):
             view = record.views[v]
             if view.mask_path is None:
                 continue
-            mask = load_mask(view.mask_path)
-            side = min(mask.shape[-2:])
-            top, left = (mask.shape[-2] - side) // 2, (mask.shape[-1] - side) // 2
-            mask = mask[:, top:top + side, left:left + side]
-            mask = (F.interpolate(mask[None], size=(res, res), mode="area")[0] > 0.5).float()
+            mask = self._cached(("set", record.name, v, res), lambda: (self._set_mask(view.mask_path, res),))[0]
             azimuth = view.azimuth or 0.0
             if flipped:          # the whole object is mirrored with the item
                 mask, azimuth = hflip(mask), -azimuth

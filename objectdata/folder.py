@@ -9,18 +9,23 @@ A root that itself contains views/ is treated as a single object.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from .dataset import ObjectViewsDataset, collate
-from .images import load_mask, load_rgb
+import numpy as np
+import torch
+
+from .dataset import ObjectViewsDataset, centre_crop_square, collate, resize_pair
+from .images import MASK_RULES, load_mask, load_rgb, mask_array_from_pil, mask_rule, open_image
 from .meta import CAMERA_KEYS, ViewMeta, read_meta
-from .records import DataError, ObjectRecord, ViewRecord, data_error
+from .records import DataError, DataWarning, ObjectRecord, ViewRecord, data_error
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
+    "DataWarning",
     "ObjectRecord",
     "ObjectViewsDataset",
     "ViewRecord",
@@ -31,12 +36,21 @@ __all__ = [
 ]
 
 
+def _list(folder: Path) -> list[Path]:
+    """A folder's entries, sorted; a folder that cannot be read is a DataError naming it."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as error:     # PermissionError, a vanished network mount, ...
+        raise data_error(folder, f"cannot read the folder ({error.strerror or type(error).__name__}); "
+                                 "check its permissions") from error
+
+
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     """Image files in `folder` keyed by stem; two files with one stem would be ambiguous.
     Hidden files (.DS_Store) are skipped; any other file must be an image, so a stray file is
     reported rather than silently left out of training."""
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
+    for path in _list(folder):
         if path.name.startswith("."):
             continue
         if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -50,21 +64,37 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _check_view_files(image_path: Path, mask_path: Path | None) -> tuple[int, int]:
-    """Decode the image (and mask) now, so a broken file fails the scan, not epoch 7.
-    -> the image's (width, height)."""
+def _check_view_files(image_path: Path, mask_path: Path | None, resolution: int | None,
+                      notes: list[str]) -> tuple[tuple[int, int], str | None]:
+    """Decode the image (and mask) now, so a broken file fails the scan, not epoch 7; with
+    `resolution`, check them as training will see them (centre square crop, resized).
+    -> the image's (width, height) and the mask's reading rule. Appends warnings to `notes`."""
     image = load_rgb(image_path)  # [3,H,W]
     size = (image.shape[-1], image.shape[-2])
+    if resolution is not None and min(size) < resolution:
+        notes.append(f"{image_path}: {size[0]}x{size[1]} is upsampled to data.resolution {resolution}")
     if mask_path is None:
-        return size
-    mask = load_mask(mask_path)  # [1,H,W]
+        return size, None
+    opened = open_image(mask_path)
+    rule = mask_rule(opened)
+    mask = torch.from_numpy(mask_array_from_pil(opened).astype(np.float32))[None]  # [1,H,W]
     if mask.shape[-2:] != image.shape[-2:]:
         (mask_h, mask_w), (image_h, image_w) = mask.shape[-2:], image.shape[-2:]
         raise data_error(mask_path,
                          f"mask is {mask_w}x{mask_h} (WxH) but image {image_path} is {image_w}x{image_h}")
     if not mask.any():
-        raise data_error(mask_path, "mask is empty (no pixel above half intensity)")
-    return size
+        raise data_error(mask_path, "mask is empty (no pixel above half intensity)"
+                         + (f"; read as a {MASK_RULES[rule]}" if rule else ""))
+    if resolution is not None:
+        # What training sees: the centre square, resized with the image (objectdata.dataset).
+        _, seen = resize_pair(*centre_crop_square(image, mask, torch.zeros(0, 2))[:2], resolution)
+        if not seen.any():
+            raise data_error(mask_path, f"mask is empty at data.resolution {resolution} (the object covers "
+                                        f"{int(mask.sum())} of {size[0]}x{size[1]} pixels, none left after the "
+                                        "centre square crop and resize); crop the view around the object or raise data.resolution")
+        if seen.all():
+            notes.append(f"{mask_path}: the mask covers the whole {resolution}x{resolution} training view (inverted?)")
+    return size, rule
 
 
 def _check_keypoints(meta_path: Path, view_id: str, view: ViewMeta, image_path: Path, size: tuple[int, int]) -> None:
@@ -91,8 +121,10 @@ def _check_requirements(meta_path: Path, view_id: str, view: ViewMeta,
 
 
 def scan_object(folder: Path, require_masks: bool = True, require_cameras: bool = False,
-                require_keypoints: bool = False) -> ObjectRecord:
-    """Validate one object folder and describe it."""
+                require_keypoints: bool = False, resolution: int | None = None,
+                notes: list[str] | None = None) -> ObjectRecord:
+    """Validate one object folder and describe it (warnings appended to `notes`)."""
+    notes = [] if notes is None else notes
     views_dir, masks_dir, meta_path = folder / "views", folder / "masks", folder / "meta.json"
     if not views_dir.is_dir():
         raise data_error(views_dir, "missing; every object folder needs a views/ folder of images")
@@ -114,22 +146,27 @@ def scan_object(folder: Path, require_masks: bool = True, require_cameras: bool 
         if mask_path is None and require_masks:
             raise data_error(image_path,
                              f"has no mask (expected {masks_dir / view_id}.png or another image type)")
-        size = _check_view_files(image_path, mask_path)
+        size, rule = _check_view_files(image_path, mask_path, resolution, notes)
         view_meta = meta.views.get(view_id, ViewMeta())
         _check_keypoints(meta_path, view_id, view_meta, image_path, size)
         _check_requirements(meta_path, view_id, view_meta, require_cameras, require_keypoints)
         views.append(ViewRecord(
             image_path=image_path, mask_path=mask_path, azimuth=view_meta.azimuth,
             elevation=view_meta.elevation, distance=view_meta.distance,
-            keypoints=view_meta.keypoints, view_id=view_id,
+            keypoints=view_meta.keypoints, view_id=view_id, mask_rule=rule,
         ))
     return ObjectRecord(name=folder.name, root=folder, category=meta.category, views=views,
                         keypoint_flip=meta.keypoint_flip)
 
 
 def scan_objects(root: Path | str, require_masks: bool = True, require_cameras: bool = False,
-                 require_keypoints: bool = False) -> list[ObjectRecord]:
-    """Validate every object folder under `root` (sorted by name); raise DataError on any problem."""
+                 require_keypoints: bool = False, resolution: int | None = None) -> list[ObjectRecord]:
+    """Validate every object folder under `root` (sorted by name); raise DataError on any problem.
+
+    resolution: also check every view as training sees it (data.resolution): a mask that is
+    empty there is an error; a mask covering the whole view, or a view smaller than the
+    resolution, a DataWarning. Masks read by a special rule (a palette by index, 0/1 values)
+    are reported in one DataWarning."""
     root = Path(root).expanduser()
     if not root.exists():
         raise data_error(root, "data folder does not exist")
@@ -138,8 +175,18 @@ def scan_objects(root: Path | str, require_masks: bool = True, require_cameras: 
     if (root / "views").is_dir():
         object_dirs = [root]  # the user pointed at a single object folder
     else:
-        object_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        object_dirs = sorted((p for p in _list(root) if p.is_dir() and not p.name.startswith(".")),
                              key=lambda p: p.name)
     if not object_dirs:
         raise data_error(root, "contains no object folders (expected <object>/views/000.png, ...)")
-    return [scan_object(folder, require_masks, require_cameras, require_keypoints) for folder in object_dirs]
+    notes: list[str] = []
+    records = [scan_object(folder, require_masks, require_cameras, require_keypoints, resolution, notes)
+               for folder in object_dirs]
+    for rule, text in MASK_RULES.items():
+        paths = [v.mask_path for r in records for v in r.views if v.mask_rule == rule]
+        if paths:
+            notes.insert(0, f"{len(paths)} mask(s) read as a {text} (e.g. {paths[0]})")
+    if notes:
+        more = f" (+{len(notes) - 5} more)" if len(notes) > 5 else ""
+        warnings.warn(DataWarning(f"{root}: " + "; ".join(notes[:5]) + more), stacklevel=2)
+    return records

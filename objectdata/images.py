@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .records import data_error
 
@@ -16,15 +16,18 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def open_image(path: Path | str) -> Image.Image:
-    """Fully decode an image file, raising DataError naming the file if that fails.
+    """Fully decode an image file as a viewer shows it (EXIF orientation applied), raising
+    DataError naming the file if that fails.
 
     Image.verify() only checks headers/CRCs; a truncated file is caught only by decoding it.
     """
     try:
         with Image.open(path) as image:
             image.load()
-            # copy(): closing the file after the `with` would otherwise invalidate the pixels.
-            return image.copy()
+            # A phone's JPEG stores its pixels sideways with an Orientation tag; a mask drawn on
+            # the upright image only matches once the tag is applied. exif_transpose copies, so
+            # the pixels outlive the file (closed after the `with`).
+            return ImageOps.exif_transpose(image)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... per format
         raise data_error(path, f"cannot read image ({type(error).__name__}: {error})") from error
 
@@ -49,8 +52,44 @@ def rgb_array_from_pil(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+VOID_INDEX = 255      # palette masks: VOC's "void"/ignore border (read as background)
+MASK_RULES = {
+    "palette": "palette mask read by index: 0 background, 255 void (background), any other index the object",
+    "zero_one": "mask stored as 0/1 values: every non-zero pixel is the object",
+}
+
+
+def mask_rule(image: Image.Image) -> str | None:
+    """Which non-standard rule reads this mask (a MASK_RULES key), or None for a plain mask
+    thresholded at half its range."""
+    if image.mode == "P" and not _grey_palette(image):
+        return "palette"
+    if image.mode in ("L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I", "RGB") and not _has_alpha(image):
+        values = np.asarray(image if image.mode != "RGB" and image.mode != "P" else image.convert("L"))
+        if values.size and int(values.max()) == 1:
+            return "zero_one"
+    return None
+
+
+def _grey_palette(image: Image.Image) -> bool:
+    """A palette whose used colours are all grey (e.g. an L mask saved as P): read by brightness."""
+    palette = np.asarray(image.getpalette() or [], dtype=np.int64).reshape(-1, 3)
+    used = np.unique(np.asarray(image))
+    used = used[used < len(palette)]
+    colours = palette[used]
+    return bool(len(colours)) and bool((colours == colours[:, :1]).all())
+
+
 def mask_array_from_pil(image: Image.Image) -> np.ndarray:
-    """Any PIL mode -> bool [H,W], thresholded at half of the mode's value range."""
+    """Any PIL mode -> bool [H,W]: thresholded at half of the mode's value range, except a
+    palette (P) mask with coloured entries, read by index (see MASK_RULES), and a 0/1 mask."""
+    rule = mask_rule(image)
+    if rule == "palette":
+        index = np.asarray(image)
+        return (index != 0) & (index != VOID_INDEX)
+    if rule == "zero_one":
+        grey = image if image.mode not in ("RGB", "P") else image.convert("L")
+        return np.asarray(grey) > 0
     if image.mode == "1":
         return np.asarray(image, dtype=bool)
     if image.mode in SIXTEEN_BIT_MODES:

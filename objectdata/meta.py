@@ -12,6 +12,7 @@ from .records import data_error
 
 DEFAULT_CATEGORY = "object"
 CAMERA_KEYS = ("azimuth", "elevation", "distance")
+CAMERA_RANGES = {"azimuth": (-360.0, 360.0), "elevation": (-90.0, 90.0)}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ def _view_meta(meta_path: Path, view_id: str, entry: Any) -> ViewMeta:
     camera = {name: _number(meta_path, f"{key}.{name}", entry.get(name)) for name in CAMERA_KEYS}
     if camera["distance"] is not None and camera["distance"] <= 0:
         raise data_error(meta_path, f"{key}.distance must be positive, got {camera['distance']!r}")
+    # Degrees. Elevation past the poles is not a camera; azimuth wraps, but beyond one turn either
+    # way it is a unit or typing error (radians are within these bounds and cannot be told apart).
+    for name, (lo, hi) in CAMERA_RANGES.items():
+        if camera[name] is not None and not lo <= camera[name] <= hi:
+            raise data_error(meta_path, f"{key}.{name} must be in [{lo:g}, {hi:g}] degrees, got {camera[name]!r}")
     keypoints = _keypoints(meta_path, f"{key}.keypoints", entry.get("keypoints"))
     return ViewMeta(keypoints=keypoints, **camera)
 

@@ -10,6 +10,10 @@ class DataError(ValueError):
     """A problem in a data folder. The message always starts with the offending file or folder."""
 
 
+class DataWarning(UserWarning):
+    """Data that trains, but maybe not as meant (a mask read by a special rule, a view upsampled)."""
+
+
 def data_error(path: Path | str, problem: str) -> DataError:
     """Build a DataError whose message leads with `path` so users know which file to fix."""
     # Plain single-argument exception (no custom __init__) so it survives pickling,
@@ -30,6 +34,7 @@ class ViewRecord:
     # [i, i+1) x [j, j+1), so its centre is (i + 0.5, j + 0.5). None entries = unknown point.
     keypoints: list[list[float] | None] | None = None
     view_id: str = ""  # file stem, e.g. "000"
+    mask_rule: str | None = None  # a non-standard rule the mask was read by (images.MASK_RULES)
 
     def __post_init__(self) -> None:
         self.image_path = Path(self.image_path)

@@ -125,3 +125,47 @@ def test_tuning_keeps_the_domain_statistics_of_a_standardised_shape_code(tmp_pat
     stats = [k for k in before if "standardize.running" in k]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))   # it did tune
+
+
+def test_word_targets_from_tuning_pull_the_encoders_words_toward_them(tmp_path, chairs_dir):
+    """tune.py --targets tunes each training object (not the held-out ones) and keeps the
+    object-level words; a run with losses.shape.target_weight then ends closer to them than the
+    same run without the pull."""
+    from safetensors import safe_open
+
+    from experiments.swap_matrix import encode_word
+    common = ["--set", f"run.output_dir={tmp_path}", "--set", "train.sample_every=0", "--set", "sample.steps=1",
+              "--set", "concepts.shape.fixed_norm=0.5", "--set", "data.holdout=2"]
+    domain = train.main(["--name", "domain", "--tokens", "shape,pose", "--set", "train.steps=2", *common])
+    targets = tmp_path / "targets.safetensors"
+    info = tune.tune_targets(domain, targets, steps=3, progress=lambda line: None)
+    with safe_open(str(targets), "pt") as f:
+        keys = set(f.keys())
+    training = sorted(p.name for p in chairs_dir.iterdir() if p.is_dir())[:-2]
+    assert keys == {f"shape/{name}" for name in training}                    # no pose (a word per view), no held-out
+    assert info["objects"] == len(training) and info["concepts"] == ["shape"]
+
+    def distance(run):
+        system, cfg = generate.load_run(run)
+        words = load_file(str(targets))
+        return sum(1 - torch.nn.functional.cosine_similarity(encode_word(system, cfg, "shape", chairs_dir / n),
+                                                            words[f"shape/{n}"]).mean().item() for n in training[:4])
+    pulled = ["--set", f"train.word_targets={targets}", "--set", "train.steps=8", "--set", "concepts.shape.lr=1e-2"]
+    free = train.main(["--name", "free", "--tokens", "shape,pose", *common, *pulled])
+    with_pull = train.main(["--name", "pull", "--tokens", "shape,pose", *common, *pulled,
+                            "--set", "losses.shape.target_weight=10"])
+    logged = [json.loads(line) for line in (with_pull / "metrics.jsonl").read_text().splitlines()]
+    assert any("shape/word_target" in r for r in logged)
+    assert distance(with_pull) < 0.5 * distance(free)
+
+
+@pytest.mark.parametrize("targets, message", [("", "needs train.word_targets"), ("missing.safetensors", "does not exist"),
+                                              ("bad.safetensors", "not a readable safetensors")])
+def test_a_target_pull_without_usable_targets_stops_before_the_run_folder_exists(tmp_path, targets, message):
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    path = str(tmp_path / targets) if targets else ""
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--name", "t", "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "train.steps=1",
+                    "--set", "losses.shape.target_weight=1", "--set", f"train.word_targets={path}"])
+    assert message in str(stopped.value.code) and (not targets or targets in str(stopped.value.code))
+    assert not (tmp_path / "runs" / "t").exists()

@@ -35,7 +35,7 @@ def launch(spy: Path, *train_args: str) -> None:
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
-        output, _ = process.communicate(timeout=180)
+        output, _ = process.communicate(timeout=900)   # patient: a loaded 2-core machine is slow
     except subprocess.TimeoutExpired:
         # torchrun may put the ranks in their own groups: kill everything running this driver.
         subprocess.run(["pkill", "-9", "-f", str(spy)], check=False)

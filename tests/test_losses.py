@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from losses import (attention_iou, attention_mass_inside, contrast_loss, denoising_loss, denoising_target,
-                    identity_loss, mask_attention_loss, offset_l2)
+                    identity_loss, mask_attention_loss, offset_l2, word_target_loss)
 
 
 def square_mask(b=3, size=32, lo=8, hi=24):
@@ -88,6 +88,21 @@ def test_contrast_loss_charges_a_word_that_does_not_beat_another_objects():
     assert torch.isclose(loss[0], torch.tensor(0.05))   # a word shared by every object pays the margin
     assert loss[1] == 0                                  # the other object's word loses by more than the margin
     assert loss[2] > loss[0]                             # another object's word explains the image better
+
+
+def test_word_target_loss_reads_the_direction_and_skips_objects_without_a_target():
+    target = torch.randn(4, 2, 16)
+    words = target * torch.tensor([1.0, 3.0, 1.0, 1.0])[:, None, None]      # rows 0, 1: the target's direction
+    words[2] = -target[2]                                                    # row 2: opposite
+    words[3] = torch.randn(2, 16)
+    loss = word_target_loss(words, target, torch.tensor([1, 1, 1, 0]))
+    assert loss.shape == (4,)
+    assert loss[0].abs() < 1e-6 and loss[1].abs() < 1e-6                    # the norm is not chased
+    assert torch.isclose(loss[2], torch.tensor(2.0))
+    assert loss[3] == 0                                                      # no target: no loss
+    moving = words.clone().requires_grad_(True)
+    word_target_loss(moving, target, torch.ones(4)).sum().backward()
+    assert moving.grad[2].abs().sum() > 0
 
 
 def test_identity_loss_rewards_codes_that_pick_out_their_own_object():
