@@ -29,6 +29,7 @@ from concepts import CONCEPTS
 from checkpointing import atomic_folder, atomic_write
 from configs.schema import ConfigError, load_config, mask_set_size
 from objectdata import DataError, ObjectViewsDataset, collate, resolve_data_root, scan_objects
+from rundata import split_holdout
 from tokens.export import load_token, save_token
 from tokens.targets import save_word_targets
 
@@ -134,8 +135,8 @@ def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, pro
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    records = scan_objects(resolve_data_root(cfg.data.root))
-    training = records[:len(records) - min(cfg.data.holdout, len(records) - 1)]      # the split rundata makes
+    root = resolve_data_root(cfg.data.root)
+    training = split_holdout(scan_objects(root), cfg.data.holdout, root)[0]      # the run's own split
     names = [n for n in cfg.tokens if CONCEPTS[n][0].object_level]
     if not names:
         raise ConfigError(f"{run_dir}: none of its words ({', '.join(cfg.tokens)}) is one word per object")

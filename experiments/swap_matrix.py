@@ -164,7 +164,9 @@ def score(images, scorer, items: list[dict]) -> dict:
 def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words: dict, ti: dict | None,
                    seeds: int, steps: int, guidance: float, scorer) -> tuple[dict, torch.Tensor, list]:
     """mode: "word" (A's word), "text" (A's factor in words), "none" (no word), "ti" (A's inverted
-    word), "tuned" (A's word after tune.py's few steps from the encoder, E4T's stage 2; in `ti`)."""
+    word), "tuned" (E4T's stage 2: every chair's object-level words tuned on that chair with
+    tune.py's few steps from the encoder, given in `ti`; A's for the swapped word, B's for the rest;
+    the pose word stays the encoder's)."""
     active = [n for n in system.tokens if n in OWNS]
     prompts, embeds, items = [], {n: [] for n in active}, []
     res = cfg.data.resolution
@@ -184,7 +186,10 @@ def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words:
                 prompts.append(build_prompt(system, active, mode_of, truths[a], dir_a))
                 for n in active:
                     index = (dir_a if n == "pose" else a) if n == swapped else (dir_b if n == "pose" else b)
-                    source = ti if (n == swapped and mode in ("ti", "tuned")) else words
+                    if mode == "tuned" and n in ti:         # E4T: every object's words tuned on it
+                        source = ti
+                    else:
+                        source = ti if (n == swapped and mode == "ti") else words
                     embeds[n].append(source[n][index])
                 items.append({"donor_truth": donor_truth, "sample_truth": truths[b], "donor_direction": donor_dir,
                               "sample_direction": dir_b, "donor_mask": donor_mask, "sample_mask": sample_mask})
@@ -332,7 +337,7 @@ def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, s
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
-ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, encoder + {tuned} tuning steps (E4T)"),
+ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, words tuned {tuned} steps per chair (E4T)"),
              ("text", "A's factor in words"), ("none", "without {token}"),
              ("ti", "{token} inverted on A (textual inversion)"))
 
@@ -379,7 +384,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
     for swapped in active:
         token = system.concepts[swapped].config.token
         for mode, label in ROW_MODES:
-            if mode not in modes or (mode == "ti" and ti is None) or (mode == "tuned" and swapped not in tuned_by):
+            if mode not in modes or (mode == "ti" and ti is None) or (mode == "tuned" and not tuned_by):
                 continue
             t0 = time.time()
             cells, images, prompts = swap_condition(system, cfg, swapped, mode, objects, truths, words,
@@ -420,6 +425,8 @@ def main(argv=None):
     p.add_argument("--ti-steps", type=int, default=300, help="per-object textual inversion steps (0: skip that row)")
     p.add_argument("--tuned-steps", type=int, default=15, help="the row of words tuned from the encoder on A "
                    "(tune.py, E4T's stage 2) for this many steps (0: skip that row)")
+    p.add_argument("--rows", default="word,tuned,text,none,ti", help="which rows (modes) to sample: word, tuned, "
+                   "text, none, ti")
     p.add_argument("--ladder", action="store_true", help="also the ladder: encoder, encoder + few tuning steps, "
                    "textual inversion with as few and with --ti-steps steps (shape)")
     p.add_argument("--few-steps", type=int, default=15, help="the ladder's few tuning steps (tune.py's default)")
@@ -436,7 +443,7 @@ def main(argv=None):
     if run is None:
         p.error("give --run or --train")
     result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
-                        tuned_steps=args.tuned_steps)
+                        modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps)
     if args.ladder:
         result["ladder"] = run_ladder(run, args.out, args.few_steps, args.ti_steps, steps=args.sample_steps,
                                       guidance=args.guidance_scale)

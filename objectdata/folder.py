@@ -87,7 +87,8 @@ def _check_view_files(image_path: Path, mask_path: Path | None, resolution: int 
                          + (f"; read as a {MASK_RULES[rule]}" if rule else ""))
     if resolution is not None:
         # What training sees: the centre square, resized with the image (objectdata.dataset).
-        _, seen = resize_pair(*centre_crop_square(image, mask, torch.zeros(0, 2))[:2], resolution)
+        # The mask alone (no image channels): the same filter per channel, so the same pixels.
+        _, seen = resize_pair(*centre_crop_square(image[:0], mask, torch.zeros(0, 2))[:2], resolution)
         if not seen.any():
             raise data_error(mask_path, f"mask is empty at data.resolution {resolution} (the object covers "
                                         f"{int(mask.sum())} of {size[0]}x{size[1]} pixels, none left after the "
