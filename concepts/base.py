@@ -55,23 +55,31 @@ class OffsetHead(nn.Module):
         return ConceptOutput(embeds=embeds, offset=offset)
 
 
+CONV_POOLS = ("mean", "mean_max")
+
+
 class ConvEncoder(nn.Module):
     """A small CNN: maps [B, C, H, W] (masks, heatmaps, pixels) -> features [B, width*4]."""
 
-    def __init__(self, in_channels: int = 1, width: int = 16, size: int = 64):
+    def __init__(self, in_channels: int = 1, width: int = 16, size: int = 64, pool: str = "mean"):
         super().__init__()
-        self.size = size
+        if pool not in CONV_POOLS:
+            raise ValueError(f"pool must be one of {CONV_POOLS}, got {pool!r}")
+        self.size, self.pool = size, pool
         layers, c = [], in_channels
         for out in (width, width * 2, width * 4, width * 4):
             layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.GroupNorm(4, out), nn.SiLU()]
             c = out
-        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.out_dim = c
+        self.net = nn.Sequential(*layers)
+        # mean_max: a small part (an arm) moves the mean of a feature map little but its max fully.
+        self.out_dim = c * (2 if pool == "mean_max" else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.size:
             x = nn.functional.interpolate(x.float(), size=(self.size, self.size), mode="area")
-        return self.net(x.float())
+        maps = self.net(x.float())                                       # [B, C, h, w]
+        mean = maps.mean(dim=(-2, -1))
+        return torch.cat([mean, maps.amax(dim=(-2, -1))], dim=-1) if self.pool == "mean_max" else mean
 
 
 class Concept(nn.Module):

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
+from concepts.base import (CONV_POOLS, Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView,
+                           in_timestep_range)
 from losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss, gaussian_kl,
                     identity_loss, mask_attention_loss, offset_l2)
 
@@ -34,12 +35,15 @@ class ShapeConfig(ConceptConfig):
     code_dim: int = field(default=32, metadata={"help": "size of the shape code z"})
     use_image: bool = field(default=False, metadata={"help": "image branch: the frozen image encoder predicts the code from one RGB view"})
     mask_width: int = field(default=16, metadata={"help": "channels of the mask CNN's first layer"})
+    mask_pool: str = field(default="mean", metadata={"help": "how the mask CNN pools its last feature maps: mean, or mean_max (also the max, so a small part like an arm moves the features)"})
     standardize: bool = field(default=False, metadata={"help": "standardise the code across objects (batch norm without affine; running statistics after training): mask features differ little between objects, so unscaled the code's object part drowns in its noise and the head learns to ignore it"})
     logvar_init: float = field(default=0.0, metadata={"help": "set encoder: the code's log variance starts here; a wide code (0: sigma 1) drowns the masks' signal in noise early on"})
 
     def __post_init__(self):
         if self.encoder not in SHAPE_ENCODERS:
             raise ValueError(f"concepts.shape.encoder: {self.encoder!r} is not one of {SHAPE_ENCODERS}")
+        if self.mask_pool not in CONV_POOLS:
+            raise ValueError(f"concepts.shape.mask_pool: {self.mask_pool!r} is not one of {CONV_POOLS}")
 
 @dataclass
 class ShapeLossConfig:
@@ -73,9 +77,9 @@ class MaskSetEncoder(nn.Module):
     """
 
     def __init__(self, width: int, code_dim: int, use_cameras: bool, logvar_init: float = 0.0,
-                 standardize: bool = False):
+                 standardize: bool = False, pool: str = "mean"):
         super().__init__()
-        self.cnn = ConvEncoder(in_channels=1, width=width)
+        self.cnn = ConvEncoder(in_channels=1, width=width, pool=pool)
         dim = self.cnn.out_dim
         self.use_cameras = use_cameras
         self.camera = nn.Linear(3, dim) if use_cameras else None   # (sin az, cos az, elevation/90)
@@ -118,10 +122,10 @@ class ShapeConcept(Concept):
         self.noise_generator: torch.Generator | None = None
         if config.encoder == "set":
             self.set_encoder = MaskSetEncoder(config.mask_width, config.code_dim, config.use_cameras, config.logvar_init,
-                                              config.standardize)
+                                              config.standardize, config.mask_pool)
             in_dim = config.code_dim
         else:
-            self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width)
+            self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width, pool=config.mask_pool)
             in_dim = self.mask_encoder.out_dim
             self.standardize = nn.BatchNorm1d(in_dim, affine=False, momentum=0.1) if config.standardize else None
         self.image_encoder = None

@@ -19,6 +19,7 @@ ROWS = [
     ("shape", {"encoder": "view", "use_image": True}, {"align_kind": "cosine"}),
     ("shape", {"fixed_norm": 0.9, "standardize": True, "logvar_init": -4.0}, {"identity_weight": 0.1, "contrast_weight": 1.0}),
     ("shape", {"encoder": "view", "standardize": True}, {}),
+    ("shape", {"mask_pool": "mean_max", "standardize": True}, {}),
     ("pose", {}, {}),
     ("pose", {"inputs": ["keypoints"], "num_keypoints": 10}, {}),
     ("pose", {"inputs": ["image", "camera"], "num_vectors": 2}, {}),
@@ -140,3 +141,20 @@ def test_standardised_shape_code_keeps_objects_apart():
     mu, logvar = encoder(masks, torch.ones(4, 2, dtype=torch.bool))
     assert torch.allclose(mu.std(0, unbiased=False), torch.ones(6), atol=1e-2)
     assert torch.allclose(logvar.mean(), torch.tensor(-4.0), atol=1.0)      # starts narrow
+
+
+def test_max_pooled_mask_features_see_a_small_part_the_mean_hardly_sees():
+    """An 'arm' of a few pixels: its share of the mean-pooled features is its share of the area,
+    while the max-pooled half moves as much as for a large part."""
+    from concepts.base import ConvEncoder
+    torch.manual_seed(0)
+    encoder = ConvEncoder(width=8, pool="mean_max")
+    seat = torch.zeros(1, 1, 32, 32)
+    seat[..., 12:20, 8:24] = 1
+    with_arm = seat.clone()
+    with_arm[..., 8:12, 8:9] = 1                                           # a 1x4 pixel arm
+    a, b = encoder(seat), encoder(with_arm)
+    half = a.shape[-1] // 2
+    mean_change = (a[:, :half] - b[:, :half]).abs().max()
+    max_change = (a[:, half:] - b[:, half:]).abs().max()
+    assert a.shape == (1, 2 * 32) and max_change > 2 * mean_change
