@@ -62,7 +62,8 @@ def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple
                            require_keypoints="keypoints" in needs)
     if len(records) != 1:
         raise DataError(f"{folder}: expected one object folder (with views/), found {len(records)} objects")
-    dataset = ObjectViewsDataset(records, resolution, flip_prob=0.0, mask_set_size=set_size if "mask_set" in needs else 0)
+    dataset = ObjectViewsDataset(records, resolution, flip_prob=0.0, mask_set_size=set_size if "mask_set" in needs else 0,
+                                 set_shading="mask_set_shading" in needs)
     if not 0 <= view < len(dataset):
         raise DataError(f"{folder}: view {view} out of range, the object has {len(dataset)} views")
     return collate([dataset[view]])

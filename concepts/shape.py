@@ -22,6 +22,7 @@ from losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, co
                     identity_loss, mask_attention_loss, offset_l2)
 
 SHAPE_ENCODERS = ("set", "view")
+MASK_INPUTS = ("mask", "mask_shading")
 ATTENTION_TARGETS = ("shape", "shape_pose_union")
 
 @dataclass
@@ -35,6 +36,7 @@ class ShapeConfig(ConceptConfig):
     code_dim: int = field(default=32, metadata={"help": "size of the shape code z"})
     use_image: bool = field(default=False, metadata={"help": "image branch: the frozen image encoder predicts the code from one RGB view"})
     mask_width: int = field(default=16, metadata={"help": "channels of the mask CNN's first layer"})
+    mask_input: str = field(default="mask", metadata={"help": "set encoder input per view: mask, or mask_shading (also the view's brightness inside the mask, standardised per view: parts such as an armrest that a 32 px silhouette hides, without the colour)"})
     mask_pool: str = field(default="mean", metadata={"help": "how the mask CNN pools its last feature maps: mean, or mean_max (also the max, so a small part like an arm moves the features)"})
     standardize: bool = field(default=False, metadata={"help": "standardise the code across objects (batch norm without affine; running statistics after training): mask features differ little between objects, so unscaled the code's object part drowns in its noise and the head learns to ignore it"})
     logvar_init: float = field(default=0.0, metadata={"help": "set encoder: the code's log variance starts here; a wide code (0: sigma 1) drowns the masks' signal in noise early on"})
@@ -42,6 +44,10 @@ class ShapeConfig(ConceptConfig):
     def __post_init__(self):
         if self.encoder not in SHAPE_ENCODERS:
             raise ValueError(f"concepts.shape.encoder: {self.encoder!r} is not one of {SHAPE_ENCODERS}")
+        if self.mask_input not in MASK_INPUTS:
+            raise ValueError(f"concepts.shape.mask_input: {self.mask_input!r} is not one of {MASK_INPUTS}")
+        if self.mask_input != "mask" and self.encoder != "set":
+            raise ValueError("concepts.shape.mask_input: mask_shading needs encoder: set")
         if self.mask_pool not in CONV_POOLS:
             raise ValueError(f"concepts.shape.mask_pool: {self.mask_pool!r} is not one of {CONV_POOLS}")
 
@@ -77,9 +83,9 @@ class MaskSetEncoder(nn.Module):
     """
 
     def __init__(self, width: int, code_dim: int, use_cameras: bool, logvar_init: float = 0.0,
-                 standardize: bool = False, pool: str = "mean"):
+                 standardize: bool = False, pool: str = "mean", in_channels: int = 1):
         super().__init__()
-        self.cnn = ConvEncoder(in_channels=1, width=width, pool=pool)
+        self.cnn = ConvEncoder(in_channels=in_channels, width=width, pool=pool)
         dim = self.cnn.out_dim
         self.use_cameras = use_cameras
         self.camera = nn.Linear(3, dim) if use_cameras else None   # (sin az, cos az, elevation/90)
@@ -92,6 +98,7 @@ class MaskSetEncoder(nn.Module):
         self.standardize = nn.BatchNorm1d(code_dim, affine=False, momentum=0.1) if standardize else None
 
     def forward(self, masks, valid, cameras=None):
+        """masks [B, S, C, r, r]: C = 1 (mask) or 2 (mask, shading)."""
         b, s = masks.shape[:2]
         tokens = self.cnn(masks.flatten(0, 1)).view(b, s, -1)                 # [B, S, F]
         if self.camera is not None and cameras is not None:
@@ -111,7 +118,9 @@ class ShapeConcept(Concept):
 
     @classmethod
     def needs_for(cls, config: ShapeConfig) -> tuple[str, ...]:
-        return ("mask", "mask_set") if config.encoder == "set" else ("mask",)
+        if config.encoder != "set":
+            return ("mask",)
+        return ("mask", "mask_set", "mask_set_shading") if config.mask_input == "mask_shading" else ("mask", "mask_set")
 
     def __init__(self, config: ShapeConfig, loss_config: ShapeLossConfig, initializer_row: torch.Tensor,
                  image_encoder=None):
@@ -122,7 +131,8 @@ class ShapeConcept(Concept):
         self.noise_generator: torch.Generator | None = None
         if config.encoder == "set":
             self.set_encoder = MaskSetEncoder(config.mask_width, config.code_dim, config.use_cameras, config.logvar_init,
-                                              config.standardize, config.mask_pool)
+                                              config.standardize, config.mask_pool,
+                                              in_channels=2 if config.mask_input == "mask_shading" else 1)
             in_dim = config.code_dim
         else:
             self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width, pool=config.mask_pool)
@@ -152,6 +162,9 @@ class ShapeConcept(Concept):
             masks, valid, cameras = batch["mask"][:, None], torch.ones_like(batch["mask"][:, 0, 0, 0]).bool()[:, None], \
                 batch.get("camera", None)
             cameras = cameras[:, None] if cameras is not None else None
+        if self.config.mask_input == "mask_shading":                         # [B, S, 2, r, r]
+            shading = batch.get("mask_set_shading") if "mask_set" in batch else None
+            masks = torch.cat([masks, shading if shading is not None else torch.zeros_like(masks)], dim=2)
         mu, logvar = self.set_encoder(masks, valid.bool(), cameras if self.config.use_cameras else None)
         tau = 1.0 if self.training else self.diversity
         if tau == 0:

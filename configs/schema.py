@@ -277,6 +277,11 @@ def mask_set_size(config: "Config") -> int:
                 if "mask_set" in CONCEPTS[n][0].needs_for(config.concepts[n])), default=0)
 
 
+def mask_set_shading(config: "Config") -> bool:
+    """Does an active head read the mask set's shading (concepts.shape.mask_input)?"""
+    return any("mask_set_shading" in CONCEPTS[n][0].needs_for(config.concepts[n]) for n in config.tokens)
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")

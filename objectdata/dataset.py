@@ -51,12 +51,14 @@ class ObjectViewsDataset(Dataset):
     def __init__(self, records: Sequence[ObjectRecord], resolution: int = 64,
                  flip_prob: float = 0.5, seed: int = 0, mask_set_size: int = 0,
                  mask_set_resolution: int = 64, random_set_size: bool = False,
-                 cache_bytes: int = 2 << 30) -> None:
+                 cache_bytes: int = 2 << 30, set_shading: bool = False) -> None:
         """mask_set_size > 0 adds each item's object's masks (up to that many views, in random
         order, flipped with the item) for set encoders: "mask_set" [S, 1, r, r], "mask_set_valid"
         [S], "mask_set_camera" [S, 3]. random_set_size draws how many views (1..S) per item, so
         a set encoder also learns from few views. cache_bytes: memory for decoded, resized
-        files (each decoded once; 0 = decode on every read)."""
+        files (each decoded once; 0 = decode on every read). set_shading adds "mask_set_shading"
+        [S, 1, r, r]: each set view's brightness inside its mask, standardised per view (the
+        shading of the object's parts, without its colour or overall brightness)."""
         if not records:
             raise ValueError("no object records; call scan_objects() on a data folder first")
         if resolution < 1:
@@ -70,6 +72,7 @@ class ObjectViewsDataset(Dataset):
         self.mask_set_size = mask_set_size
         self.mask_set_resolution = mask_set_resolution
         self.random_set_size = random_set_size
+        self.set_shading = set_shading
         self.flip_prob = flip_prob
         self.seed = seed
         self.epoch = 0
@@ -184,7 +187,7 @@ class ObjectViewsDataset(Dataset):
             "view_id": view.view_id,
         }
         if self.mask_set_size > 0:
-            item.update(self._mask_set(record, index, flipped))
+            item.update(self._mask_set(record, index, flipped, object_index))
         return item
 
     @staticmethod
@@ -196,7 +199,7 @@ class ObjectViewsDataset(Dataset):
         mask = mask[:, top:top + side, left:left + side]
         return (F.interpolate(mask[None], size=(res, res), mode="area")[0] > 0.5).float()
 
-    def _mask_set(self, record: ObjectRecord, index: int, flipped: bool) -> dict[str, torch.Tensor]:
+    def _mask_set(self, record: ObjectRecord, index: int, flipped: bool, object_index: int) -> dict[str, torch.Tensor]:
         """The object's masks as a padded set, in a random (per item and epoch) order."""
         size, res = self.mask_set_size, self.mask_set_resolution
         seed = int(np.random.SeedSequence([self.seed, self.epoch, index, 1]).generate_state(1, np.uint64)[0])
@@ -206,6 +209,7 @@ class ObjectViewsDataset(Dataset):
         if self.random_set_size:
             count = int(torch.randint(1, count + 1, (), generator=generator))
         masks = torch.zeros(size, 1, res, res)
+        shading = torch.zeros(size, 1, res, res) if self.set_shading else None
         valid = torch.zeros(size, dtype=torch.bool)
         cameras = torch.zeros(size, 3)
         for slot, v in enumerate(order[:count]):
@@ -214,11 +218,31 @@ class ObjectViewsDataset(Dataset):
                 continue
             mask = self._cached(("set", record.name, v, res), lambda: (self._set_mask(view.mask_path, res),))[0]
             azimuth = view.azimuth or 0.0
+            if shading is not None:
+                shade = self._cached(("shading", record.name, v, res),
+                                     lambda: (self._set_shading(self._cached(("view", object_index, v),
+                                                                             lambda: self._view_pixels(view))[0], mask),))[0]
+                shading[slot] = hflip(shade) if flipped else shade
             if flipped:          # the whole object is mirrored with the item
                 mask, azimuth = hflip(mask), -azimuth
             masks[slot], valid[slot] = mask, True
             cameras[slot] = torch.tensor([azimuth, view.elevation or 0.0, view.distance or 0.0])
-        return {"mask_set": masks, "mask_set_valid": valid, "mask_set_camera": cameras}
+        out = {"mask_set": masks, "mask_set_valid": valid, "mask_set_camera": cameras}
+        if shading is not None:
+            out["mask_set_shading"] = shading
+        return out
+
+    @staticmethod
+    def _set_shading(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """image [3,R,R] in [0,1], set mask [1,r,r] -> brightness inside the mask, zero mean and unit
+        spread per view [1,r,r] (0 outside)."""
+        grey = F.interpolate(image.mean(0, keepdim=True)[None], size=mask.shape[-2:], mode="bilinear",
+                             align_corners=False, antialias=True)[0]
+        inside = mask > 0
+        if inside.sum() < 2:
+            return torch.zeros_like(mask)
+        values = grey[inside]
+        return ((grey - values.mean()) / (values.std() + 1e-3)) * mask
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

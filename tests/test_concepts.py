@@ -20,6 +20,7 @@ ROWS = [
     ("shape", {"fixed_norm": 0.9, "standardize": True, "logvar_init": -4.0}, {"identity_weight": 0.1, "contrast_weight": 1.0}),
     ("shape", {"encoder": "view", "standardize": True}, {}),
     ("shape", {"mask_pool": "mean_max", "standardize": True}, {}),
+    ("shape", {"mask_input": "mask_shading", "standardize": True}, {}),
     ("pose", {}, {}),
     ("pose", {"inputs": ["keypoints"], "num_keypoints": 10}, {}),
     ("pose", {"inputs": ["image", "camera"], "num_vectors": 2}, {}),
@@ -158,3 +159,26 @@ def test_max_pooled_mask_features_see_a_small_part_the_mean_hardly_sees():
     mean_change = (a[:, :half] - b[:, :half]).abs().max()
     max_change = (a[:, half:] - b[:, half:]).abs().max()
     assert a.shape == (1, 2 * 32) and max_change > 2 * mean_change
+
+
+def test_set_shading_keeps_the_parts_and_drops_the_colour(chairs_dir):
+    """The shading channel of the mask set: zero outside the mask, standardised inside, flipped
+    with the item, and the same for a darker (or differently coloured, flat-shaded) object."""
+    from objectdata import ObjectViewsDataset, scan_objects
+    from objectdata.dataset import ObjectViewsDataset as Dataset
+    records = scan_objects(chairs_dir)[:1]
+    plain = ObjectViewsDataset(records, 32, flip_prob=0.0, mask_set_size=3, set_shading=True)[0]
+    shading, masks, valid = plain["mask_set_shading"], plain["mask_set"], plain["mask_set_valid"]
+    assert shading.shape == masks.shape and valid.any()
+    assert (shading[masks == 0] == 0).all()
+    for s, m, ok in zip(shading, masks, valid):
+        if ok:
+            inside = s[m > 0]
+            assert abs(inside.mean()) < 1e-4 and abs(inside.std() - 1) < 0.05
+    image = torch.rand(3, 32, 32)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1
+    assert torch.allclose(Dataset._set_shading(image, mask), Dataset._set_shading(image * 0.5, mask), atol=0.05)   # unit spread
+    flipped = ObjectViewsDataset(records, 32, flip_prob=1.0, mask_set_size=3, set_shading=True)[0]
+    assert torch.allclose(flipped["mask_set_shading"], shading.flip(-1))
+    assert "mask_set_shading" not in ObjectViewsDataset(records, 32, mask_set_size=3)[0]     # only when asked
