@@ -9,12 +9,11 @@ it stopped when run again.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import train
-from checkpointing import latest_checkpoint
+from checkpointing import latest_intact_checkpoint, load_state
 from configs.schema import ConfigError
 from evaluation.image_metrics import ClipScorer
 from evaluation.report import write_report
@@ -50,8 +49,8 @@ def run_sweep(argv: list[str]):
     for value, cfg in zip(values, configs):
         run_name = f"{name}/{key}={value.replace('/', '_')}"
         run_dir = Path(base.run.output_dir) / run_name
-        done = latest_checkpoint(run_dir)
-        step = json.loads((done / "state.json").read_text())["step"] if done else 0
+        done = latest_intact_checkpoint(run_dir)[0]          # a damaged newest one: resume says so
+        step = load_state(done)["step"] if done else 0
         if "--overwrite" in rest or step < cfg.train.steps:
             # An interrupted run continues from its checkpoint; a finished one is reused.
             resume = ["--resume"] if done is not None and "--overwrite" not in rest else []

@@ -53,7 +53,8 @@ def export_tokens(system, datasets, run_dir: Path, device):
     diffusers' load_textual_inversion."""
     system.concepts.eval()
     for data in datasets:
-        dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size)
+        dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size,
+                                     set_shading=data.set_shading)
         batch = to_device(first_views(dataset, len(dataset.records)), device)
         with torch.no_grad():
             outs = system.encode(batch)

@@ -81,10 +81,19 @@ def resolve_model_path(name: str) -> str:
     looks_like_path = name.startswith(("/", ".", "~", "\\")) or name.count("/") > 1 or name.endswith("/") or ":" in name
     if looks_like_path:
         raise ValueError(f"model.name {name!r}: the folder does not exist")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not _in_hub_cache(name):
         raise ValueError(f"model.name {name!r}: no such folder, and as a hub id it needs the network (HF_HUB_OFFLINE is "
                          "set): pass a local diffusers folder, or download it once with the network on")
     return name
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Offline, a hub id still loads from the local hub cache (downloaded before)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except Exception:               # a malformed id: not in the cache either
+        return False
 
 
 def load_backbone(name: str, image_encoder: str | None = None, need_image_encoder: bool = False,

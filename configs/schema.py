@@ -166,10 +166,10 @@ def _check_value(key: str, value, hint):
         hint = next(a for a in args if a is not type(None))
         return _check_value(key, value, hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if hint is float and isinstance(value, str):      # PyYAML reads "1e-2" as text (YAML 1.1)
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if hint in (int, float, str, bool):
@@ -353,7 +353,8 @@ def save_config(config: Config, path: str | Path) -> None:
 # Keys a resumed run may change: how long it runs and how it reports, not what it learns.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
                   "train.keep_last", "run.report_to", "run.output_dir", "run.name", "data.num_workers",
-                  "data.cache_latents", "sample.", "model.compile", "model.gradient_checkpointing")
+                  "data.cache_latents", "sample.", "model.compile", "model.gradient_checkpointing",
+                  "train.samples_per_step")
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:

@@ -216,10 +216,10 @@ class ObjectViewsDataset(Dataset):
             view = record.views[v]
             if view.mask_path is None:
                 continue
-            mask = self._cached(("set", record.name, v, res), lambda: (self._set_mask(view.mask_path, res),))[0]
+            mask = self._cached(("set", object_index, v, res), lambda: (self._set_mask(view.mask_path, res),))[0]
             azimuth = view.azimuth or 0.0
             if shading is not None:
-                shade = self._cached(("shading", record.name, v, res),
+                shade = self._cached(("shading", object_index, v, res),
                                      lambda: (self._set_shading(self._cached(("view", object_index, v),
                                                                              lambda: self._view_pixels(view))[0], mask),))[0]
                 shading[slot] = hflip(shade) if flipped else shade

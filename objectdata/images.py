@@ -54,7 +54,7 @@ def rgb_array_from_pil(image: Image.Image) -> np.ndarray:
 
 VOID_INDEX = 255      # palette masks: VOC's "void"/ignore border (read as background)
 MASK_RULES = {
-    "palette": "palette mask read by index: 0 background, 255 void (background), any other index the object",
+    "palette": "palette mask read by index (entry 0 black): 0 background, 255 void (background), any other index the object",
     "zero_one": "mask stored as 0/1 values: every non-zero pixel is the object",
 }
 
@@ -62,13 +62,20 @@ MASK_RULES = {
 def mask_rule(image: Image.Image) -> str | None:
     """Which non-standard rule reads this mask (a MASK_RULES key), or None for a plain mask
     thresholded at half its range."""
-    if image.mode == "P" and not _grey_palette(image):
+    if image.mode == "P" and not _has_alpha(image) and not _grey_palette(image) and _black_background(image):
         return "palette"
     if image.mode in ("L", "P", "I;16", "I;16L", "I;16B", "I;16N", "I", "RGB") and not _has_alpha(image):
         values = np.asarray(image if image.mode != "RGB" and image.mode != "P" else image.convert("L"))
         if values.size and int(values.max()) == 1:
             return "zero_one"
     return None
+
+
+def _black_background(image: Image.Image) -> bool:
+    """Label masks (VOC and the like) keep index 0 black for the background; a palette image whose
+    entry 0 is a colour (an adaptive palette of a drawn mask) is read by brightness instead."""
+    palette = image.getpalette() or []
+    return len(palette) >= 3 and palette[:3] == [0, 0, 0]
 
 
 def _grey_palette(image: Image.Image) -> bool:
