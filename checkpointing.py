@@ -183,12 +183,17 @@ def latest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, problems
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a damaged checkpoint out of the way (kept for inspection, never loaded again)."""
-    aside = Path(path).with_name(f"{Path(path).name}.damaged")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(path, aside)
-    return aside
+def set_aside_newer(run_dir: Path, kept: Path) -> list[str]:
+    """Rename the checkpoints newer than `kept` (damaged ones a resume skipped) to step_N.damaged:
+    kept for inspection, never listed or loaded again. -> their new names."""
+    names = []
+    for path in _complete_checkpoints(run_dir):
+        if int(path.name[5:]) > int(Path(kept).name[5:]):
+            aside = path.with_name(f"{path.name}.damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            names.append(aside.name)
+    return names
 
 
 def _read(file: Path, read):
@@ -242,11 +247,11 @@ def truncate_metrics(path: Path, step: int):
         atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
-def check_resume(cfg, run_dir: Path, force: bool) -> None:
+def check_resume(cfg, run_dir: Path, force: bool, checkpoint: Path | None = None) -> None:
     """A resumed run trains what it trained before: the same tokens always, the same config
     (but for how long it runs and how it reports) unless forced. Raises ConfigError."""
     from configs.schema import ConfigError, config_changes, load_config
-    trained = load_state(latest_intact_checkpoint(run_dir)[0]).get("tokens", cfg.tokens)
+    trained = load_state(checkpoint or latest_intact_checkpoint(run_dir)[0]).get("tokens", cfg.tokens)
     if trained != cfg.tokens:
         raise ConfigError(f"{run_dir} trained tokens {trained}, not {cfg.tokens}; resume with the same --tokens")
     changes = config_changes(load_config(Path(run_dir) / "config.yaml"), cfg)

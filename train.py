@@ -30,7 +30,7 @@ from checkpointing import (CheckpointError, StopSignals, append_environment, che
                            check_writable, environment_record, global_rng_states, heads_fingerprint, latest_checkpoint,
                            latest_intact_checkpoint, load_adapters, load_checkpoint, prepare_run_dir, prune_checkpoints,
                            record_failure, remove_stale_temporaries, restore_global_rng_states, save_checkpoint,
-                           set_aside, truncate_metrics)
+                           set_aside_newer, truncate_metrics)
 from concepts import CONCEPTS
 from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
 from objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
@@ -101,7 +101,7 @@ def main(argv=None):
             if args.resume_from is None:
                 raise CheckpointError(f"no intact checkpoint to resume from in {run_dir / 'checkpoints'}: "
                                       + "; ".join(args.damaged))
-            check_resume(cfg, run_dir, args.force)
+            check_resume(cfg, run_dir, args.force, args.resume_from)
     except (ConfigError, DataError, FileExistsError, CheckpointError) as err:
         sys.exit(f"error: {err}")
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
@@ -171,9 +171,7 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
         if args.resume and args.damaged:
-            newer = [p for p in (run_dir / "checkpoints").glob("step_*[0-9]")
-                     if p.name[5:].isdigit() and int(p.name[5:]) > int(ckpt.name[5:])]
-            aside = [set_aside(p).name for p in sorted(newer)]
+            aside = set_aside_newer(run_dir, ckpt)
             accelerator.print(f"warning: {'; '.join(args.damaged)}; resuming from {ckpt.name} (set aside: {', '.join(aside)})")
         stale = remove_stale_temporaries(run_dir / "checkpoints") + remove_stale_temporaries(run_dir)
         if stale:

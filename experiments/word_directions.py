@@ -19,26 +19,19 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import generate
 from backbone.load import resolve_model_path
-from experiments.swap_matrix import encode_word, sample_batch, truth_of
+from experiments.swap_matrix import encode_word, own_word_accuracy, truth_of
 from objectdata import resolve_data_root, scan_objects
-from system import render_prompt
 from toyworld.scorer import load_scorer
 
 
-@torch.no_grad()
-def read_back(system, scorer, words: list[torch.Tensor], truths: list, seeds: int) -> dict:
-    """"a chair in the shape of *s" with each word, `seeds` samples each -> arms/back accuracy."""
-    prompt = render_prompt("a {category} {phrases}", "chair", {"shape": system.clause("shape")})
-    embeds = torch.stack([w for w in words for _ in range(seeds)])
-    items = [t for t in truths for _ in range(seeds)]
-    predicted = scorer.predict(sample_batch(system, [prompt] * len(items), {"shape": embeds}, seed=2000, steps=20,
-                                            guidance=4.0))
-    return {f: float(np.mean([int(predicted[f][k]) == getattr(t, f) for k, t in enumerate(items)])) for f in ("arms", "back")}
+def read_back(system, cfg, scorer, words: torch.Tensor, truths: list, seeds: int) -> dict:
+    """"a chair in the shape of *s" with each word [N, 1, D], `seeds` samples each -> arms/back accuracy."""
+    rows = own_word_accuracy(system, cfg, list(range(len(truths))), truths, lambda i: words[i], seeds, 20, 4.0, scorer)
+    return {f: rows[f]["accuracy"] for f in ("arms", "back")}
 
 
 def on_norm(words: torch.Tensor, norm: float) -> torch.Tensor:
@@ -61,7 +54,7 @@ def main(argv=None):
     scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
     held, held_truths = words[n_train:], truths[n_train:]
     mean = words[:n_train].mean(0)
-    result = {"run": str(args.run), "encoder": read_back(system, scorer, list(held[:, None]), held_truths, args.seeds)}
+    result = {"run": str(args.run), "encoder": read_back(system, cfg, scorer, held[:, None], held_truths, args.seeds)}
     for factor in ("arms", "back"):
         has = torch.tensor([getattr(t, factor) for t in truths]).bool()
         train, labels = words[:n_train], has[:n_train]
@@ -75,7 +68,7 @@ def main(argv=None):
         for alpha in (1.0, 2.0):
             sign = has[n_train:].float()[:, None] * 2 - 1
             moved = on_norm(held + alpha * sign * direction / 2, norm)
-            row[f"oracle_x{alpha:g}"] = read_back(system, scorer, list(moved[:, None]), held_truths, args.seeds)[factor]
+            row[f"oracle_x{alpha:g}"] = read_back(system, cfg, scorer, moved[:, None], held_truths, args.seeds)[factor]
         if args.targets:
             from safetensors.torch import load_file
             tuned = load_file(str(args.targets))
@@ -87,7 +80,7 @@ def main(argv=None):
             row["tuned_direction_norm"] = float(tuned_direction.norm())
         result[factor] = row
     for gamma in (1.5, 2.0, 3.0):
-        result[f"stretch_x{gamma:g}"] = read_back(system, scorer, list(on_norm(mean + gamma * (held - mean), norm)[:, None]),
+        result[f"stretch_x{gamma:g}"] = read_back(system, cfg, scorer, on_norm(mean + gamma * (held - mean), norm)[:, None],
                                                   held_truths, args.seeds)
     out = args.out or args.run / "word_directions.json"
     out.write_text(json.dumps(result, indent=1))
