@@ -334,6 +334,31 @@ class StopSignals:
         return False
 
 
+def end_training_patiently(accelerator, patience_s: float = 120.0) -> None:
+    """accelerator.end_training() (trackers, then the process group) for a run whose work is all
+    written and whose ranks have met at a barrier. torch's process-group teardown can stall on
+    rare occasions (pytorch/pytorch#75097; seen once here, gloo on CPU): after `patience_s` the
+    process prints every thread's stack, says so, and exits 0 rather than hang forever."""
+    if accelerator.num_processes == 1:
+        accelerator.end_training()
+        return
+
+    def stalled():
+        import faulthandler
+        print(f"warning: the process-group teardown stalled for {patience_s:.0f} s after the run finished "
+              "(everything is written); exiting. Stacks:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(0)
+
+    watchdog = threading.Timer(patience_s, stalled)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        accelerator.end_training()
+    finally:
+        watchdog.cancel()
+
+
 # -- what the run ran on -----------------------------------------------------------------------
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "numpy", "kornia",
             "guided-concepts")

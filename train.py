@@ -27,10 +27,11 @@ from tqdm import tqdm
 from backbone import load_backbone
 from backbone.adapters import UNetAdapters
 from checkpointing import (CheckpointError, StopSignals, append_environment, check_resume, check_run_dir,
-                           check_writable, environment_record, global_rng_states, heads_fingerprint, latest_checkpoint,
-                           latest_intact_checkpoint, load_adapters, load_checkpoint, prepare_run_dir, prune_checkpoints,
-                           record_failure, remove_stale_temporaries, restore_global_rng_states, save_checkpoint,
-                           set_aside_newer, truncate_metrics)
+                           check_writable, end_training_patiently, environment_record, global_rng_states,
+                           heads_fingerprint, latest_checkpoint, latest_intact_checkpoint, load_adapters,
+                           load_checkpoint, prepare_run_dir, prune_checkpoints, record_failure,
+                           remove_stale_temporaries, restore_global_rng_states, save_checkpoint, set_aside_newer,
+                           truncate_metrics)
 from concepts import CONCEPTS
 from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
 from objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
@@ -296,7 +297,7 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
     def finish():
         accelerator.wait_for_everyone()      # no process tears the group down while another still uses it
         bar.close()
-        accelerator.end_training()
+        end_training_patiently(accelerator)
 
     def stop_on_nonfinite(terms, loss, batch, prompts):
         """Nothing is stepped or saved: the last checkpoint stays the last good one."""

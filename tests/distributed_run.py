@@ -4,6 +4,7 @@ final heads to OUT/heads_rank<i>.safetensors.
 
     accelerate launch --multi_gpu --num_processes 2 tests/distributed_run.py OUT <train.py args>
 """
+import faulthandler
 import json
 import os
 import sys
@@ -11,12 +12,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import system  # noqa: E402
 import train  # noqa: E402
 
 out, argv = Path(sys.argv[1]), sys.argv[2:]
+# A rank that hangs (a collective another rank never joins, a stuck teardown) prints every thread's
+# stack, so the test's timeout message says where it stopped.
+faulthandler.dump_traceback_later(240, repeat=True)
 rank = int(os.environ.get("RANK", "0"))
 seen, calls, systems, losses = [], [], [], []
 
@@ -43,7 +48,19 @@ for name in ("save_checkpoint", "validate", "export_tokens", "append_environment
         return _original(*args, **kwargs)
     setattr(train, name, wrapped)
 
+
+
+def write_record():
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in systems[-1].trainable_state().items()}, str(out / f"heads_rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "calls": calls, "losses": losses}))
+
+
+def spy_end_training(self, _original=Accelerator.end_training):
+    write_record()          # before the teardown: the heads are final once every rank met at the barrier
+    return _original(self)
+
+
+Accelerator.end_training = spy_end_training
 train.main(argv)
-out.mkdir(parents=True, exist_ok=True)
-save_file({k: v.contiguous() for k, v in systems[-1].trainable_state().items()}, str(out / f"heads_rank{rank}.safetensors"))
-(out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "calls": calls, "losses": losses}))
+write_record()              # again after main: a run that stops early ends without end_training too

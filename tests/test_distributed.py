@@ -88,3 +88,34 @@ def test_two_processes_train_one_model(tmp_path, tiny_model_dir, chairs_dir):
     assert all(torch.equal(resumed[k], heads[0][k]) for k in heads[0])
     training_lines = lambda run: [x for x in metric_lines(run) if "loss" in x]    # noqa: E731
     assert training_lines(tmp_path / "ddp2") == training_lines(run)
+
+
+STALLED_TEARDOWN = """
+import sys, threading, time
+sys.path.insert(0, {repo!r})
+from checkpointing import end_training_patiently
+
+class Accelerator:                     # a two-process run whose process-group teardown never returns
+    num_processes = {processes}
+    def end_training(self):
+        if self.num_processes == 1:
+            print("ended", flush=True)
+            return
+        threading.Event().wait()       # blocks without holding the GIL, like a stuck C++ teardown
+
+end_training_patiently(Accelerator(), patience_s=1.0)
+print("returned", flush=True)
+"""
+
+
+def test_stalled_teardown_exits_instead_of_hanging():
+    # A multi-process teardown stuck after the run finished: warning, stacks, exit 0 (not a hang).
+    run = subprocess.run([sys.executable, "-c", STALLED_TEARDOWN.format(repo=str(REPO), processes=2)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0
+    assert "teardown stalled for 1 s" in run.stderr and "end_training" in run.stderr   # where it stuck
+    assert "returned" not in run.stdout
+    # One process: plain end_training, no watchdog.
+    single = subprocess.run([sys.executable, "-c", STALLED_TEARDOWN.format(repo=str(REPO), processes=1)],
+                            capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0 and single.stdout.split() == ["ended", "returned"] and not single.stderr
