@@ -344,18 +344,22 @@ def end_training_patiently(accelerator, patience_s: float = 120.0) -> None:
         return
 
     def stalled():
-        import faulthandler
         print(f"warning: the process-group teardown stalled for {patience_s:.0f} s after the run finished "
               "(everything is written); exiting. Stacks:", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         os._exit(0)
 
+    import faulthandler
     watchdog = threading.Timer(patience_s, stalled)
     watchdog.daemon = True
     watchdog.start()
+    # Backstop if the stuck call holds the GIL (the timer thread then never runs): faulthandler's
+    # own thread prints the stacks and exits 1.
+    faulthandler.dump_traceback_later(2 * patience_s, exit=True)
     try:
         accelerator.end_training()
     finally:
+        faulthandler.cancel_dump_traceback_later()
         watchdog.cancel()
 
 
