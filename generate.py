@@ -55,7 +55,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
 
 
 def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple[str, ...],
-                    set_size: int = 0) -> dict:
+                    set_size: int = 0, set_resolution: int = 64) -> dict:
     """One object's view as a batch of 1 (validated like training data); with set_size, also
     the object's masks (up to set_size views) for set encoders."""
     records = scan_objects(folder, require_masks="mask" in needs, require_cameras="camera" in needs,
@@ -63,7 +63,7 @@ def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple
     if len(records) != 1:
         raise DataError(f"{folder}: expected one object folder (with views/), found {len(records)} objects")
     dataset = ObjectViewsDataset(records, resolution, flip_prob=0.0, mask_set_size=set_size if "mask_set" in needs else 0,
-                                 set_shading="mask_set_shading" in needs)
+                                 mask_set_resolution=set_resolution, set_shading="mask_set_shading" in needs)
     if not 0 <= view < len(dataset):
         raise DataError(f"{folder}: view {view} out of range, the object has {len(dataset)} views")
     return collate([dataset[view]])
@@ -120,7 +120,8 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
         else:
             needs = () if (name == "shape" and shape_source == "image") else CONCEPTS[name][0].needs_for(cfg.concepts[name])
             batch = reference_batch(sources[name], view, cfg.data.resolution, needs,
-                                    getattr(cfg.concepts[name], "max_views", 0))
+                                    getattr(cfg.concepts[name], "max_views", 0),
+                                    getattr(cfg.concepts[name], "mask_resolution", 64))
             reference = batch["image"][0] if reference is None else reference
         batches[name] = to_device(batch, device)
     if reference is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from concepts import CONCEPTS
-from configs.schema import Config, mask_set_shading, mask_set_size
+from configs.schema import Config, mask_set_options
 from objectdata import DataError, ObjectViewsDataset, resolve_data_root, scan_objects
 
 
@@ -19,12 +19,10 @@ def build_data(cfg: Config):
     for n in cfg.tokens:     # e.g. camera bounds; saved in config.yaml so generation reuses them
         cfg.concepts[n] = CONCEPTS[n][0].fit_to_data(cfg.concepts[n], info)
     train_records, val_records = split_holdout(records, cfg.data.holdout, root)
-    set_size = mask_set_size(cfg)
-    shading = mask_set_shading(cfg)
+    mask_set = mask_set_options(cfg)
     train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
-                               mask_set_size=set_size, random_set_size=True, set_shading=shading)
-    val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size,
-                             set_shading=shading)
+                               random_set_size=True, **mask_set)
+    val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, **mask_set)
     check_data_fits(cfg, train)
     cfg.train.samples_per_step = samples_per_step(cfg, train)     # in config.yaml, and said by train.py
     return train, val

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 import generate
 from concepts import CONCEPTS
 from checkpointing import atomic_folder, atomic_write
-from configs.schema import ConfigError, load_config, mask_set_shading, mask_set_size
+from configs.schema import ConfigError, load_config, mask_set_options
 from objectdata import DataError, ObjectViewsDataset, collate, resolve_data_root, scan_objects
 from rundata import split_holdout
 from tokens.export import load_token, save_token
@@ -66,9 +66,8 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     records = scan_objects(object_dir)
     if len(records) != 1:
         raise DataError(f"{object_dir}: expected one object folder (with views/)")
-    set_size = mask_set_size(cfg)
-    views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, mask_set_size=set_size,
-                               set_shading=mask_set_shading(cfg))
+    mask_set = mask_set_options(cfg)
+    views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, **mask_set)
     all_views = collate([views[i] for i in range(len(views))])
     prompts_all = system.prompts_for(all_views, cfg.prompt.templates[:1], system.tokens, random.Random(0))
 
@@ -96,7 +95,7 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
 
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     training = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=cfg.data.flip_prob, seed=seed,
-                                  mask_set_size=set_size, random_set_size=True, set_shading=mask_set_shading(cfg))
+                                  random_set_size=True, **mask_set)
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     system.concepts.train()
     for module in system.concepts.modules():

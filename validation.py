@@ -54,7 +54,7 @@ def export_tokens(system, datasets, run_dir: Path, device):
     system.concepts.eval()
     for data in datasets:
         dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size,
-                                     set_shading=data.set_shading)
+                                     mask_set_resolution=data.mask_set_resolution, set_shading=data.set_shading)
         batch = to_device(first_views(dataset, len(dataset.records)), device)
         with torch.no_grad():
             outs = system.encode(batch)

@@ -35,6 +35,7 @@ class ShapeConfig(ConceptConfig):
     use_cameras: bool = field(default=True, metadata={"help": "set encoder: each mask token also carries its camera angles"})
     code_dim: int = field(default=32, metadata={"help": "size of the shape code z"})
     use_image: bool = field(default=False, metadata={"help": "image branch: the frozen image encoder predicts the code from one RGB view"})
+    mask_resolution: int = field(default=64, metadata={"help": "set encoder: side in pixels its masks are read at (area-resized from the mask files; files larger than data.resolution keep parts such as an armrest that the training views lose)"})
     mask_width: int = field(default=16, metadata={"help": "channels of the mask CNN's first layer"})
     mask_input: str = field(default="mask", metadata={"help": "set encoder input per view: mask, or mask_shading (also the view's brightness inside the mask, standardised per view: parts such as an armrest that a 32 px silhouette hides, without the colour)"})
     mask_pool: str = field(default="mean", metadata={"help": "how the mask CNN pools its last feature maps: mean, or mean_max (also the max, so a small part like an arm moves the features)"})
@@ -48,6 +49,8 @@ class ShapeConfig(ConceptConfig):
             raise ValueError(f"concepts.shape.mask_input: {self.mask_input!r} is not one of {MASK_INPUTS}")
         if self.mask_input != "mask" and self.encoder != "set":
             raise ValueError("concepts.shape.mask_input: mask_shading needs encoder: set")
+        if not 16 <= self.mask_resolution <= 1024:
+            raise ValueError(f"concepts.shape.mask_resolution: {self.mask_resolution} is not in [16, 1024]")
         if self.mask_pool not in CONV_POOLS:
             raise ValueError(f"concepts.shape.mask_pool: {self.mask_pool!r} is not one of {CONV_POOLS}")
 
@@ -83,9 +86,9 @@ class MaskSetEncoder(nn.Module):
     """
 
     def __init__(self, width: int, code_dim: int, use_cameras: bool, logvar_init: float = 0.0,
-                 standardize: bool = False, pool: str = "mean", in_channels: int = 1):
+                 standardize: bool = False, pool: str = "mean", in_channels: int = 1, size: int = 64):
         super().__init__()
-        self.cnn = ConvEncoder(in_channels=in_channels, width=width, pool=pool)
+        self.cnn = ConvEncoder(in_channels=in_channels, width=width, size=size, pool=pool)
         dim = self.cnn.out_dim
         self.use_cameras = use_cameras
         self.camera = nn.Linear(3, dim) if use_cameras else None   # (sin az, cos az, elevation/90)
@@ -132,7 +135,8 @@ class ShapeConcept(Concept):
         if config.encoder == "set":
             self.set_encoder = MaskSetEncoder(config.mask_width, config.code_dim, config.use_cameras, config.logvar_init,
                                               config.standardize, config.mask_pool,
-                                              in_channels=2 if config.mask_input == "mask_shading" else 1)
+                                              in_channels=2 if config.mask_input == "mask_shading" else 1,
+                                              size=config.mask_resolution)
             in_dim = config.code_dim
         else:
             self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width, pool=config.mask_pool)

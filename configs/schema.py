@@ -271,15 +271,13 @@ def check_templates(config: "Config") -> None:
                                   f"(all active words) or {{{missing[0]}}}, or the word would never be trained")
 
 
-def mask_set_size(config: "Config") -> int:
-    """Views per object the data must load as a mask set (0 when no active head reads one)."""
-    return max((getattr(config.concepts[n], "max_views", 0) for n in config.tokens
-                if "mask_set" in CONCEPTS[n][0].needs_for(config.concepts[n])), default=0)
-
-
-def mask_set_shading(config: "Config") -> bool:
-    """Does an active head read the mask set's shading (concepts.shape.mask_input)?"""
-    return any("mask_set_shading" in CONCEPTS[n][0].needs_for(config.concepts[n]) for n in config.tokens)
+def mask_set_options(config: "Config") -> dict:
+    """ObjectViewsDataset's mask-set arguments for the active heads: how many views (0: none),
+    at what size, with the views' shading or not."""
+    readers = [n for n in config.tokens if "mask_set" in CONCEPTS[n][0].needs_for(config.concepts[n])]
+    return {"mask_set_size": max((getattr(config.concepts[n], "max_views", 0) for n in readers), default=0),
+            "mask_set_resolution": max((getattr(config.concepts[n], "mask_resolution", 64) for n in readers), default=64),
+            "set_shading": any("mask_set_shading" in CONCEPTS[n][0].needs_for(config.concepts[n]) for n in readers)}
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

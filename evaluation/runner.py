@@ -13,7 +13,7 @@ import generate
 from concepts import CONCEPTS
 from evaluation.image_metrics import (ClipScorer, inspiration_tree_scores, load_callable, mean_pairwise_distance,
                                       pixel_features, segment_plain_background, silhouette_iou)
-from configs.schema import mask_set_shading, mask_set_size
+from configs.schema import mask_set_options
 from metrics import attention_mask_metrics
 from objectdata import ObjectViewsDataset, collate, resolve_data_root, scan_objects
 from system import render_prompt, to_device
@@ -84,8 +84,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
         category = records[0].category
         truth = toyworld_truth(obj) if scorer is not None else None
         sources = {n: obj for n in system.tokens}
-        views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0,
-                                   mask_set_size=mask_set_size(cfg), set_shading=mask_set_shading(cfg))
+        views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, **mask_set_options(cfg))
         reference_masks = torch.stack([views[i]["mask"] for i in range(len(views))])       # [V, 1, H, W]
         for key, template in settings.prompts.items():
             prompt = prompt_text(system, template, category)

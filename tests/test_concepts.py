@@ -21,6 +21,7 @@ ROWS = [
     ("shape", {"encoder": "view", "standardize": True}, {}),
     ("shape", {"mask_pool": "mean_max", "standardize": True}, {}),
     ("shape", {"mask_input": "mask_shading", "standardize": True}, {}),
+    ("shape", {"mask_resolution": 32}, {}),
     ("pose", {}, {}),
     ("pose", {"inputs": ["keypoints"], "num_keypoints": 10}, {}),
     ("pose", {"inputs": ["image", "camera"], "num_vectors": 2}, {}),
@@ -182,3 +183,36 @@ def test_set_shading_keeps_the_parts_and_drops_the_colour(chairs_dir):
     flipped = ObjectViewsDataset(records, 32, flip_prob=1.0, mask_set_size=3, set_shading=True)[0]
     assert torch.allclose(flipped["mask_set_shading"], shading.flip(-1))
     assert "mask_set_shading" not in ObjectViewsDataset(records, 32, mask_set_size=3)[0]     # only when asked
+
+
+def test_mask_set_reads_parts_the_training_views_lose(tmp_path):
+    """Mask files larger than data.resolution: the views train at 32 px, where a 2-pixel armrest
+    of a 128 px file falls under the threshold, while the mask set is read from the file at
+    concepts.shape.mask_resolution and keeps it; the option reaches the data through the config."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from configs.schema import load_config, mask_set_options
+    from objectdata import ObjectViewsDataset, scan_objects
+    folder = tmp_path / "objects" / "chair_000"
+    (folder / "views").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    mask = np.zeros((128, 128), np.uint8)
+    mask[64:96, 32:96] = 255                 # seat
+    mask[40:64, 34:36] = 255                 # armrest: 2 px wide, 24 px tall
+    Image.fromarray(np.stack([mask] * 3, -1)).save(folder / "views" / "000.png")
+    Image.fromarray(mask).save(folder / "masks" / "000.png")
+    (folder / "meta.json").write_text(json.dumps({"category": "chair"}))
+    records = scan_objects(tmp_path / "objects")
+    arm = lambda m, scale: m[..., 40 * scale // 128:64 * scale // 128, :40 * scale // 128].sum().item()   # noqa: E731
+    view = ObjectViewsDataset(records, 32, flip_prob=0.0, mask_set_size=1, mask_set_resolution=64)[0]
+    assert arm(view["mask"], 32) == 0                                  # gone at the training size
+    assert arm(view["mask_set"][0], 64) >= 12                           # a column of the arm at 64 px
+    cfg = load_config(None, ["concepts.shape.mask_resolution=128"], tokens=["shape"])
+    options = mask_set_options(cfg)
+    assert options["mask_set_resolution"] == 128 and options["mask_set_size"] == cfg.concepts["shape"].max_views
+    item = ObjectViewsDataset(records, 32, flip_prob=0.0, **options)[0]
+    assert item["mask_set"].shape[-1] == 128 and arm(item["mask_set"][0], 128) == 24 * 2
+    assert mask_set_options(load_config(None, tokens=["pose"]))["mask_set_size"] == 0     # no set reader: no set

@@ -128,6 +128,8 @@ BAD_INPUTS = {
                                 rf"{C0}/meta.json: views.000.elevation must be in \[-90, 90\] degrees, got 500.0"),
     "azimuth beyond a turn": (lambda r: edit_meta(r, camera("azimuth", 7200)), [],
                               rf"{C0}/meta.json: views.000.azimuth must be in \[-360, 360\]"),
+    "mask resolution too small": (None, ["--set", "concepts.shape.mask_resolution=8"],
+                                  r"concepts.shape.mask_resolution: 8 is not in \[16, 1024\]"),
     "zero learning rate": (None, ["--set", "concepts.shape.lr=0"], "concepts.shape.lr: a learning rate must be positive"),
     "negative learning rate": (None, ["--set", "tune.lr=-1e-3"], "tune.lr: a learning rate must be positive"),
     "not-a-number value": (None, ["--set", "train.max_grad_norm=.nan"], "train.max_grad_norm: expected a finite number"),
