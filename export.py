@@ -9,6 +9,7 @@ writes runs/default/export/:
     default_shape.safetensors         diffusers: pipe.load_textual_inversion(path); prompt word default_shape
     default_shape.a1111.safetensors   A1111 / ComfyUI embeddings folder ({"emb_params": [K, D]})
     default_pose.safetensors, default_pose.a1111.safetensors
+    (SDXL: default_shape.safetensors with clip_l and clip_g, for all three tools)
     manifest.json                     base model, tokens, files, sources, run, checkpoint step, seeds
 
 The words are encoded in eval mode at diversity 0 (the shape code's mean), so an export is
@@ -31,7 +32,7 @@ from generate import camera_batch, load_run, parse_camera, reference_batch
 from system import to_device
 from objectdata import DataError
 from tokens import TokenError
-from tokens.export import safe_token_name, save_a1111, save_diffusers, write_manifest
+from tokens.export import SDXL_KEYS, safe_token_name, save_a1111, save_diffusers, save_sdxl, write_manifest
 
 A1111_SUFFIX = ".a1111.safetensors"
 
@@ -86,7 +87,8 @@ def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, di
         recorded = {"type": "camera", "azimuth": azimuth, "elevation": elevation, "distance": distance}
     else:
         needs = CONCEPTS[name][0].needs_for(config)
-        batch = reference_batch(source, view, cfg.data.resolution, needs, getattr(config, "max_views", 0))
+        batch = reference_batch(source, view, cfg.data.resolution, needs, getattr(config, "max_views", 0),
+                                getattr(config, "mask_resolution", 64))
         recorded = {"type": "object", "path": str(Path(source).resolve()), "object": batch["object_name"][0]
                     if "object_name" in batch else Path(source).name, "view": view}
     device = next(system.backbone.unet.parameters()).device
@@ -126,29 +128,35 @@ def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None
     _check_sources(sources, trained, run_dir)
     ckpt, step = _resolve_checkpoint(run_dir, checkpoint)
     system, cfg = load_run(run_dir, ckpt, device)
-    if len(system.table.embedding_dims) != 1:
-        raise ValueError("export supports one text encoder (SD 1.x / 2.x); this run has "
-                         f"{len(system.table.embedding_dims)}")
+    dims = system.table.embedding_dims
+    if len(dims) > 2:
+        raise ValueError(f"export writes SD 1.x/2.x (one text encoder) and SDXL (two) words; this run has {len(dims)}")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export" / source_label(sources)
     run_name = run_dir.resolve().name
     encoded = {n: _encode(system, cfg, n, sources[n], view) for n in system.tokens if n in sources}
     entries = []
     for name, (vectors, recorded) in encoded.items():     # all encoded before anything is written
         token = safe_token_name(run_name, name)
-        files = {"diffusers": f"{token}.safetensors", "a1111": f"{token}{A1111_SUFFIX}"}
-        save_diffusers(out_dir / files["diffusers"], token, vectors)
-        save_a1111(out_dir / files["a1111"], token, vectors, step=step, base_model=cfg.model.name)
-        if pt:
-            files["a1111_pt"] = f"{token}.pt"
-            save_a1111(out_dir / files["a1111_pt"], token, vectors, step=step, base_model=cfg.model.name)
+        if len(dims) == 2:       # one file for A1111, ComfyUI and diffusers (loaded once per encoder)
+            files = {"sdxl": f"{token}.safetensors"}
+            save_sdxl(out_dir / files["sdxl"], token, vectors, dims, step=step)
+        else:
+            files = {"diffusers": f"{token}.safetensors", "a1111": f"{token}{A1111_SUFFIX}"}
+            save_diffusers(out_dir / files["diffusers"], token, vectors)
+            save_a1111(out_dir / files["a1111"], token, vectors, step=step, base_model=cfg.model.name)
+            if pt:
+                files["a1111_pt"] = f"{token}.pt"
+                save_a1111(out_dir / files["a1111_pt"], token, vectors, step=step, base_model=cfg.model.name)
         entries.append({
             "concept": name, "placeholder": system.concepts[name].config.token, "token": token,
-            "a1111_word": Path(files["a1111"]).name[:-len(".safetensors")],
+            "a1111_word": Path(next(iter(files.values())) if len(dims) == 2 else files["a1111"]).name[:-len(".safetensors")],
             "files": files, "num_vectors": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
+            **({"encoders": dict(zip(SDXL_KEYS, dims))} if len(dims) == 2 else {}),
             "source": recorded, "run": run_name, "checkpoint": str(ckpt.resolve()), "checkpoint_step": step,
             "seed": cfg.train.seed, "diversity": 0.0,
         })
-    base = {"name": cfg.model.name, "revision": cfg.model.revision, "path": str(system.backbone.path)}
+    base = {"name": cfg.model.name, "revision": cfg.model.revision, "path": str(system.backbone.path),
+            "kind": system.backbone.kind}
     return write_manifest(out_dir, entries, base, seeds={"train": cfg.train.seed, "sample": cfg.sample.seed},
                           run={"name": run_name, "folder": str(run_dir.resolve()), "trained": trained,
                                "checkpoint": str(ckpt.resolve()), "checkpoint_step": step})

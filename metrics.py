@@ -22,8 +22,9 @@ def attention_mask_metrics(system, batch: dict, prompts: list[str], timestep: in
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     t = torch.full((latents.shape[0],), timestep, device=device, dtype=torch.long)
     noisy = bb.scheduler.add_noise(latents, noise, t)
-    text, selection = system.text_embeddings(prompts, system.encode(batch))
-    _, maps = system.unet_with_attention(noisy.float(), t, text, selection)   # maps [B, C, h, w]
+    text, selection, pooled = system.text_conditioning(prompts, system.encode(batch))
+    added = system.added_conditioning(pooled, batch, batch["image"].shape[-1])
+    _, maps = system.unet_with_attention(noisy.float(), t, text, selection, added=added)   # maps [B, C, h, w]
     system.store.end()
     mask = batch["mask"].to(device)
     out = {}

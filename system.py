@@ -15,7 +15,8 @@ from capture import AttentionStore, choose_layers, install_capture
 from concepts import CONCEPTS, StepView
 from losses import contrast_loss, denoising_loss, denoising_target, word_target_loss
 from objectdata.sampling import contrast_partners, partner_weights
-from tokens import PlaceholderSpec, PlaceholderTable, encode_prompts, placeholder_selection, tokenize
+from tokens import (PlaceholderSpec, PlaceholderTable, encode_prompts, encode_prompts_with_pooled, placeholder_selection,
+                    tokenize)
 
 
 def render_prompt(template: str, category: str, clauses: dict[str, str]) -> str:
@@ -145,9 +146,33 @@ class GuidedConcepts(nn.Module):
 
     def text_embeddings(self, prompts: list[str], outs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> text embeddings [B, L, D] and placeholder selection [B, L, C_attention]."""
+        return self.text_conditioning(prompts, outs)[:2]
+
+    def text_conditioning(self, prompts: list[str], outs: dict):
+        """-> text embeddings [B, L, D], placeholder selection [B, L, C_attention], and SDXL's pooled
+        embedding [B, P] (None for SD 1.x/2.x)."""
         ids = tokenize(self.table, prompts)
-        embeds = encode_prompts(self.table, ids, {n: o.embeds for n, o in outs.items()})
-        return embeds, placeholder_selection(self.table, ids[0], self.attention_concepts)
+        words = {n: o.embeds for n, o in outs.items()}
+        if self.backbone.is_sdxl:
+            embeds, pooled = encode_prompts_with_pooled(self.table, ids, words)
+        else:
+            embeds, pooled = encode_prompts(self.table, ids, words), None
+        return embeds, placeholder_selection(self.table, ids[0], self.attention_concepts), pooled
+
+    def added_conditioning(self, pooled: torch.Tensor | None, batch: dict | None, size: int) -> dict | None:
+        """SDXL's extra UNet inputs: the pooled text embedding and the time ids [B, 6] (the view's
+        original size, its crop's top-left corner, the target size; from the data, as diffusers'
+        SDXL training does; a batch without them counts as uncropped at `size`). None for SD."""
+        if not self.backbone.is_sdxl:
+            return None
+        if pooled is None:
+            raise ValueError("an SDXL UNet needs the pooled text embedding: use text_conditioning()")
+        count = pooled.shape[0]
+        target = torch.tensor([size, size], dtype=torch.float32).expand(count, 2)
+        original = batch["original_size"].float() if batch is not None and "original_size" in batch else target
+        corner = batch["crop_top_left"].float() if batch is not None and "crop_top_left" in batch else torch.zeros(count, 2)
+        time_ids = torch.cat([original, corner, target], dim=-1).to(pooled.device, pooled.dtype)     # [B, 6]
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     # -- one training step -----------------------------------------------------------------------
     def training_losses(self, batch: dict, prompts: list[str], generator: torch.Generator | None = None,
@@ -172,9 +197,10 @@ class GuidedConcepts(nn.Module):
         noisy = bb.scheduler.add_noise(latents, noise, t)
 
         outs = outs if outs is not None else self.concepts(batch)
-        text, selection = self.text_embeddings(prompts, outs)
+        text, selection, pooled = self.text_conditioning(prompts, outs)
+        added = self.added_conditioning(pooled, batch, batch["image"].shape[-1])
         capture = any(self.concepts[n].trains_attention() for n in self.attention_concepts)
-        pred, maps = self.unet_with_attention(noisy, t, text, selection, capture)
+        pred, maps = self.unet_with_attention(noisy, t, text, selection, capture, added)
         attention = {n: maps[:, i] for i, n in enumerate(self.attention_concepts)} if maps is not None else None
         target = denoising_target(bb.scheduler, latents, noise, t)
 
@@ -220,8 +246,9 @@ class GuidedConcepts(nn.Module):
         partners = contrast_partners(batch["object_index"], batch["camera"], batch["has_camera"], generator)
         swapped = {n: SimpleNamespace(embeds=o.embeds[partners.to(o.embeds.device)] if n == name else o.embeds)
                    for n, o in outs.items()}
-        text, selection = self.text_embeddings(prompts, swapped)
-        pred, _ = self.unet_with_attention(noisy, t, text, selection, capture=False)
+        text, selection, pooled = self.text_conditioning(prompts, swapped)
+        added = self.added_conditioning(pooled, batch, batch["image"].shape[-1])
+        pred, _ = self.unet_with_attention(noisy, t, text, selection, capture=False, added=added)
         value = contrast_loss(own, denoising_loss(pred, target), self.concepts[name].loss_config.contrast_margin)
         valid = (partners.to(value.device) != torch.arange(len(value), device=value.device)).float()
         if present is not None:
@@ -253,19 +280,41 @@ class GuidedConcepts(nn.Module):
         return (dist.mean + dist.std * noise).float() * vae.config.scaling_factor
 
     def unet_with_attention(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor, selection: torch.Tensor,
-                            capture: bool = True):
-        """One UNet call -> (prediction [B, 4, h, w] in fp32, maps [B, C, h', w'] or None)."""
+                            capture: bool = True, added: dict | None = None):
+        """One UNet call -> (prediction [B, 4, h, w] in fp32, maps [B, C, h', w'] or None).
+        added: SDXL's pooled embedding and time ids (added_conditioning)."""
         unet = self.backbone.unet
         dtype = next(unet.parameters()).dtype
+        if self.backbone.is_sdxl and added is None:
+            raise ValueError("an SDXL UNet needs added conditioning (pooled text embedding, time ids): "
+                             "pass added=system.added_conditioning(...)")
+        kwargs = {"added_cond_kwargs": {k: v.to(dtype) for k, v in added.items()}} if added is not None else {}
         if not self.attention_concepts or not capture:
-            return unet(noisy.to(dtype), t, text.to(dtype)).sample.float(), None
+            return unet(noisy.to(dtype), t, text.to(dtype), **kwargs).sample.float(), None
         self.store.begin(text.to(dtype), selection, tuple(noisy.shape[-2:]), layout_known=True)
-        pred = unet(noisy.to(dtype), t, text.to(dtype)).sample.float()
+        pred = unet(noisy.to(dtype), t, text.to(dtype), **kwargs).sample.float()
         maps = self.store.collect()
         self.store.recording = False     # prompts stay set for checkpoint recomputation
         return pred, maps
 
     # -- sampling --------------------------------------------------------------------------------
+    def pipeline(self):
+        """The backbone as a stock diffusers pipeline (SD or SDXL) with a DDIM scheduler."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+        bb = self.backbone
+        scheduler = DDIMScheduler.from_config(bb.scheduler.config)
+        (tokenizer, text_encoder), *second = bb.text_side
+        if bb.is_sdxl:
+            pipe = StableDiffusionXLPipeline(vae=bb.vae, text_encoder=text_encoder, text_encoder_2=second[0][1],
+                                             tokenizer=tokenizer, tokenizer_2=second[0][0], unet=bb.unet,
+                                             scheduler=scheduler, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(vae=bb.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=bb.unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     @torch.no_grad()
     def sample(self, prompts: list[str], batch: dict | None = None, steps: int = 20, guidance_scale: float = 5.0,
                seed: int = 0, height: int | None = None, width: int | None = None, outs: dict | None = None):
@@ -275,19 +324,17 @@ class GuidedConcepts(nn.Module):
         Returns (images [B, 3, H, W] in [0, 1], attention maps [B, C, h, w] averaged over the
         denoising steps, conditional half only).
         """
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
-
         bb = self.backbone
         dtype = next(bb.unet.parameters()).dtype
-        tokenizer, text_encoder = bb.text_side[0]
-        pipe = StableDiffusionPipeline(
-            vae=bb.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=bb.unet,
-            scheduler=DDIMScheduler.from_config(bb.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self.pipeline()
         outs = outs if outs is not None else self.encode(batch)
-        text, selection = self.text_embeddings(prompts, outs)
-        negative, _ = self.text_embeddings([""] * len(prompts), {})
+        text, selection, pooled = self.text_conditioning(prompts, outs)
+        negative, _, negative_pooled = self.text_conditioning([""] * len(prompts), {})
+        extra = {}
+        if bb.is_sdxl:      # SDXL's pipeline default for an empty negative prompt: zeros
+            extra = {"pooled_prompt_embeds": pooled.to(dtype), "negative_pooled_prompt_embeds":
+                     torch.zeros_like(negative_pooled).to(dtype)}
+            negative = torch.zeros_like(negative)
         size = self.latent_size * bb.vae_scale_factor
         height, width = height or size, width or size
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -296,7 +343,7 @@ class GuidedConcepts(nn.Module):
             self.store.begin(text.to(dtype), selection, (height // bb.vae_scale_factor, width // bb.vae_scale_factor),
                              accumulate=True)
         try:
-            images = pipe(prompt_embeds=text.to(dtype), negative_prompt_embeds=negative.to(dtype),
+            images = pipe(prompt_embeds=text.to(dtype), negative_prompt_embeds=negative.to(dtype), **extra,
                           num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                           height=height, width=width, output_type="pt").images
             if self.attention_concepts:

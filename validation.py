@@ -11,7 +11,7 @@ from metrics import attention_mask_metrics
 from objectdata import ObjectViewsDataset, collate
 from overlays import attention_grid
 from system import to_device
-from tokens.export import save_token
+from tokens.export import save_word
 
 
 def first_views(dataset, count: int) -> dict:
@@ -50,7 +50,7 @@ def validate(system, cfg, val, step: int, run_dir: Path, device) -> dict:
 
 def export_tokens(system, datasets, run_dir: Path, device):
     """tokens/<object>/<concept>.safetensors (first view, all masks, mean code), loadable by
-    diffusers' load_textual_inversion."""
+    diffusers' load_textual_inversion (SDXL: the clip_l/clip_g file, once per encoder)."""
     system.concepts.eval()
     for data in datasets:
         dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size,
@@ -60,5 +60,5 @@ def export_tokens(system, datasets, run_dir: Path, device):
             outs = system.encode(batch)
         for name, out in outs.items():
             for b, obj in enumerate(batch["object_name"]):
-                save_token(run_dir / "tokens" / obj / f"{name}.safetensors", system.concepts[name].config.token,
-                           out.embeds[b])
+                save_word(run_dir / "tokens" / obj / f"{name}.safetensors", system.concepts[name].config.token,
+                          out.embeds[b], system.table.embedding_dims)

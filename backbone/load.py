@@ -55,6 +55,15 @@ class Backbone:
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL's UNet also takes the pooled text embedding and the size/crop time ids."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def kind(self) -> str:
+        return "sdxl" if self.is_sdxl else "sd"
+
     def frozen_modules(self):
         mods = [self.vae, self.unet] + [te for _, te in self.text_side]
         return mods + ([self.image_encoder] if self.image_encoder is not None else [])
@@ -106,7 +115,7 @@ def load_backbone(name: str, image_encoder: str | None = None, need_image_encode
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPVisionModelWithProjection
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -125,7 +134,12 @@ def load_backbone(name: str, image_encoder: str | None = None, need_image_encode
                          f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from err
     # fp32 like diffusers' modules, whatever the stored dtype (shipped weights are fp16); the
     # run's mixed precision is applied later.
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32, **kw)
+    text_side = [(tokenizer, CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=torch.float32, **kw))]
+    if Path(path, "text_encoder_2").is_dir() or (not Path(path).exists() and _hub_has(path, "text_encoder_2", kw)):
+        # SDXL (detected from the folder): the second encoder's pooled output conditions the UNet too.
+        text_side.append((AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
+                          CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                      dtype=torch.float32, **kw)))
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
@@ -139,6 +153,19 @@ def load_backbone(name: str, image_encoder: str | None = None, need_image_encode
     else:
         raise ValueError(f"model.image_encoder: a head uses the image encoder but {path} has no image_encoder/; "
                          "set model.image_encoder to a CLIP vision model folder or hub id")
-    for module in (text_encoder, vae, unet):
+    for module in (vae, unet, *[te for _, te in text_side]):
         module.requires_grad_(False).eval()
-    return Backbone(path, [(tokenizer, text_encoder)], vae, unet, scheduler, encoder)
+    if getattr(unet.config, "addition_embed_type", None) == "text_time" and len(text_side) != 2:
+        raise ValueError(f"{path}: the UNet is SDXL's (addition_embed_type text_time) but there is no text_encoder_2/")
+    return Backbone(path, text_side, vae, unet, scheduler, encoder)
+
+
+def _hub_has(repo_id: str, subfolder: str, kw: dict) -> bool:
+    """Does a hub model (not a local folder) list `subfolder` in its model_index.json?"""
+    try:
+        from huggingface_hub import hf_hub_download
+        import json
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", **kw)).read_text())
+        return subfolder in index
+    except Exception:
+        return False

@@ -69,28 +69,53 @@ TINY_LAYOUTS = {
                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
     ),
+    # SDXL's layout with tiny widths (StableDiffusionXLPipeline): two text encoders (the second
+    # with a projection, whose pooled output conditions the UNet with the size/crop time ids),
+    # hidden sizes 32 + 48 concatenated (768 + 1280 in SDXL), a first down block without
+    # attention, transformer depths 1 and 2 (SDXL: 2 and 10). 64 px images, VAE 2x -> 32x32
+    # latents; cross-attention at 16x16 and 8x8, none at the latent size, as SDXL at 1024 px.
+    "tiny-sdxl": dict(
+        image_size=64,
+        sdxl=dict(text_hidden_2=48, projection_dim=32, addition_time_embed_dim=8),
+        vae=dict(block_out_channels=(16, 32), layers_per_block=1, scaling_factor=0.13025, force_upcast=True),
+        unet=dict(layers_per_block=1, block_out_channels=(32, 64, 64), attention_head_dim=4,
+                  transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    ),
 }
 
 
 def build_tiny_pipeline(seed: int = 0, attention_sharpness: float = 4.0, layout: str = "tiny"):
-    """Build a tiny StableDiffusionPipeline from config (random weights, fixed seed).
+    """Build a tiny StableDiffusionPipeline (StableDiffusionXLPipeline for an `sdxl` layout) from
+    config (random weights, fixed seed).
 
     `attention_sharpness` scales the cross-attention query and key weights. Random weights give
     near-uniform cross-attention that no token embedding can move; scaled up, the tiny model
     attends as sharply as a trained one, so attention losses have something to act on.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
 
     spec = TINY_LAYOUTS[layout]
     torch.manual_seed(seed)
     vocab, merges = tiny_vocab_and_merges()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    text_config = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                       bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    xl = spec.get("sdxl")
+    unet_extra = {"cross_attention_dim": 32}
+    if xl:
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{
+            **text_config, "hidden_size": xl["text_hidden_2"], "intermediate_size": 2 * xl["text_hidden_2"],
+            "projection_dim": xl["projection_dim"]}))
+        unet_extra = {"cross_attention_dim": 32 + xl["text_hidden_2"], "addition_embed_type": "text_time",
+                      "addition_time_embed_dim": xl["addition_time_embed_dim"],
+                      "projection_class_embeddings_input_dim": xl["projection_dim"] + 6 * xl["addition_time_embed_dim"]}
     blocks = len(spec["vae"]["block_out_channels"])
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, sample_size=spec["image_size"],
@@ -99,7 +124,7 @@ def build_tiny_pipeline(seed: int = 0, attention_sharpness: float = 4.0, layout:
     )
     unet = UNet2DConditionModel(
         sample_size=spec["image_size"] // 2 ** (blocks - 1), in_channels=4, out_channels=4, norm_num_groups=8,
-        cross_attention_dim=32, **spec["unet"],
+        **unet_extra, **spec["unet"],
     )
     sharpen_cross_attention(unet, attention_sharpness)
     scheduler = DDPMScheduler(
@@ -110,6 +135,11 @@ def build_tiny_pipeline(seed: int = 0, attention_sharpness: float = 4.0, layout:
         image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, projection_dim=32,
     ))
+    if xl:
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77), unet=unet,
+            scheduler=scheduler, image_encoder=image_encoder, add_watermarker=False)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, image_encoder=image_encoder,

@@ -99,7 +99,8 @@ class ObjectViewsDataset(Dataset):
         return value
 
     def _view_pixels(self, view: ViewRecord):
-        """-> image [3,R,R], mask [1,R,R] (centre square, resized) and the square's side in pixels."""
+        """-> image [3,R,R], mask [1,R,R] (centre square, resized), the square's side in pixels, its
+        corner (left, top) and the file's size (height, width)."""
         image = load_rgb(view.image_path)  # [3,H,W] in [0,1]
         mask = load_mask(view.mask_path) if view.mask_path else torch.ones_like(image[:1])  # [1,H,W]
         if mask.shape[-2:] != image.shape[-2:]:  # records may be hand-built, not scanned
@@ -108,7 +109,7 @@ class ObjectViewsDataset(Dataset):
         image, mask, _ = centre_crop_square(image, mask, torch.zeros(0, 2))
         side = image.shape[-1]
         image, mask = resize_pair(image, mask, self.resolution)  # [3,R,R], [1,R,R]
-        return image, mask, side, ((width - side) // 2, (height - side) // 2)
+        return image, mask, side, ((width - side) // 2, (height - side) // 2), (height, width)
 
     def __len__(self) -> int:
         return len(self.index_pairs)
@@ -153,7 +154,7 @@ class ObjectViewsDataset(Dataset):
         record = self.records[object_index]
         view = record.views[view_index]
 
-        image, mask, side, corner = self._cached(("view", object_index, view_index), lambda: self._view_pixels(view))
+        image, mask, side, corner, original = self._cached(("view", object_index, view_index), lambda: self._view_pixels(view))
         keypoints, valid = self._padded_keypoints(view)  # [K,2] pixels, [K]
         keypoints = (keypoints - torch.tensor(corner, dtype=keypoints.dtype)) / side  # into the square, [0,1]
         valid &= ((keypoints >= 0) & (keypoints <= 1)).all(dim=-1)  # cropped-away points are unusable
@@ -185,6 +186,10 @@ class ObjectViewsDataset(Dataset):
             "category": record.category,
             "object_name": record.name,
             "view_id": view.view_id,
+            # SDXL's size conditioning (time ids): the file's size, and where the square was cut
+            # out of it in training pixels (a centre crop: the same after a flip).
+            "original_size": torch.tensor(original, dtype=torch.float32),                   # [2] (h, w)
+            "crop_top_left": torch.tensor((corner[1], corner[0]), dtype=torch.float32) * self.resolution / side,
         }
         if self.mask_set_size > 0:
             item.update(self._mask_set(record, index, flipped, object_index))

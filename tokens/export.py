@@ -5,6 +5,10 @@
 - AUTOMATIC1111 / ComfyUI: `{"emb_params": [K, D]}` safetensors (one word per file; the word is
   the file name), or the legacy `.pt` dict `{"string_to_param": {"*": [K, D]}, "name", "step"}`.
   diffusers loads both too (pass `token=` for the safetensors one). `save_a1111`.
+- SDXL (two text encoders): `{"clip_l": [K, 768], "clip_g": [K, 1280]}` safetensors, the layout
+  A1111 and ComfyUI read for SDXL; diffusers loads it once per encoder:
+  `pipe.load_textual_inversion(f["clip_l"], token=t, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`
+  and the same with `f["clip_g"]`, `pipe.text_encoder_2`, `pipe.tokenizer_2`. `save_sdxl`.
 - `manifest.json`: which file holds which word, from which source, run and checkpoint.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from checkpointing import atomic_write
 
 A1111_KEY = "emb_params"
+SDXL_KEYS = ("clip_l", "clip_g")      # text_encoder (CLIP ViT-L), text_encoder_2 (OpenCLIP bigG)
 MANIFEST_VERSION = 1
 
 
@@ -41,7 +46,13 @@ def save_token(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
 
 
 def load_token(path: str | Path) -> tuple[str, torch.Tensor]:
+    """-> (token, vectors [K, D]); an SDXL file gives its two parts concatenated (clip_l, clip_g)."""
     tensors = load_file(str(path))
+    if set(tensors) == set(SDXL_KEYS):
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            token = (f.metadata() or {}).get("name", Path(path).stem)
+        return token, torch.cat([tensors[k] for k in SDXL_KEYS], dim=-1)
     if len(tensors) != 1:
         raise ValueError(f"{path}: expected one token, found keys {sorted(tensors)}")
     (token, vectors), = tensors.items()
@@ -111,6 +122,25 @@ def save_a1111(path: str | Path, token: str, vectors: torch.Tensor, step: int | 
     else:
         raise ValueError(f"{path}: an A1111 embedding file ends in .safetensors or .pt")
     return _shareable(path)
+
+
+def save_sdxl(path: str | Path, token: str, vectors: torch.Tensor, dims: list[int], step: int | None = None) -> Path:
+    """SDXL embedding: vectors [K, d_l + d_g] split into {"clip_l": [K, d_l], "clip_g": [K, d_g]}."""
+    vectors = _vectors(vectors)
+    if len(dims) != len(SDXL_KEYS) or sum(dims) != vectors.shape[1]:
+        raise ValueError(f"an SDXL embedding needs two encoders' parts summing to {vectors.shape[1]}, got {dims}")
+    parts = dict(zip(SDXL_KEYS, (p.contiguous() for p in vectors.split(list(dims), dim=-1))))
+    metadata = {"name": token, "format": "sdxl"}
+    if step is not None:
+        metadata["step"] = str(int(step))
+    atomic_write(Path(path), lambda tmp: save_file(parts, str(tmp), metadata=metadata))
+    return _shareable(Path(path))
+
+
+def save_word(path: str | Path, token: str, vectors: torch.Tensor, dims: list[int]) -> Path:
+    """One word for the backbone it was trained on: diffusers' layout with one text encoder, SDXL's
+    clip_l/clip_g with two."""
+    return save_sdxl(path, token, vectors, dims) if len(dims) == 2 else save_token(path, token, vectors)
 
 
 def load_a1111(path: str | Path) -> torch.Tensor:

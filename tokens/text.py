@@ -61,15 +61,29 @@ def encode_prompts(table: PlaceholderTable, input_ids: list[torch.Tensor],
 
     Concepts missing from `embeds` keep their placeholder rows (the initializer word).
     """
-    outputs, start = [], 0
+    return encode_prompts_with_pooled(table, input_ids, embeds, layer=-1)[0]
+
+
+def encode_prompts_with_pooled(table: PlaceholderTable, input_ids: list[torch.Tensor],
+                               embeds: dict[str, torch.Tensor], layer: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (text embeddings [B, L, sum(D_i)], pooled [B, P]) with the concepts' embeddings written in.
+
+    layer -1 is each encoder's last hidden state (SD 1.x/2.x); SDXL reads the penultimate layer
+    (-2, before the final layer norm) of both encoders, as diffusers' SDXL pipeline does. The
+    pooled embedding is the last encoder's first output (SDXL: text_encoder_2's projection at the
+    end token), so the learned words reach it through the prompt it pools.
+    """
+    outputs, start, pooled = [], 0, None
     for (tokenizer, text_encoder), ids, dim, ids_by_concept in zip(
             table.text_side, input_ids, table.embedding_dims, table.token_ids):
         ids = ids.to(text_encoder.device)
         sliced = {c: e[..., start:start + dim] for c, e in embeds.items()}
         with write_embeddings(text_encoder.get_input_embeddings(), ids, ids_by_concept, sliced):
-            outputs.append(text_encoder(ids)[0])               # last hidden state [B, L, D_i]
+            out = text_encoder(ids, output_hidden_states=layer != -1)
+        outputs.append(out[0] if layer == -1 else out.hidden_states[layer])    # [B, L, D_i]
+        pooled = out[0] if out[0].dim() == 2 else getattr(out, "pooler_output", None)   # [B, P]
         start += dim
-    return torch.cat(outputs, dim=-1)
+    return torch.cat(outputs, dim=-1), pooled
 
 
 def placeholder_selection(table: PlaceholderTable, input_ids: torch.Tensor, concepts: list[str]) -> torch.Tensor:
