@@ -1,0 +1,191 @@
+"""SDXL on `tiny-sdxl` (built from config): both text encoders, the pooled embedding and time ids,
+capture at SDXL's layout, a run with resume, and exported words in a plain StableDiffusionXLPipeline."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors.torch import load_file
+
+from capture import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers
+from tests.conftest import make_system
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "a photo of a chair in the shape of {} with pose {}"
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir() -> Path:
+    from backbone import ensure_tiny_model
+    return ensure_tiny_model(layout="tiny-sdxl")
+
+
+@pytest.fixture
+def sdxl_backbone(sdxl_dir):
+    from backbone import load_backbone
+    return load_backbone(str(sdxl_dir))
+
+
+def test_sdxl_is_detected_from_the_folder(sdxl_backbone, fresh_backbone):
+    assert sdxl_backbone.is_sdxl and sdxl_backbone.kind == "sdxl" and len(sdxl_backbone.text_side) == 2
+    assert not fresh_backbone.is_sdxl and len(fresh_backbone.text_side) == 1
+    system = make_system(sdxl_backbone, tokens=("shape", "pose"))
+    assert system.table.embedding_dims == [32, 48]          # clip_l | clip_g, as 768 | 1280 in SDXL
+    for (tokenizer, encoder), ids in zip(sdxl_backbone.text_side, system.table.token_ids):
+        assert tokenizer.convert_tokens_to_ids("*s") == ids["shape"][0]     # on both tokenizers
+    row = system.table.initializer_rows["shape"]
+    parts = [te.get_input_embeddings().weight[tok("object", add_special_tokens=False).input_ids[0]]
+             for tok, te in sdxl_backbone.text_side]
+    assert torch.equal(row, torch.cat(parts))
+
+
+def test_fresh_words_reproduce_the_stock_pipeline_embeddings_and_pooled(sdxl_backbone, sdxl_dir):
+    """Words at their initializers: '*s' / '*p' encode exactly as the stock SDXL pipeline encodes
+    'object' / 'view' (penultimate layers of both encoders, and text_encoder_2's pooled output)."""
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    with torch.no_grad():
+        expected, _, pooled_expected, _ = pipe.encode_prompt(PROMPT.format("object", "view"), device="cpu",
+                                                             do_classifier_free_guidance=False)
+        system = make_system(sdxl_backbone, tokens=("shape", "pose"), concepts={"pose": {"initializer": "view"}})
+        # One prompt, as the pipeline encodes it (a batch of 2 takes another matmul kernel for the
+        # pooled projection: equal to 1e-7, not bit for bit).
+        words = {n: type("Out", (), {"embeds": system.table.initializer_rows[n].expand(1, 1, -1)})() for n in system.tokens}
+        got, _, pooled = system.text_conditioning([PROMPT.format("*s", "*p")], words)
+        # The pooled embedding reflects the words: another shape word moves it.
+        moved = {**words, "shape": type("Out", (), {"embeds": torch.randn(1, 1, 80)})()}
+        _, _, pooled_moved = system.text_conditioning([PROMPT.format("*s", "*p")], moved)
+    assert got.shape == (1, 77, 80) and pooled.shape == (1, 32)
+    assert torch.equal(got, expected) and torch.equal(pooled, pooled_expected)
+    assert (pooled_moved - pooled).abs().max() > 1e-3
+
+
+def test_capture_keeps_the_stock_output_at_the_sdxl_layout(sdxl_backbone):
+    unet = sdxl_backbone.unet
+    size = unet.config.sample_size                                       # 32: 64 px / VAE 2x
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, size, size, generator=g), torch.randn(2, 77, 80, generator=g)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * 2)}
+    selection = torch.zeros(2, 77, 1)
+    selection[:, 5, 0] = 1
+    # No attention at the latent size (SDXL at 1024 px: none at 128, only 64 and 32); the default
+    # is the 16x16 maps, and a size the model lacks is a clear error.
+    with pytest.raises(ValueError, match=r"not in this model.*\[8, 16\]"):
+        choose_layers(unet, size, [32])
+    factors = cross_attention_layers(unet)
+    assert {size // factors[n] for n in choose_layers(unet, size, None)} == {16}          # the default
+    layers = choose_layers(unet, size, [8, 16])                          # every cross-attention layer
+    assert any("transformer_blocks.1." in n for n in layers)             # the depth-2 blocks' second layers
+    t = torch.tensor([10, 500])
+    unet.set_attn_processor(AttnProcessor2_0())
+    with torch.no_grad():
+        stock = unet(latents, t, text, added_cond_kwargs=added).sample
+        store = AttentionStore((size, size))
+        store.set_prompts(text, selection)
+        with capture_attention(unet, store, layers):
+            kinds = {n: type(p) for n, p in unet.attn_processors.items()}
+            captured = unet(latents, t, text, added_cond_kwargs=added).sample
+    assert torch.equal(captured, stock)
+    assert {n for n, k in kinds.items() if k is CaptureProcessor} == set(layers)
+    assert set(store.maps) == set(layers) and store.collect().shape[:2] == (2, 1)
+
+
+def test_a_joint_step_reaches_both_encoders_parts_and_nothing_frozen(sdxl_backbone, chair_batch):
+    system = make_system(sdxl_backbone, tokens=("shape", "pose"), losses={"shape": {"mask_variant": "mass_ratio"}})
+    frozen = {n: p.detach().clone() for n, p in sdxl_backbone.text_side[1][1].named_parameters()}
+    outs = system.concepts(chair_batch)
+    for out in outs.values():
+        out.embeds.retain_grad()
+    prompts = system.prompts_for(chair_batch, ["a {category} {phrases}"], system.tokens, __import__("random").Random(0))
+    losses = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0), outs=outs)
+    sum(w * v.mean() for w, v in losses.values()).backward()
+    for name, out in outs.items():
+        grad = out.embeds.grad                                           # [B, K, 80]
+        assert grad[..., :32].abs().sum() > 0 and grad[..., 32:].abs().sum() > 0, name   # clip_l and clip_g parts
+    assert all(p.grad is None for m in sdxl_backbone.frozen_modules() for p in m.parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in sdxl_backbone.text_side[1][1].named_parameters())
+
+
+def test_time_ids_come_from_the_data(tmp_path, sdxl_backbone):
+    """A 96x64 (w x h) view trained at 32 px: original size (64, 96), crop corner (0, 8) in
+    training pixels (16 file pixels; diffusers' SDXL training resizes to 48x32, then crops 8),
+    target (32, 32)."""
+    import numpy as np
+    from PIL import Image
+
+    from objectdata import ObjectViewsDataset, collate, scan_objects
+    folder = tmp_path / "objects" / "chair_000"
+    (folder / "views").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 32:64] = 255
+    Image.fromarray(np.stack([mask] * 3, -1)).save(folder / "views" / "000.png")
+    Image.fromarray(mask).save(folder / "masks" / "000.png")
+    (folder / "meta.json").write_text(json.dumps({"category": "chair"}))
+    batch = collate([ObjectViewsDataset(scan_objects(tmp_path / "objects"), 32, flip_prob=0.0)[0]])
+    system = make_system(sdxl_backbone)
+    added = system.added_conditioning(torch.zeros(1, 32), batch, 32)
+    assert added["time_ids"].tolist() == [[64.0, 96.0, 0.0, 8.0, 32.0, 32.0]]
+    assert system.added_conditioning(torch.zeros(2, 32), None, 64)["time_ids"].tolist() == [[64.0, 64, 0, 0, 64, 64]] * 2
+    with pytest.raises(ValueError, match="needs added conditioning"):
+        system.unet_with_attention(torch.zeros(1, 4, 32, 32), torch.tensor([1]), torch.zeros(1, 77, 80),
+                                   torch.zeros(1, 77, 1), capture=False)
+
+
+LOAD_IN_PLAIN_PIPELINE = r"""
+import json, sys, torch
+from pathlib import Path
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+model, folder = sys.argv[1], Path(sys.argv[2])
+manifest = json.loads((folder / "manifest.json").read_text())
+pipe = StableDiffusionXLPipeline.from_pretrained(model)
+pipe.set_progress_bar_config(disable=True)
+image = lambda prompt: pipe(prompt, num_inference_steps=3, height=64, width=64, output_type="pt",
+                            generator=torch.Generator().manual_seed(0)).images
+before = image("a chair in the shape of object with pose view")
+equal = True
+for entry in manifest["tokens"]:
+    f = load_file(str(folder / entry["files"]["sdxl"]))
+    for key, tok, te in (("clip_l", pipe.tokenizer, pipe.text_encoder), ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
+        pipe.load_textual_inversion(f[key], token=entry["token"], text_encoder=te, tokenizer=tok)
+        equal &= torch.equal(te.get_input_embeddings().weight[tok.convert_tokens_to_ids(entry["token"])], f[key][0])
+words = {e["concept"]: e["token"] for e in manifest["tokens"]}
+after = image(f"a chair in the shape of {words['shape']} with pose {words['pose']}")
+project = sorted(m for m in sys.modules if m.split(".")[0] in ("system", "tokens", "concepts", "backbone", "train"))
+print(json.dumps({"equal": bool(equal), "change": float((after - before).abs().max()), "project": project}))
+"""
+
+
+def test_tiny_sdxl_run_resumes_exactly_exports_and_loads_in_a_plain_pipeline(tmp_path, sdxl_dir, chairs_dir):
+    import export
+    import train
+    common = ["--config", str(REPO / "configs" / "tiny.yaml"), "--model", "tiny-sdxl", "--tokens", "shape,pose",
+              "--set", f"run.output_dir={tmp_path}", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=0",
+              "--set", "concepts.shape.lr=0.05", "--set", "concepts.pose.lr=0.05"]
+    straight = train.main([*common, "--name", "straight", "--set", "train.steps=4"])
+    train.main([*common, "--name", "resumed", "--set", "train.steps=2"])
+    resumed = train.main([*common, "--name", "resumed", "--set", "train.steps=4", "--resume"])
+    heads = [load_file(str(r / "checkpoints" / "step_000004" / "heads.safetensors")) for r in (straight, resumed)]
+    assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    # The run's own token files are SDXL files (clip_l, clip_g).
+    token_file = next((straight / "tokens").glob("*/shape.safetensors"))
+    assert {k: tuple(v.shape) for k, v in load_file(str(token_file)).items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+
+    chair = sorted(p for p in chairs_dir.iterdir() if p.is_dir())[0]
+    manifest = export.main(["--run", str(straight), "--shape-from", str(chair), "--pose", "azimuth=30,elevation=10",
+                            "--out", str(tmp_path / "export")])
+    recorded = json.loads(manifest.read_text())
+    assert recorded["base_model"]["kind"] == "sdxl"
+    assert all(e["encoders"] == {"clip_l": 32, "clip_g": 48} and e["dim"] == 80 for e in recorded["tokens"])
+    # A fresh process that never imports the project: the rows equal the files, the image changes.
+    out = subprocess.run([sys.executable, "-c", LOAD_IN_PLAIN_PIPELINE, str(sdxl_dir), str(manifest.parent)],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["equal"] and result["project"] == [] and result["change"] > 1e-3
