@@ -343,9 +343,14 @@ class GuidedConcepts(nn.Module):
             self.store.begin(text.to(dtype), selection, (height // bb.vae_scale_factor, width // bb.vae_scale_factor),
                              accumulate=True)
         try:
+            # A VAE kept in another dtype (SDXL's in fp32 under fp16) decodes here, in its own dtype.
+            decode_here = bb.vae.dtype != dtype
             images = pipe(prompt_embeds=text.to(dtype), negative_prompt_embeds=negative.to(dtype), **extra,
                           num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                          height=height, width=width, output_type="pt").images
+                          height=height, width=width, output_type="latent" if decode_here else "pt").images
+            if decode_here:
+                latents = images.to(bb.vae.dtype) / bb.vae.config.scaling_factor
+                images = (bb.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
             if self.attention_concepts:
                 maps = self.store.collect().cpu()
         finally:

@@ -194,8 +194,8 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     for module in backbone.frozen_modules():
         module.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
+    if weight_dtype != torch.float32:
+        backbone.cast_frozen(weight_dtype)
     system.concepts.to(accelerator.device)
     if cfg.model.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()

@@ -1,6 +1,7 @@
 """Load a frozen Stable Diffusion backbone: a diffusers folder, a hub id, or `tiny`."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,14 @@ class Backbone:
     def frozen_modules(self):
         mods = [self.vae, self.unet] + [te for _, te in self.text_side]
         return mods + ([self.image_encoder] if self.image_encoder is not None else [])
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Frozen modules to `dtype` (mixed precision). SDXL's VAE overflows in fp16 (its config says
+        force_upcast, and diffusers' SDXL pipelines upcast it): it stays fp32 there; bf16 is safe."""
+        for module in self.frozen_modules():
+            if module is self.vae and dtype == torch.float16 and self.is_sdxl and getattr(self.vae.config, "force_upcast", False):
+                continue
+            module.to(dtype=dtype)
 
 
 # Models that ship inside this repository: name -> folder (a diffusers SD folder).
@@ -164,7 +173,6 @@ def _hub_has(repo_id: str, subfolder: str, kw: dict) -> bool:
     """Does a hub model (not a local folder) list `subfolder` in its model_index.json?"""
     try:
         from huggingface_hub import hf_hub_download
-        import json
         index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", **kw)).read_text())
         return subfolder in index
     except Exception:
