@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="tiny", metadata={"help": "'tiny', a diffusers SD folder, or a hub id"})
+    name: str = field(default="tiny", metadata={"help": "'tiny', 'tiny-sd15', 'tiny-sdxl' (built from config), 'toyworld' (shipped), a diffusers SD 1.x/2.x/SDXL folder, or a hub id (SDXL is recognised from the folder)"})
     revision: str | None = field(default=None, metadata={"help": "hub revision"})
     image_encoder: str | None = field(default=None, metadata={"help": "CLIP vision model for heads that read pixels (default: the model's own image_encoder/)"})
     mixed_precision: str | None = field(default=None, metadata={"help": "no | fp16 | bf16 (frozen modules run in it, heads stay fp32); null = accelerate's own setting (accelerate launch --mixed_precision)"})

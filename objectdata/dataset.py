@@ -189,7 +189,7 @@ class ObjectViewsDataset(Dataset):
             # SDXL's size conditioning (time ids): the file's size, and where the square was cut
             # out of it in training pixels (a centre crop: the same after a flip).
             "original_size": torch.tensor(original, dtype=torch.float32),                   # [2] (h, w)
-            "crop_top_left": torch.tensor((corner[1], corner[0]), dtype=torch.float32) * self.resolution / side,
+            "crop_top_left": torch.tensor((corner[1], corner[0]), dtype=torch.float32).mul(self.resolution / side).round(),
         }
         if self.mask_set_size > 0:
             item.update(self._mask_set(record, index, flipped, object_index))
