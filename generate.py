@@ -186,7 +186,7 @@ def main(argv=None):
 
 def sample_base_model(args) -> Path:
     """No run: sample the prompt with the base model's own words (a row of --num seeds)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     from backbone.load import resolve_model_path
     from toyworld.evaluate import save_grid
@@ -196,8 +196,8 @@ def sample_base_model(args) -> Path:
     diffusers.utils.logging.disable_progress_bar()
     try:
         path = resolve_model_path(args.model)
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
-                                                       requires_safety_checker=False)
+        sd_only = {} if Path(path, "text_encoder_2").is_dir() else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, **sd_only)    # SD or SDXL
     except (OSError, ValueError) as err:
         sys.exit(f"error: --model {args.model}: {err}")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

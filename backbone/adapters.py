@@ -120,7 +120,8 @@ class UNetAdapters:
         return out
 
     def export_lora(self, directory: str | Path, rank: int | None = None) -> Path:
-        from diffusers import StableDiffusionPipeline
-        StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=self.lora_state_dict(rank),
-                                                  safe_serialization=True)
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        sdxl = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline     # SDXL's loader reads its own
+        pipeline.save_lora_weights(str(directory), unet_lora_layers=self.lora_state_dict(rank), safe_serialization=True)
         return Path(directory) / "pytorch_lora_weights.safetensors"

@@ -227,3 +227,28 @@ def test_the_sdxl_config_runs_on_tiny_sdxl(tmp_path, chairs_dir):
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
     assert json.loads((run / "environment.json").read_text())[0]["mixed_precision"] == "bf16"
+
+
+def test_lora_adapters_export_for_the_sdxl_pipeline(sdxl_backbone, sdxl_dir, tmp_path):
+    """E4T-style per-object adapters on SDXL: the LoRA file loads with StableDiffusionXLPipeline's
+    own loader and changes its UNet exactly as trained."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from backbone.adapters import AdapterConfig, UNetAdapters
+    adapters = UNetAdapters(sdxl_backbone.unet, AdapterConfig(kind="lora", rank=2))
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+    g = torch.Generator().manual_seed(0)
+    x, t, e = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.randn(1, 77, 80, generator=g)
+    added = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        adapted = sdxl_backbone.unet(x, t, e, added_cond_kwargs=added).sample
+    path = adapters.export_lora(tmp_path / "lora")
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    with torch.no_grad():
+        base = pipe.unet(x, t, e, added_cond_kwargs=added).sample
+    pipe.load_lora_weights(str(path.parent))
+    with torch.no_grad():
+        loaded = pipe.unet(x, t, e, added_cond_kwargs=added).sample
+    assert not torch.allclose(loaded, base, atol=1e-4) and torch.allclose(loaded, adapted, atol=1e-4)
