@@ -178,6 +178,12 @@ def test_tiny_sdxl_run_resumes_exactly_exports_and_loads_in_a_plain_pipeline(tmp
     assert {k: tuple(v.shape) for k, v in load_file(str(token_file)).items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
 
     chair = sorted(p for p in chairs_dir.iterdir() if p.is_dir())[0]
+    import generate
+    from PIL import Image
+    picture = generate.main(["--run", str(straight), "--prompt", "a chair in the shape of *s with pose *p", "--shape-from",
+                             str(chair), "--pose", "azimuth=30,elevation=10", "--num", "2", "--steps", "2",
+                             "--out", str(tmp_path / "generated.png")])
+    assert Image.open(picture).size[0] >= 2 * 64                         # two samples (and their attention)
     manifest = export.main(["--run", str(straight), "--shape-from", str(chair), "--pose", "azimuth=30,elevation=10",
                             "--out", str(tmp_path / "export")])
     recorded = json.loads(manifest.read_text())
