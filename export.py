@@ -131,6 +131,9 @@ def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None
     dims = system.table.embedding_dims
     if len(dims) > 2:
         raise ValueError(f"export writes SD 1.x/2.x (one text encoder) and SDXL (two) words; this run has {len(dims)}")
+    if pt and len(dims) == 2:
+        raise ValueError("--pt: the legacy A1111 .pt embedding is for SD 1.x/2.x; SDXL words are written as "
+                         "clip_l/clip_g safetensors, which A1111 and ComfyUI read")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export" / source_label(sources)
     run_name = run_dir.resolve().name
     encoded = {n: _encode(system, cfg, n, sources[n], view) for n in system.tokens if n in sources}
@@ -139,7 +142,7 @@ def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None
         token = safe_token_name(run_name, name)
         if len(dims) == 2:       # one file for A1111, ComfyUI and diffusers (loaded once per encoder)
             files = {"sdxl": f"{token}.safetensors"}
-            save_sdxl(out_dir / files["sdxl"], token, vectors, dims, step=step)
+            save_sdxl(out_dir / files["sdxl"], token, vectors, dims, step=step, base_model=cfg.model.name)
         else:
             files = {"diffusers": f"{token}.safetensors", "a1111": f"{token}{A1111_SUFFIX}"}
             save_diffusers(out_dir / files["diffusers"], token, vectors)

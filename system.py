@@ -307,7 +307,8 @@ class GuidedConcepts(nn.Module):
         if bb.is_sdxl:
             pipe = StableDiffusionXLPipeline(vae=bb.vae, text_encoder=text_encoder, text_encoder_2=second[0][1],
                                              tokenizer=tokenizer, tokenizer_2=second[0][0], unet=bb.unet,
-                                             scheduler=scheduler, add_watermarker=False)
+                                             scheduler=scheduler, add_watermarker=False,
+                                             force_zeros_for_empty_prompt=bb.pipeline_setting("force_zeros_for_empty_prompt", True))
         else:
             pipe = StableDiffusionPipeline(vae=bb.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=bb.unet,
                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -331,10 +332,10 @@ class GuidedConcepts(nn.Module):
         text, selection, pooled = self.text_conditioning(prompts, outs)
         negative, _, negative_pooled = self.text_conditioning([""] * len(prompts), {})
         extra = {}
-        if bb.is_sdxl:      # SDXL's pipeline default for an empty negative prompt: zeros
-            extra = {"pooled_prompt_embeds": pooled.to(dtype), "negative_pooled_prompt_embeds":
-                     torch.zeros_like(negative_pooled).to(dtype)}
-            negative = torch.zeros_like(negative)
+        if bb.is_sdxl:
+            if pipe.config.force_zeros_for_empty_prompt:     # SDXL base's own choice for an empty negative prompt
+                negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
+            extra = {"pooled_prompt_embeds": pooled.to(dtype), "negative_pooled_prompt_embeds": negative_pooled.to(dtype)}
         size = self.latent_size * bb.vae_scale_factor
         height, width = height or size, width or size
         generator = torch.Generator(device="cpu").manual_seed(seed)

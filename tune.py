@@ -30,7 +30,7 @@ from checkpointing import atomic_folder, atomic_write
 from configs.schema import ConfigError, load_config, mask_set_options
 from objectdata import DataError, ObjectViewsDataset, collate, resolve_data_root, scan_objects
 from rundata import split_holdout
-from tokens.export import load_token, save_token
+from tokens.export import load_token, save_word
 from tokens.targets import save_word_targets
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
@@ -161,7 +161,8 @@ def _write_artefact(system, out_dir: Path, views: dict, adapters, info: dict) ->
         with torch.no_grad():
             first = {k: v[:1] for k, v in views.items()}           # the object's first view
             for concept, out in system.encode(first).items():
-                save_token(tmp / "tokens" / f"{concept}.safetensors", system.concepts[concept].config.token, out.embeds[0])
+                save_word(tmp / "tokens" / f"{concept}.safetensors", system.concepts[concept].config.token, out.embeds[0],
+                          system.table.embedding_dims)
         if adapters is not None:
             save_file(adapters.state_dict(), str(tmp / "adapters.safetensors"))
             adapters.export_lora(tmp / "lora")

@@ -69,6 +69,11 @@ class Backbone:
         mods = [self.vae, self.unet] + [te for _, te in self.text_side]
         return mods + ([self.image_encoder] if self.image_encoder is not None else [])
 
+    def pipeline_setting(self, key: str, default):
+        """A setting of the model folder's model_index.json (e.g. SDXL's force_zeros_for_empty_prompt)."""
+        index = Path(self.path, "model_index.json")
+        return json.loads(index.read_text()).get(key, default) if index.is_file() else default
+
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Frozen modules to `dtype` (mixed precision). SDXL's VAE overflows in fp16 (its config says
         force_upcast, and diffusers' SDXL pipelines upcast it): it stays fp32 there; bf16 is safe."""

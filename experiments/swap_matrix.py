@@ -245,9 +245,10 @@ def tuned(run: Path, folder: Path, steps: int, path: Path, mode: str) -> dict:
 
 
 def load_token(path: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-    values = list(load_file(str(path)).values())
-    return values[0].reshape(-1, values[0].shape[-1]).float()
+    """A token file's vectors [K, D] (SDXL files: both encoders' parts)."""
+    from tokens.export import load_token as read
+    vectors = read(path)[1]
+    return vectors.reshape(-1, vectors.shape[-1]).float()
 
 
 def write_camera_object(folder: Path, objects: list[Path], direction: int) -> None:

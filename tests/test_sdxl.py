@@ -189,6 +189,14 @@ def test_tiny_sdxl_run_resumes_exactly_exports_and_loads_in_a_plain_pipeline(tmp
     recorded = json.loads(manifest.read_text())
     assert recorded["base_model"]["kind"] == "sdxl"
     assert all(e["encoders"] == {"clip_l": 32, "clip_g": 48} and e["dim"] == 80 for e in recorded["tokens"])
+    with pytest.raises(SystemExit, match="legacy A1111 .pt embedding is for SD 1.x/2.x"):
+        export.main(["--run", str(straight), "--shape-from", str(chair), "--out", str(tmp_path / "pt"), "--pt"])
+    assert not (tmp_path / "pt").exists()
+    # Per-object tuning (E4T's stage 2) writes SDXL token files too.
+    import tune
+    tune.main(["--run", str(straight), "--object", str(chair), "--steps", "1", "--out", str(tmp_path / "tuned")])
+    tuned = load_file(str(tmp_path / "tuned" / "tokens" / "shape.safetensors"))
+    assert {k: tuple(v.shape) for k, v in tuned.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
     # A fresh process that never imports the project: the rows equal the files, the image changes.
     out = subprocess.run([sys.executable, "-c", LOAD_IN_PLAIN_PIPELINE, str(sdxl_dir), str(manifest.parent)],
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -258,3 +266,43 @@ def test_lora_adapters_export_for_the_sdxl_pipeline(sdxl_backbone, sdxl_dir, tmp
     with torch.no_grad():
         loaded = pipe.unet(x, t, e, added_cond_kwargs=added).sample
     assert not torch.allclose(loaded, base, atol=1e-4) and torch.allclose(loaded, adapted, atol=1e-4)
+
+
+def test_pooled_embedding_is_read_at_the_end_token(sdxl_backbone):
+    """SDXL's text_encoder_2 config has eos_token_id 2, for which transformers pools at
+    input_ids.argmax() — an added word, since placeholder ids come after the end token. Ours is read
+    at the end token (as SDXL was trained, and as A1111/ComfyUI pool), whatever that config says."""
+    system = make_system(sdxl_backbone, tokens=("shape", "pose"))
+    tokenizer, encoder = sdxl_backbone.text_side[1]
+    encoder.config.eos_token_id = encoder.text_model.eos_token_id = 2          # SDXL base 1.0's setting
+    prompt = PROMPT.format("*s", "*p")
+    g = torch.Generator().manual_seed(0)
+    words = {n: type("Out", (), {"embeds": torch.randn(1, 1, 80, generator=g)})() for n in system.tokens}
+    with torch.no_grad():
+        _, _, pooled = system.text_conditioning([prompt], words)
+        ids = tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        end = int((ids[0] == tokenizer.eos_token_id).nonzero()[0])
+        assert ids[0].argmax() != end                                         # the legacy rule would pick a word
+        hidden = encoder(ids).last_hidden_state                               # words at their initializers here
+        manual = encoder.text_projection(hidden[0, end])
+        # The same prompt with the words at their initializer rows: ours equals the manual end-token read.
+        rows = {n: type("Out", (), {"embeds": system.table.initializer_rows[n][None, None]})() for n in system.tokens}
+        _, _, pooled_rows = system.text_conditioning([prompt], rows)
+    assert torch.allclose(pooled_rows[0], manual, atol=1e-6)
+    assert not torch.allclose(pooled, pooled_rows)                          # and the words move it
+
+
+def test_sampling_equals_the_stock_sdxl_pipeline(sdxl_backbone, sdxl_dir):
+    """Words at their initializers: our sampling (capture installed, our text side, zeros for the
+    empty negative as the model says) gives the stock pipeline's image for the initializer prompt."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    system = make_system(sdxl_backbone)
+    words = {"shape": type("Out", (), {"embeds": system.table.initializer_rows["shape"].expand(1, 1, -1)})()}
+    ours, maps = system.sample(["a chair in the shape of *s"], steps=3, guidance_scale=5.0, seed=3, outs=words)
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe("a chair in the shape of object", num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+                 generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert (ours - stock).abs().max() < 1e-5
+    assert maps is not None and maps.shape[:2] == (1, 1)                      # the word's attention was captured

@@ -124,7 +124,8 @@ def save_a1111(path: str | Path, token: str, vectors: torch.Tensor, step: int | 
     return _shareable(path)
 
 
-def save_sdxl(path: str | Path, token: str, vectors: torch.Tensor, dims: list[int], step: int | None = None) -> Path:
+def save_sdxl(path: str | Path, token: str, vectors: torch.Tensor, dims: list[int], step: int | None = None,
+              base_model: str | None = None) -> Path:
     """SDXL embedding: vectors [K, d_l + d_g] split into {"clip_l": [K, d_l], "clip_g": [K, d_g]}."""
     vectors = _vectors(vectors)
     if len(dims) != len(SDXL_KEYS) or sum(dims) != vectors.shape[1]:
@@ -133,6 +134,8 @@ def save_sdxl(path: str | Path, token: str, vectors: torch.Tensor, dims: list[in
     metadata = {"name": token, "format": "sdxl"}
     if step is not None:
         metadata["step"] = str(int(step))
+    if base_model is not None:
+        metadata["base_model"] = str(base_model)
     atomic_write(Path(path), lambda tmp: save_file(parts, str(tmp), metadata=metadata))
     return _shareable(Path(path))
 

@@ -81,9 +81,24 @@ def encode_prompts_with_pooled(table: PlaceholderTable, input_ids: list[torch.Te
         with write_embeddings(text_encoder.get_input_embeddings(), ids, ids_by_concept, sliced):
             out = text_encoder(ids, output_hidden_states=layer != -1)
         outputs.append(out[0] if layer == -1 else out.hidden_states[layer])    # [B, L, D_i]
-        pooled = out[0] if out[0].dim() == 2 else getattr(out, "pooler_output", None)   # [B, P]
+        pooled = end_token_pooled(tokenizer, text_encoder, ids, out)            # [B, P]
         start += dim
     return torch.cat(outputs, dim=-1), pooled
+
+
+def end_token_pooled(tokenizer, text_encoder, ids: torch.Tensor, out) -> torch.Tensor | None:
+    """The encoder's pooled output read at each prompt's end token (then projected, for an encoder
+    with a projection: SDXL's text_encoder_2). transformers pools at `input_ids.argmax()` for
+    configs with eos_token_id 2 (SDXL's text_encoder_2 has that), which lands on an added word
+    (ids above the end token) and ignores the rest of the prompt; A1111 and ComfyUI pool at the end
+    token, as SDXL was trained. (diffusers' pipeline with loaded words inherits transformers' rule.)"""
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        return None
+    end = (ids == tokenizer.eos_token_id).int().argmax(dim=-1)                      # first end token [B]
+    pooled = hidden[torch.arange(len(ids), device=hidden.device), end]              # [B, D]
+    projection = getattr(text_encoder, "text_projection", None)
+    return projection(pooled) if projection is not None else pooled
 
 
 def placeholder_selection(table: PlaceholderTable, input_ids: torch.Tensor, concepts: list[str]) -> torch.Tensor:
