@@ -13,6 +13,9 @@ spread near 0 is the collapse (one word for every chair). Appends a line to OUT/
 (written like the run's data, same file size): 8 held-out chairs give arms a standard error near
 0.15 between runs, 32 near 0.08. Standard errors (`*_se`) are over chairs, whose samples agree.
 
+--tuned-steps N also scores the shape word after E4T's stage 2 (tune.py, N steps from the run's
+heads on each chair's own views), on the same chairs: `arms_tuned`, `back_tuned`.
+
 --oracle-shape replaces the shape encoder's code with the chair's true arms and back (+-1 in two
 dimensions): it separates "the head and losses cannot make the word carry a clean input" from
 "the encoder does not deliver the input".
@@ -23,13 +26,14 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import generate
 from backbone.load import resolve_model_path
-from experiments.swap_matrix import encode_word, held_out_objects, truth_of
+from experiments.swap_matrix import encode_word, held_out_objects, load_token, truth_of, tuned
 from objectdata import resolve_data_root, scan_objects
 from objectdata.synthetic import ensure_generated
 from toyworld.scorer import load_scorer
@@ -68,7 +72,7 @@ def mean_and_se(per_chair: list[list[bool]]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def probe(run: Path, samples: int = 6, extra: int = 0) -> dict:
+def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> dict:
     system, cfg = generate.load_run(run)
     objects = held_out_objects(cfg)
     if extra:
@@ -87,6 +91,22 @@ def probe(run: Path, samples: int = 6, extra: int = 0) -> dict:
         words = torch.stack([encode_word(system, cfg, "shape", f) for f in objects])
         for k, per_chair in hits.items():
             result[k], result[f"{k}_se"] = mean_and_se(per_chair)
+        if tuned_steps:         # E4T's stage 2 on each scored chair, then the same prompt and seeds
+            tuned_hits = {"arms": [], "back": []}
+            for o, folder in enumerate(objects):
+                with torch.enable_grad():       # tuning trains; the rest of the probe only samples
+                    info = tuned(run, folder, tuned_steps, run.parent / "tuned" / f"{run.name}_{tuned_steps}" / folder.name,
+                                 "encoder")
+                word = SimpleNamespace(embeds=load_token(Path(info["path"]) / "tokens" / "shape.safetensors")[None])
+                images = torch.cat([system.sample([f"a chair {system.clause('shape')}"], steps=20, guidance_scale=4.0,
+                                                  seed=100 * o + k, outs={"shape": word})[0]   # generate's seeds
+                                    for k in range(samples)])
+                predicted = scorer.predict(images)
+                truth = truth_of(folder)
+                tuned_hits["arms"].append((predicted["arms"] == truth.arms).tolist())
+                tuned_hits["back"].append((predicted["back"] == truth.back).tolist())
+            for k, per_chair in tuned_hits.items():
+                result[f"{k}_tuned"], result[f"{k}_tuned_se"] = mean_and_se(per_chair)
         result["chairs"] = len(objects)
         result.update(shape_spread=float(words.std(0).norm()), shape_norm=float(words.norm(dim=-1).mean()))
     if "pose" in system.tokens:
@@ -114,6 +134,7 @@ def main(argv=None):
     p.add_argument("--tokens", default="shape")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--tuned-steps", type=int, default=0, help="also score the shape word after N tune.py steps")
     p.add_argument("--extra-chairs", type=int, default=0, help="also score on this many unseen ToyWorld chairs")
     p.add_argument("--oracle-shape", action="store_true", help="the shape code is the chair's true arms and back")
     p.add_argument("--set", action="append", default=[], help="train.py --set for the run")
@@ -130,7 +151,7 @@ def main(argv=None):
                     *[x for item in args.set for x in ("--set", item)]])
     trained = time.time()
     result = {"name": args.name, "steps": args.steps, "tokens": args.tokens, "set": args.set,
-              "oracle_shape": args.oracle_shape, **probe(run, args.samples, args.extra_chairs),
+              "oracle_shape": args.oracle_shape, **probe(run, args.samples, args.extra_chairs, args.tuned_steps),
               "train_s": round(trained - started), "eval_s": round(time.time() - trained)}
     print(json.dumps(result))
     with open(args.out / "results.jsonl", "a") as f:
