@@ -11,6 +11,13 @@ training again with train.word_targets and losses.<concept>.target_weight pulls 
 words toward them (the encoder learns what per-object tuning finds):
 
     python tune.py --run runs/default --targets runs/default/word_targets.safetensors
+
+--fit FILE is HyperDreamBooth's regression phase after it: every object-level head (its encoder
+and its MLP) is regressed onto FILE's words for the training objects (1 - cos, all of each
+object's masks, batch norm statistics kept), and the result is written as a new run folder
+(without the old heads' token files; export.py writes the fitted words):
+
+    python tune.py --run runs/default --fit runs/default/word_targets.safetensors --out runs/default_fit
 """
 from __future__ import annotations
 
@@ -31,7 +38,8 @@ from configs.schema import ConfigError, load_config, mask_set_options
 from objectdata import DataError, ObjectViewsDataset, collate, resolve_data_root, scan_objects
 from rundata import split_holdout
 from tokens.export import load_token, save_word
-from tokens.targets import save_word_targets
+from losses import word_target_loss
+from tokens.targets import load_word_targets, save_word_targets
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -153,6 +161,66 @@ def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, pro
     return {**info, "path": str(out_path)}
 
 
+def fit_heads_to_targets(run_dir, targets_path, out_dir, steps: int = 100, lr: float = 1e-3,
+                         progress=print) -> dict:
+    """Regress every object-level head of the run onto the target words of its training objects
+    (`tune.py --targets`): 1 - cos(word, target), all of each object's masks, full heads (encoder and
+    MLP), batch norm running statistics kept (generation uses them). Writes a copy of the run with
+    the fitted heads in its latest checkpoint to `out_dir` (never over an existing folder)."""
+    import shutil
+
+    from checkpointing import latest_checkpoint
+    from validation import first_views
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"--out {out_dir}: exists; the fitted run is written to a new folder")
+    if steps < 1 or not lr > 0:
+        raise ConfigError(f"--fit needs steps >= 1 and a positive lr, got {steps}, {lr}")
+    system, cfg = generate.load_run(run_dir)
+    names = [n for n in system.tokens if CONCEPTS[n][0].object_level]
+    shapes = {n: (system.concepts[n].config.num_vectors, system.table.embedding_dim) for n in names}
+    targets = load_word_targets(targets_path, names, shapes)
+    root = resolve_data_root(cfg.data.root)
+    records = [r for r in split_holdout(scan_objects(root), cfg.data.holdout, root)[0]
+               if all(r.name in targets[n] for n in names)]
+    if not records:
+        raise ConfigError(f"{targets_path}: no target words for this run's training objects")
+    batch = first_views(ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, **mask_set_options(cfg)),
+                        len(records))
+    info = {"run": str(run_dir), "targets": str(targets_path), "objects": len(records), "steps": steps, "lr": lr}
+    torch.manual_seed(0)
+    for n in names:
+        concept = system.concepts[n]
+        wanted = torch.stack([targets[n][name] for name in batch["object_name"]])          # [N, K, D]
+        valid = torch.ones(len(wanted), dtype=torch.bool)
+        optimizer = torch.optim.Adam([p for p in concept.parameters() if p.requires_grad], lr=lr)
+        concept.train()
+        for module in concept.modules():       # the objects' own statistics stay those of the run
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        for step in range(steps):
+            loss = word_target_loss(concept.encode(batch).embeds, wanted, valid).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step == 0:
+                info[f"{n}/loss_before"] = round(loss.item(), 5)
+        info[f"{n}/loss_after"] = round(loss.item(), 5)
+        progress(f"{n}: 1 - cos to the targets {info[f'{n}/loss_before']:.4f} -> {info[f'{n}/loss_after']:.4f}")
+        concept.eval()
+
+    def write(tmp: Path):
+        # The run without what the old heads wrote (token files, per-object artefacts, exports).
+        shutil.copytree(run_dir, tmp, dirs_exist_ok=True, ignore=lambda folder, names: [
+            x for x in names if Path(folder) == run_dir and x in ("tokens", "objects", "export")])
+        checkpoint = latest_checkpoint(tmp)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in system.trainable_state().items()},
+                  str(checkpoint / "heads.safetensors"))
+        (tmp / "fit_targets.json").write_text(json.dumps(info, indent=1))
+    atomic_folder(out_dir, write)
+    return {**info, "path": str(out_dir)}
+
+
 def _write_artefact(system, out_dir: Path, views: dict, adapters, info: dict) -> dict:
     """<out>/{heads.safetensors, adapters.safetensors, tokens/<concept>.safetensors, lora/, artefact.json}."""
     def write(tmp: Path):
@@ -179,16 +247,23 @@ def main(argv=None):
     which.add_argument("--object", help="the new object's folder (views/, masks/, meta.json)")
     which.add_argument("--targets", metavar="FILE", help="tune every training object of the run; write their words "
                                                           "to FILE (safetensors) for train.word_targets")
-    p.add_argument("--steps", type=int, help="tuning steps (default: the run's tune.steps, 15)")
+    which.add_argument("--fit", metavar="FILE", help="regress the run's object-level heads onto FILE's words "
+                                                      "(from --targets); write the fitted run to --out")
+    p.add_argument("--steps", type=int, help="tuning steps (default: the run's tune.steps, 15; with --fit, 100)")
     p.add_argument("--mode", choices=["encoder", "textual_inversion"], default="encoder",
                    help="tune the run's heads (+adapters), or the textual-inversion baseline")
     p.add_argument("--batch-size", type=int, help="views per step (tune.batch_size)")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation (tune.grad_accum)")
-    p.add_argument("--out", help="artefact folder (default: <run>/objects/<object>)")
+    p.add_argument("--out", help="artefact folder (default: <run>/objects/<object>); with --fit, the new run folder")
+    p.add_argument("--lr", type=float, default=1e-3, help="--fit: the regression's learning rate")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v is not None}
     try:
-        if args.targets:
+        if args.fit:
+            if not args.out:
+                p.error("--fit writes a new run folder: give --out")
+            info = fit_heads_to_targets(args.run, args.fit, args.out, args.steps or 100, args.lr)
+        elif args.targets:
             if args.mode != "encoder" or args.out:
                 p.error("--targets tunes the run's heads (--mode encoder) and writes only FILE (no --out)")
             info = tune_targets(args.run, args.targets, args.steps)

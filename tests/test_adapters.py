@@ -3,6 +3,7 @@ per-object tuning artefacts."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,43 @@ def test_a_target_pull_without_usable_targets_stops_before_the_run_folder_exists
                     "--set", "losses.shape.target_weight=1", "--set", f"train.word_targets={path}"])
     assert message in str(stopped.value.code) and (not targets or targets in str(stopped.value.code))
     assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_fitting_the_heads_to_target_words_writes_a_new_run_closer_to_them(tmp_path, chairs_dir):
+    """tune.py --fit (HyperDreamBooth's regression phase): the fitted run's words for the training
+    objects are far closer to the targets than the run's own; the original run is untouched, the new
+    one loads and generates, batch norm statistics stay the run's, and an existing --out is refused."""
+    from experiments.swap_matrix import encode_word
+    common = ["--set", f"run.output_dir={tmp_path}", "--set", "train.sample_every=0", "--set", "sample.steps=1",
+              "--set", "data.holdout=2", "--set", "concepts.shape.standardize=true"]
+    domain = train.main(["--name", "domain", "--tokens", "shape,pose", "--set", "train.steps=2", *common])
+    training = sorted(p.name for p in chairs_dir.iterdir() if p.is_dir())[:-2]
+    g = torch.Generator().manual_seed(0)
+    system, _ = generate.load_run(domain)
+    dim = system.table.embedding_dim
+    targets = tmp_path / "targets.safetensors"
+    from tokens.targets import save_word_targets
+    save_word_targets(targets, {"shape": {n: torch.randn(1, dim, generator=g) for n in training}})
+    heads_before = load_file(str(domain / "checkpoints" / "step_000002" / "heads.safetensors"))
+
+    def distance(run):
+        system, cfg = generate.load_run(run)
+        words = load_file(str(targets))
+        return sum(1 - torch.nn.functional.cosine_similarity(encode_word(system, cfg, "shape", chairs_dir / n),
+                                                            words[f"shape/{n}"]).mean().item() for n in training)
+    fitted = Path(tune.main(["--run", str(domain), "--fit", str(targets), "--steps", "60", "--lr", "3e-3",
+                             "--out", str(tmp_path / "fitted")])["path"])
+    assert distance(fitted) < 0.5 * distance(domain)
+    after = load_file(str(fitted / "checkpoints" / "step_000002" / "heads.safetensors"))
+    assert all(torch.equal(heads_before[k], load_file(str(domain / "checkpoints" / "step_000002" / "heads.safetensors"))[k])
+               for k in heads_before)                                       # the original run is untouched
+    stats = [k for k in after if "running_" in k]
+    assert stats and all(torch.equal(heads_before[k], after[k]) for k in stats)
+    assert any(not torch.equal(heads_before[k], after[k]) for k in after if k.startswith("shape.") and k.endswith("weight"))
+    assert all(torch.equal(heads_before[k], after[k]) for k in after if k.startswith("pose."))    # a word per view: not fitted
+    assert not (fitted / "tokens").exists() and json.loads((fitted / "fit_targets.json").read_text())["objects"] == len(training)
+    chair = chairs_dir / training[0]
+    assert generate.main(["--run", str(fitted), "--prompt", "a chair in the shape of *s", "--shape-from", str(chair),
+                          "--num", "1", "--steps", "1", "--out", str(tmp_path / "g.png")]).exists()
+    with pytest.raises(SystemExit, match="exists; the fitted run is written to a new folder"):
+        tune.main(["--run", str(domain), "--fit", str(targets), "--out", str(fitted)])
