@@ -28,7 +28,7 @@ import torch
 from checkpointing import latest_checkpoint, load_state
 from concepts import CONCEPTS
 from configs.schema import ConfigError, load_config
-from generate import camera_batch, load_run, parse_camera, reference_batch
+from generate import camera_batch, concept_reference_batch, load_run, parse_camera
 from system import to_device
 from objectdata import DataError
 from tokens import TokenError
@@ -86,9 +86,7 @@ def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, di
         azimuth, elevation, distance = (float(v) for v in batch["camera"][0])
         recorded = {"type": "camera", "azimuth": azimuth, "elevation": elevation, "distance": distance}
     else:
-        needs = CONCEPTS[name][0].needs_for(config)
-        batch = reference_batch(source, view, cfg.data.resolution, needs, getattr(config, "max_views", 0),
-                                getattr(config, "mask_resolution", 64))
+        batch = concept_reference_batch(source, view, cfg, name)
         recorded = {"type": "object", "path": str(Path(source).resolve()), "object": batch["object_name"][0]
                     if "object_name" in batch else Path(source).name, "view": view}
     device = next(system.backbone.unet.parameters()).device

@@ -54,6 +54,15 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     return system, cfg
 
 
+def concept_reference_batch(folder, view: int, cfg, name: str, needs: tuple[str, ...] | None = None) -> dict:
+    """reference_batch for concept `name` of a run's config: its needs (unless given), mask-set size
+    and resolution from its config."""
+    config = cfg.concepts[name]
+    needs = CONCEPTS[name][0].needs_for(config) if needs is None else needs
+    return reference_batch(folder, view, cfg.data.resolution, needs, getattr(config, "max_views", 0),
+                           getattr(config, "mask_resolution", 64))
+
+
 def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple[str, ...],
                     set_size: int = 0, set_resolution: int = 64) -> dict:
     """One object's view as a batch of 1 (validated like training data); with set_size, also
@@ -118,10 +127,8 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
                                  "use --pose-from <object folder>")
             batch = camera_batch(sources[name], getattr(cfg.concepts[name], "distance_range", None))
         else:
-            needs = () if (name == "shape" and shape_source == "image") else CONCEPTS[name][0].needs_for(cfg.concepts[name])
-            batch = reference_batch(sources[name], view, cfg.data.resolution, needs,
-                                    getattr(cfg.concepts[name], "max_views", 0),
-                                    getattr(cfg.concepts[name], "mask_resolution", 64))
+            needs = () if (name == "shape" and shape_source == "image") else None
+            batch = concept_reference_batch(sources[name], view, cfg, name, needs)
             reference = batch["image"][0] if reference is None else reference
         batches[name] = to_device(batch, device)
     if reference is None:

@@ -76,9 +76,7 @@ def encode_word(system, cfg, name: str, source) -> torch.Tensor:
     if isinstance(source, dict):
         batch = generate.camera_batch(source, getattr(cfg.concepts[name], "distance_range", None))
     else:
-        batch = generate.reference_batch(source, 0, cfg.data.resolution, concept.needs_for(cfg.concepts[name]),
-                                         getattr(cfg.concepts[name], "max_views", 0),
-                                         getattr(cfg.concepts[name], "mask_resolution", 64))
+        batch = generate.concept_reference_batch(source, 0, cfg, name)
     device = next(system.backbone.unet.parameters()).device
     return concept.encode(to_device(batch, device)).embeds[0].detach()
 

@@ -33,7 +33,7 @@ import torch
 
 import generate
 from backbone.load import resolve_model_path
-from experiments.swap_matrix import encode_word, held_out_objects, load_token, truth_of, tuned
+from experiments.swap_matrix import encode_word, held_out_objects, truth_of, tuned_words
 from objectdata import resolve_data_root, scan_objects
 from objectdata.synthetic import ensure_generated
 from toyworld.scorer import load_scorer
@@ -92,12 +92,11 @@ def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> 
         for k, per_chair in hits.items():
             result[k], result[f"{k}_se"] = mean_and_se(per_chair)
         if tuned_steps:         # E4T's stage 2 on each scored chair, then the same prompt and seeds
+            with torch.enable_grad():                     # tuning trains; the rest of the probe only samples
+                words = tuned_words(run, objects, ["shape"], tuned_steps, run.parent / f"tuned_{run.name}")["shape"]
             tuned_hits = {"arms": [], "back": []}
             for o, folder in enumerate(objects):
-                with torch.enable_grad():       # tuning trains; the rest of the probe only samples
-                    info = tuned(run, folder, tuned_steps, run.parent / "tuned" / f"{run.name}_{tuned_steps}" / folder.name,
-                                 "encoder")
-                word = SimpleNamespace(embeds=load_token(Path(info["path"]) / "tokens" / "shape.safetensors")[None])
+                word = SimpleNamespace(embeds=words[o][None])
                 images = torch.cat([system.sample([f"a chair {system.clause('shape')}"], steps=20, guidance_scale=4.0,
                                                   seed=100 * o + k, outs={"shape": word})[0]   # generate's seeds
                                     for k in range(samples)])

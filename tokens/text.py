@@ -61,7 +61,7 @@ def encode_prompts(table: PlaceholderTable, input_ids: list[torch.Tensor],
 
     Concepts missing from `embeds` keep their placeholder rows (the initializer word).
     """
-    return encode_prompts_with_pooled(table, input_ids, embeds, layer=-1)[0]
+    return encode_prompts_with_pooled(table, input_ids, embeds, layer=-1)[0]     # SD's pooled (an index) unused
 
 
 def encode_prompts_with_pooled(table: PlaceholderTable, input_ids: list[torch.Tensor],
@@ -73,7 +73,7 @@ def encode_prompts_with_pooled(table: PlaceholderTable, input_ids: list[torch.Te
     pooled embedding is the last encoder's first output (SDXL: text_encoder_2's projection at the
     end token), so the learned words reach it through the prompt it pools.
     """
-    outputs, start, pooled = [], 0, None
+    outputs, start = [], 0
     for (tokenizer, text_encoder), ids, dim, ids_by_concept in zip(
             table.text_side, input_ids, table.embedding_dims, table.token_ids):
         ids = ids.to(text_encoder.device)
@@ -81,9 +81,9 @@ def encode_prompts_with_pooled(table: PlaceholderTable, input_ids: list[torch.Te
         with write_embeddings(text_encoder.get_input_embeddings(), ids, ids_by_concept, sliced):
             out = text_encoder(ids, output_hidden_states=layer != -1)
         outputs.append(out[0] if layer == -1 else out.hidden_states[layer])    # [B, L, D_i]
-        pooled = end_token_pooled(tokenizer, text_encoder, ids, out)            # [B, P]
         start += dim
-    return torch.cat(outputs, dim=-1), pooled
+    # The pooled embedding comes from the last encoder only (SDXL's text_encoder_2).
+    return torch.cat(outputs, dim=-1), end_token_pooled(tokenizer, text_encoder, ids, out)   # [B, P]
 
 
 def end_token_pooled(tokenizer, text_encoder, ids: torch.Tensor, out) -> torch.Tensor | None:
