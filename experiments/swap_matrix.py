@@ -223,7 +223,8 @@ def inversion_words(run: Path, objects: list[Path], names: list[str], steps: int
 
 def tuned_words(run: Path, objects: list[Path], names: list[str], steps: int, out: Path) -> dict:
     """E4T's stage 2 (tune.py, mode encoder): each chair's words after `steps` tuning steps from the
-    run's heads on its 8 views. Object-level words only (a pose word belongs to a camera)."""
+    run's heads on its 8 views. Object-level words among `names` only (a pose word belongs to a
+    camera); the words left out stay the encoder's."""
     result = {n: {} for n in names if CONCEPTS[n][0].object_level}
     for i, folder in enumerate(objects if result else []):
         info = tuned(run, folder, steps, out / "tuned" / f"{steps}_steps" / folder.name, "encoder")
@@ -337,7 +338,7 @@ def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, s
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
-ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, words tuned {tuned} steps per chair (E4T)"),
+ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, {which} tuned {tuned} steps per chair (E4T)"),
              ("text", "A's factor in words"), ("none", "without {token}"),
              ("ti", "{token} inverted on A (textual inversion)"))
 
@@ -359,7 +360,10 @@ def markdown_table(rows: dict) -> str:
 
 
 def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: float = 4.0, ti_steps: int = 300,
-               modes=("word", "tuned", "text", "none", "ti"), tuned_steps: int = 15, log=print) -> dict:
+               modes=("word", "tuned", "text", "none", "ti"), tuned_steps: int = 15, tuned_names=None,
+               log=print) -> dict:
+    """tuned_names: the words the "tuned" row takes from tune.py (default: every object-level word);
+    the others stay the encoder's."""
     system, cfg = generate.load_run(run)
     objects = held_out_objects(cfg)
     truths = [truth_of(f) for f in objects]
@@ -377,9 +381,15 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
     tuned_by = {}
     if "tuned" in modes and tuned_steps > 0:
         t0 = time.time()
-        tuned_by = tuned_words(run, objects, active, tuned_steps, out)
+        unknown = sorted(set(tuned_names or ()) - set(active))
+        if unknown:
+            raise ValueError(f"--tuned-words {','.join(unknown)}: not a word of this run ({', '.join(active)})")
+        tuned_by = tuned_words(run, objects, list(tuned_names or active), tuned_steps, out)
         log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
         system, cfg = generate.load_run(run)
+    every_object_word = [n for n in active if CONCEPTS[n][0].object_level]
+    which = "words" if sorted(tuned_by) == sorted(every_object_word) else \
+        " and ".join(system.concepts[n].config.token for n in tuned_by) + " (others the encoder's)"
     rows, grids = {}, []
     for swapped in active:
         token = system.concepts[swapped].config.token
@@ -389,7 +399,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
             t0 = time.time()
             cells, images, prompts = swap_condition(system, cfg, swapped, mode, objects, truths, words,
                                                     tuned_by if mode == "tuned" else ti, seeds, steps, guidance, scorer)
-            rows[(swapped, label.format(token=token, tuned=tuned_steps))] = cells
+            rows[(swapped, label.format(token=token, tuned=tuned_steps, which=which))] = cells
             log(f"{swapped} / {mode}: {len(prompts)} samples, {time.time() - t0:.0f} s; e.g. {prompts[0]!r}")
             if mode == "word":
                 grids.append(images[: 2 * seeds * 7: seeds][:8])
@@ -397,7 +407,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
     norms = {n: float(torch.stack(list(words[n].values())).norm(dim=-1).mean()) for n in active}
     result = {"run": str(run), "held_out_objects": [o.name for o in objects], "seeds": seeds,
               "sample_steps": steps, "guidance_scale": guidance, "ti_steps": ti_steps if ti else 0,
-              "tuned_steps": tuned_steps if tuned_by else 0,
+              "tuned_steps": tuned_steps if tuned_by else 0, "tuned_words": sorted(tuned_by),
               "word_std_across_sources": stds, "word_norm": norms, "seconds": round(time.time() - started, 1),
               "rows": [{"swapped": w, "row": label, **{f: cells.get(f) for f in FACTORS}} for (w, label), cells in rows.items()]}
     out.mkdir(parents=True, exist_ok=True)
@@ -425,6 +435,8 @@ def main(argv=None):
     p.add_argument("--ti-steps", type=int, default=300, help="per-object textual inversion steps (0: skip that row)")
     p.add_argument("--tuned-steps", type=int, default=15, help="the row of words tuned from the encoder on A "
                    "(tune.py, E4T's stage 2) for this many steps (0: skip that row)")
+    p.add_argument("--tuned-words", help="comma-separated: the words the tuned row tunes (default: every "
+                   "object-level word); the others stay the encoder's")
     p.add_argument("--rows", default="word,tuned,text,none,ti", help="which rows (modes) to sample: word, tuned, "
                    "text, none, ti")
     p.add_argument("--ladder", action="store_true", help="also the ladder: encoder, encoder + few tuning steps, "
@@ -443,7 +455,8 @@ def main(argv=None):
     if run is None:
         p.error("give --run or --train")
     result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
-                        modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps)
+                        modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps,
+                        tuned_names=args.tuned_words.split(",") if args.tuned_words else None)
     if args.ladder:
         result["ladder"] = run_ladder(run, args.out, args.few_steps, args.ti_steps, steps=args.sample_steps,
                                       guidance=args.guidance_scale)
