@@ -247,20 +247,6 @@ def truncate_metrics(path: Path, step: int):
         atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
-def check_resume(cfg, run_dir: Path, force: bool, checkpoint: Path | None = None) -> None:
-    """A resumed run trains what it trained before: the same tokens always, the same config
-    (but for how long it runs and how it reports) unless forced. Raises ConfigError."""
-    from configs.schema import ConfigError, config_changes, load_config
-    trained = load_state(checkpoint or latest_intact_checkpoint(run_dir)[0]).get("tokens", cfg.tokens)
-    if trained != cfg.tokens:
-        raise ConfigError(f"{run_dir} trained tokens {trained}, not {cfg.tokens}; resume with the same --tokens")
-    changes = config_changes(load_config(Path(run_dir) / "config.yaml"), cfg)
-    if changes and not force:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:5])
-        raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: resuming with a different config ({listed}"
-                          f"{'; ...' if len(changes) > 5 else ''}); pass --force to resume anyway, or --name for a new run")
-
-
 def record_failure(run_dir: Path, step: int, terms: dict, loss, batch: dict, prompts: list[str],
                    process_index: int = 0) -> tuple[str, dict | None]:
     """A non-finite loss: which terms, which samples, which prompts -> failure.json (or

@@ -25,25 +25,29 @@ from pathlib import Path
 
 import torch
 
-from checkpointing import latest_checkpoint, load_state
-from concepts import CONCEPTS
-from configs.schema import ConfigError, load_config
-from generate import camera_batch, concept_reference_batch, load_run, parse_camera
-from system import to_device
-from objectdata import DataError
-from tokens import TokenError
-from tokens.export import SDXL_KEYS, safe_token_name, save_a1111, save_diffusers, save_sdxl, write_manifest
+from guided_concepts.checkpointing import latest_checkpoint, load_state
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.configs.schema import ConfigError, load_config
+from guided_concepts.generate import concept_reference_batch, load_run, sources_from_args
+from guided_concepts.system import to_device
+from guided_concepts.objectdata import DataError
+from guided_concepts.tokens import TokenError
+from guided_concepts.tokens.export import SDXL_KEYS, safe_token_name, save_a1111, save_diffusers, save_sdxl, write_manifest
 
 A1111_SUFFIX = ".a1111.safetensors"
 
 
 def source_flags() -> list[str]:
-    flags = []
-    for name in CONCEPTS:
-        if name == "pose":
-            flags.append("--pose")
-        flags.append(f"--{name}-from")
-    return flags
+    """Every flag that can give a word: --<name>-from, and each concept's own (e.g. --pose)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_source_args(parser)
+    return [flag for action in parser._actions for flag in action.option_strings]
+
+
+def add_source_args(parser) -> None:
+    for name, entry in CONCEPTS.items():
+        entry.concept.add_source_args(parser)
+        parser.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
 
 
 def _check_sources(sources: dict, trained: list[str], run_dir: Path):
@@ -58,8 +62,9 @@ def _check_sources(sources: dict, trained: list[str], run_dir: Path):
         raise ValueError(f"{run_dir}: this run did not train {n!r} (trained: {', '.join(trained)}), "
                          f"so there is no {n} word to export; drop --{n}-from")
     for name, source in sources.items():
-        if isinstance(source, dict) and name != "pose":
-            raise ValueError(f"{name}: explicit values are only for the pose; give an object folder")
+        if isinstance(source, dict) and not CONCEPTS[name].concept.value_flags:
+            takers = [n for n in CONCEPTS if CONCEPTS[n].concept.value_flags]
+            raise ValueError(f"{name}: explicit values are only for the {', '.join(takers)}; give an object folder")
         if source is None or (not isinstance(source, dict) and not str(source)):
             raise ValueError(f"{name}: empty source")
 
@@ -78,13 +83,9 @@ def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, di
     """-> (vectors [K, D], the source as recorded in the manifest)."""
     concept = system.concepts[name]
     config = cfg.concepts[name]
-    if isinstance(source, dict):
-        if "camera" not in getattr(config, "inputs", ()):
-            raise ValueError(f"this run's pose head reads {', '.join(config.inputs)}, not the camera: "
-                             "use --pose-from <object folder> instead of --pose")
-        batch = camera_batch(source, getattr(config, "distance_range", None))
-        azimuth, elevation, distance = (float(v) for v in batch["camera"][0])
-        recorded = {"type": "camera", "azimuth": azimuth, "elevation": elevation, "distance": distance}
+    batch = CONCEPTS[name].concept.source_batch(source, config)
+    if batch is not None:          # given in values (e.g. --pose azimuth=30)
+        recorded = CONCEPTS[name].concept.source_record(batch)
     else:
         batch = concept_reference_batch(source, view, cfg, name)
         recorded = {"type": "object", "path": str(Path(source).resolve()), "object": batch["object_name"][0]
@@ -92,8 +93,7 @@ def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, di
     device = next(system.backbone.unet.parameters()).device
     batch = to_device(batch, device)
     concept.eval()
-    if hasattr(concept, "source"):
-        concept.source = "masks"
+    concept.apply_generation_options({})           # the defaults (e.g. *s from the masks)
     concept.diversity = 0.0                        # the shape code's mean: deterministic
     concept.noise_generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None
                   checkpoint: str | Path | None = None, device: str = "cpu", pt: bool = False) -> Path:
     """Encode each word from its source and write it for diffusers and A1111/ComfyUI. -> manifest path.
 
-    sources: concept -> object folder, or (pose) a camera dict from generate.parse_camera.
+    sources: concept -> object folder, or values its own flags gave (e.g. a camera dict for the pose).
     out_dir: default <run>/export/<sources>, e.g. export/chair_001+az30_el10, so exports of
     different objects do not overwrite each other. pt: also write the legacy A1111 `.pt` file.
     """
@@ -167,20 +167,14 @@ def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder (runs/<name>)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
-    for name in CONCEPTS:
-        p.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
-    p.add_argument("--pose", help="explicit camera for the pose word: azimuth=30,elevation=10[,distance=2.5]")
+    add_source_args(p)
     p.add_argument("--view", type=int, default=0, help="which view of each reference object")
     p.add_argument("--out", help="output folder (default: <run>/export)")
     p.add_argument("--pt", action="store_true", help="also write the legacy A1111 .pt embedding")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     try:
-        sources = {n: getattr(args, f"{n}_from") for n in CONCEPTS if getattr(args, f"{n}_from")}
-        if args.pose:
-            if "pose" in sources:
-                raise ValueError("give either --pose or --pose-from, not both")
-            sources["pose"] = parse_camera(args.pose)
+        sources = sources_from_args(args, CONCEPTS)
         manifest = export_tokens(args.run, sources, args.out, args.view, args.checkpoint, args.device, args.pt)
     except (ConfigError, DataError, TokenError, ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from backbone import load_backbone
-from backbone.adapters import UNetAdapters
-from checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
-from concepts import CONCEPTS
-from configs.schema import ConfigError, load_config
-from objectdata import DataError, ObjectViewsDataset, collate, scan_objects
-from overlays import attention_grid
-from system import GuidedConcepts, to_device
-from tokens import TokenError, check_prompt
+from guided_concepts.backbone import load_backbone
+from guided_concepts.backbone.adapters import UNetAdapters
+from guided_concepts.checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.configs.schema import ConfigError, load_config
+from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, scan_objects
+from guided_concepts.overlays import attention_grid
+from guided_concepts.system import GuidedConcepts, to_device
+from guided_concepts.tokens import TokenError, check_prompt
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
@@ -35,7 +35,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     ckpt = Path(artefact) if artefact else (Path(checkpoint) if checkpoint else latest_checkpoint(run_dir))
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
-    needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
+    needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
     system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                             latent_size=cfg.data.resolution // backbone.vae_scale_factor)
@@ -55,12 +55,11 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
 
 
 def concept_reference_batch(folder, view: int, cfg, name: str, needs: tuple[str, ...] | None = None) -> dict:
-    """reference_batch for concept `name` of a run's config: its needs (unless given), mask-set size
-    and resolution from its config."""
-    config = cfg.concepts[name]
-    needs = CONCEPTS[name][0].needs_for(config) if needs is None else needs
-    return reference_batch(folder, view, cfg.data.resolution, needs, getattr(config, "max_views", 0),
-                           getattr(config, "mask_resolution", 64))
+    """reference_batch for concept `name` of a run's config: its needs (unless given), and the mask
+    set its head reads."""
+    entry, config = CONCEPTS[name], cfg.concepts[name]
+    needs = entry.concept.needs_for(config) if needs is None else needs
+    return reference_batch(folder, view, cfg.data.resolution, needs, **entry.concept.mask_set_options(config))
 
 
 def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple[str, ...],
@@ -78,38 +77,33 @@ def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple
     return collate([dataset[view]])
 
 
-def parse_camera(text: str) -> dict:
-    """'azimuth=30,elevation=10[,distance=2.5]' -> a batch of one with that camera."""
-    values = {"azimuth": None, "elevation": 0.0, "distance": None}
-    for part in text.split(","):
-        key, _, value = part.partition("=")
-        if key.strip() not in values or not value:
-            raise ValueError(f"--pose {text!r}: expected azimuth=A,elevation=E[,distance=D]")
-        values[key.strip()] = float(value)
-    if values["azimuth"] is None:
-        raise ValueError(f"--pose {text!r}: azimuth is required")
-    return values
-
-
-def camera_batch(values: dict, distance_range) -> dict:
-    distance = values["distance"] if values["distance"] is not None else sum(distance_range or [2.5, 2.5]) / 2
-    camera = torch.tensor([[values["azimuth"], values["elevation"], distance]])
-    return {"camera": camera, "has_camera": torch.tensor([True]), "category": ["object"]}
+def sources_from_args(args, names) -> dict:
+    """concept -> its source: `--<name>-from` (an object folder) or the concept's own flags (e.g.
+    --pose azimuth=30); both for one word is an error."""
+    sources = {}
+    for name in names:
+        concept = CONCEPTS[name].concept
+        folder, given = getattr(args, f"{name}_from", None), concept.source_from_args(args)
+        if folder and given is not None:
+            raise ValueError(f"give either {' or '.join(concept.value_flags)} or --{name}-from, not both")
+        if folder or given is not None:
+            sources[name] = folder if folder else given
+    return sources
 
 
 def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | Path | dict], num: int = 4,
              seed: int = 0, steps: int = 20, guidance_scale: float = 5.0, view: int = 0,
-             diversity: float = 0.0, shape_source: str = "masks"):
+             diversity: float = 0.0, options: dict | None = None):
     """-> (reference image [3, H, W], images [num, 3, H, W], maps [num, C, h, w] or None).
 
-    sources: concept -> object folder, or (pose) a camera dict from parse_camera. Only the words
-    the prompt uses need a source; each may come from a different object.
+    sources: concept -> object folder, or what a concept's own flags gave (e.g. a camera dict for
+    the pose). Only the words the prompt uses need a source; each may come from a different object.
     diversity: tau for stochastic words (the shape set encoder): 0 = the mean, 1 = the trained
     spread, > 1 more varied; sample i draws its own code (seed + i).
-    shape_source: "masks" (all the object's masks) or "image" (one RGB view, image branch).
+    options: the concepts' generation switches (their add_source_args flags), e.g. {"shape_source":
+    "image"}: *s from one RGB view instead of the object's masks.
     """
-    if shape_source not in ("masks", "image"):
-        raise ValueError(f"shape source must be 'masks' or 'image', got {shape_source!r}")
+    options = dict(options or {})
     check_prompt(prompt, system.table.specs.values())
     used = [n for n in system.tokens if re.search(rf"(?<![\w*]){re.escape(system.concepts[n].config.token)}(?!\w)", prompt)]
     missing = [n for n in used if n not in sources]
@@ -117,17 +111,14 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
         raise ValueError(f"no reference for {', '.join(missing)}: pass --{missing[0]}-from <object folder>")
     # Each word is encoded from its own object, so words of different objects can be mixed.
     device = next(system.backbone.unet.parameters()).device
-    if "shape" in system.tokens:
-        system.concepts["shape"].source = shape_source
+    for name in system.tokens:
+        system.concepts[name].apply_generation_options(options)
     batches, reference = {}, None
     for name in used:
-        if isinstance(sources[name], dict):
-            if "camera" not in getattr(cfg.concepts[name], "inputs", ["camera"]):
-                raise ValueError(f"--pose gives a camera, but this run's pose head reads {cfg.concepts[name].inputs}; "
-                                 "use --pose-from <object folder>")
-            batch = camera_batch(sources[name], getattr(cfg.concepts[name], "distance_range", None))
-        else:
-            needs = () if (name == "shape" and shape_source == "image") else None
+        concept = CONCEPTS[name].concept
+        batch = concept.source_batch(sources[name], cfg.concepts[name])
+        if batch is None:                 # an object folder
+            needs = concept.reference_needs(cfg.concepts[name], options)
             batch = concept_reference_batch(sources[name], view, cfg, name, needs)
             reference = batch["image"][0] if reference is None else reference
         batches[name] = to_device(batch, device)
@@ -155,13 +146,12 @@ def main(argv=None):
     p.add_argument("--run", help="run folder (runs/<name>); without it, the base model --model samples the prompt")
     p.add_argument("--model", default="toyworld", help="base model without --run: 'toyworld' (shipped), 'tiny', a folder or hub id")
     p.add_argument("--prompt", required=True, help="any prompt using the run's words, e.g. 'a chair in the shape of *s'")
-    for name in CONCEPTS:
+    for name, entry in CONCEPTS.items():
+        entry.concept.add_source_args(p)
         p.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
-    p.add_argument("--pose", help="explicit camera for *p: azimuth=30,elevation=10[,distance=2.5]")
+        entry.concept.add_generation_args(p)
     p.add_argument("--diversity", type=float, default=0.0,
                    help="tau: 0 = the shape code's mean (faithful), 1 = the trained spread, >1 more varied")
-    p.add_argument("--shape-source", choices=["masks", "image"], default="masks",
-                   help="encode *s from the object's masks, or from one RGB view (needs an image branch)")
     p.add_argument("--view", type=int, default=0, help="which view of the reference object")
     p.add_argument("--num", type=int, default=4, help="samples (seeds seed, seed+1, …)")
     p.add_argument("--seed", type=int, default=0)
@@ -176,11 +166,9 @@ def main(argv=None):
         return sample_base_model(args)
     try:
         system, cfg = load_run(args.run, args.checkpoint, args.device, args.artefact)
-        sources = {n: getattr(args, f"{n}_from") for n in system.tokens if getattr(args, f"{n}_from")}
-        if args.pose:
-            sources["pose"] = parse_camera(args.pose)
+        sources = sources_from_args(args, system.tokens)
         reference, images, maps = generate(system, cfg, args.prompt, sources, args.num, args.seed, args.steps,
-                                           args.guidance_scale, args.view, args.diversity, args.shape_source)
+                                           args.guidance_scale, args.view, args.diversity, vars(args))
     except (ConfigError, DataError, TokenError, ValueError) as err:
         sys.exit(f"error: {err}")
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "generated.png"
@@ -195,8 +183,8 @@ def sample_base_model(args) -> Path:
     """No run: sample the prompt with the base model's own words (a row of --num seeds)."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
-    from backbone.load import resolve_model_path
-    from toyworld.evaluate import save_grid
+    from guided_concepts.backbone.load import resolve_model_path
+    from guided_concepts.toyworld.evaluate import save_grid
     if re.search(r"(?<![\w])\*\w", args.prompt):
         sys.exit(f"error: --prompt {args.prompt!r} uses a learned word; pass --run with the run that trained it")
     import diffusers

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from losses import attention_iou, attention_mass_inside
+from guided_concepts.losses import attention_iou, attention_mass_inside
 
 
 @torch.no_grad()
@@ -48,3 +48,30 @@ def variance_ratio(vectors: torch.Tensor, groups: torch.Tensor) -> float:
               if (groups == g).sum() > 1]
     between = (means - means.mean(0)).pow(2).sum(1).mean()
     return (torch.stack(within).mean() / between.clamp(min=1e-12)).item()
+
+
+class RunningMeans:
+    """Per-term sums between two log lines (EDM's training_stats, in small): add() every batch,
+    means() at a log line (over every process when given accelerate's gather_object), reset()
+    after it. `sums`/`count` go into each checkpoint, so a resumed run logs the same means."""
+
+    def __init__(self, sums: dict | None = None, count: int = 0):
+        self.sums, self.count = dict(sums or {}), count
+
+    def add(self, terms: dict, loss: torch.Tensor) -> None:
+        """terms: name -> (weight, per-sample values [B]); the unweighted batch mean is summed."""
+        for name, (_, value) in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float().mean().item()
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss.item()
+        self.count += 1
+
+    def means(self, gather=None) -> dict:
+        means = {k: v / self.count for k, v in self.sums.items()}
+        if gather is None:
+            return means
+        ranks = gather([means])         # every process's batches, not just this one's
+        return {k: sum(r.get(k, 0.0) for r in ranks) / sum(k in r for r in ranks)
+                for k in sorted({k for r in ranks for k in r})}
+
+    def reset(self) -> None:
+        self.sums, self.count = {}, 0

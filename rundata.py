@@ -3,21 +3,37 @@ the data set (camera bounds, keypoint count), split off held-out objects, and ch
 can be built. Everything here runs before the run folder is touched."""
 from __future__ import annotations
 
+from pathlib import Path
 
-from concepts import CONCEPTS
-from configs.schema import Config, mask_set_options
-from objectdata import DataError, ObjectViewsDataset, resolve_data_root, scan_objects
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.configs.schema import Config, mask_set_options
+from guided_concepts.objectdata import DataError, ObjectViewsDataset, ensure_default_data, scan_objects
+from guided_concepts.toyworld.world import ensure_toyworld_data
+
+# Data sets `data.root` may name instead of a folder (generated on first use). The generic data
+# package knows none of them.
+NAMED_DATASETS = {"toyworld": ensure_toyworld_data}
+
+
+def resolve_data_root(root: str | None) -> Path:
+    """data.root -> a folder: null = the bundled chairs, a NAMED_DATASETS name (a folder with that
+    name: write ./toyworld), else the path itself."""
+    if not root:
+        return ensure_default_data()
+    if root in NAMED_DATASETS:
+        return NAMED_DATASETS[root]()
+    return Path(root)
 
 
 def build_data(cfg: Config):
     """-> (train, validation) datasets; raises DataError naming the file at the first problem."""
-    needs = {k for n in cfg.tokens for k in CONCEPTS[n][0].needs_for(cfg.concepts[n])}
+    needs = {k for n in cfg.tokens for k in CONCEPTS[n].concept.needs_for(cfg.concepts[n])}
     root = resolve_data_root(cfg.data.root)
     records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
                            require_keypoints="keypoints" in needs, resolution=cfg.data.resolution)
     info = dataset_info(records)
     for n in cfg.tokens:     # e.g. camera bounds; saved in config.yaml so generation reuses them
-        cfg.concepts[n] = CONCEPTS[n][0].fit_to_data(cfg.concepts[n], info)
+        cfg.concepts[n] = CONCEPTS[n].concept.fit_to_data(cfg.concepts[n], info)
     train_records, val_records = split_holdout(records, cfg.data.holdout, root)
     mask_set = mask_set_options(cfg)
     train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,

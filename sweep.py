@@ -1,7 +1,8 @@
-"""`python train.py --sweep section.key=v1,v2,...`: one run per value in a sweep folder, then
-every run evaluated and one report (table, plots, sample grid) written in that folder.
+"""`python sweep.py --sweep section.key=v1,v2,... [train.py's arguments]`: one run per value in a
+sweep folder, then every run evaluated and one report (table, plots, sample grid) written in that
+folder. Its own entry point, so the training loop does not import evaluation and reporting.
 
-    python train.py --sweep losses.shape.mask_weight=0.01,0.05,0.1,0.2,0.3,0.5,1.0 --set train.steps=150
+    python sweep.py --sweep losses.shape.mask_weight=0.01,0.05,0.1,0.2,0.3,0.5,1.0 --set train.steps=150
 
 Finished runs (a checkpoint at train.steps) are reused, so an interrupted sweep continues where
 it stopped when run again.
@@ -12,12 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import train
-from checkpointing import latest_intact_checkpoint, load_state
-from configs.schema import ConfigError
-from evaluation.image_metrics import ClipScorer
-from evaluation.report import write_report
-from evaluation.runner import EvalSettings, evaluate_run, write_results
+from guided_concepts import train
+from guided_concepts.checkpointing import latest_intact_checkpoint, load_state
+from guided_concepts.configs.schema import ConfigError
+from guided_concepts.evaluation.image_metrics import ClipScorer
+from guided_concepts.evaluation.report import write_report
+from guided_concepts.evaluation.runner import EvalSettings, evaluate_run, write_results
 
 
 def parse_sweep(text: str) -> tuple[str, list[str]]:
@@ -28,12 +29,14 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     return key.strip(), items
 
 
-def run_sweep(argv: list[str]):
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--sweep", required=True)
-    p.add_argument("--eval-samples", type=int, default=2)
-    p.add_argument("--eval-steps", type=int, default=10)
-    p.add_argument("--clip")
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every other argument goes to each run as to train.py (see python train.py -h).")
+    p.add_argument("--sweep", required=True, metavar="KEY=V1,V2,...", help="one run per value, then evaluate all")
+    p.add_argument("--eval-samples", type=int, default=2, help="samples per prompt in the evaluation")
+    p.add_argument("--eval-steps", type=int, default=10, help="sampling steps in the evaluation")
+    p.add_argument("--clip", help="a CLIP model folder or hub id for the CLIP scores (default: none)")
     sweep_args, rest = p.parse_known_args(argv)
     try:
         key, values = parse_sweep(sweep_args.sweep)
@@ -64,3 +67,7 @@ def run_sweep(argv: list[str]):
     report = write_report(results, sweep_dir, key, values, base.run.report_to)
     print(f"sweep report: {report}")
     return sweep_dir
+
+
+if __name__ == "__main__":
+    main()

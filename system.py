@@ -10,13 +10,13 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from backbone import Backbone
-from capture import AttentionStore, choose_layers, install_capture
-from concepts import CONCEPTS, StepView
-from losses import contrast_loss, denoising_loss, denoising_target, word_target_loss
-from objectdata.sampling import contrast_partners, partner_weights
-from tokens import (PlaceholderSpec, PlaceholderTable, encode_prompts, encode_prompts_with_pooled, placeholder_selection,
-                    tokenize)
+from guided_concepts.backbone import Backbone
+from guided_concepts.capture import AttentionStore, choose_layers, install_capture
+from guided_concepts.concepts import CONCEPTS, StepView, check_requirements
+from guided_concepts.losses import contrast_loss, denoising_loss, denoising_target, word_target_loss
+from guided_concepts.objectdata.sampling import contrast_partners, partner_weights
+from guided_concepts.tokens import (PlaceholderSpec, PlaceholderTable, encode_prompts, encode_prompts_with_pooled,
+                                    placeholder_selection, tokenize)
 
 
 def render_prompt(template: str, category: str, clauses: dict[str, str]) -> str:
@@ -81,14 +81,12 @@ class GuidedConcepts(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.tokens = list(tokens)
-        if "shape" in self.tokens and loss_configs["shape"].attention_target == "shape_pose_union" \
-                and "pose" not in self.tokens:
-            raise ValueError("losses.shape.attention_target: shape_pose_union needs the pose token (--tokens shape,pose)")
+        check_requirements(self.tokens, concept_configs, loss_configs)
         specs = [PlaceholderSpec(n, concept_configs[n].token, concept_configs[n].initializer,
                                  concept_configs[n].num_vectors) for n in self.tokens]
         self.table = PlaceholderTable(backbone.text_side, specs)
         self.concepts = Heads({
-            n: CONCEPTS[n][0](concept_configs[n], loss_configs[n], self.table.initializer_rows[n],
+            n: CONCEPTS[n].concept(concept_configs[n], loss_configs[n], self.table.initializer_rows[n],
                               backbone.image_encoder)
             for n in self.tokens})
         self.attention_concepts = [n for n in self.tokens if self.concepts[n].attention]

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -24,21 +25,24 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm import tqdm
 
-from backbone import load_backbone
-from backbone.adapters import UNetAdapters
-from checkpointing import (CheckpointError, StopSignals, append_environment, check_resume, check_run_dir,
-                           check_writable, end_training_patiently, environment_record, global_rng_states,
-                           heads_fingerprint, latest_checkpoint, latest_intact_checkpoint, load_adapters,
-                           load_checkpoint, prepare_run_dir, prune_checkpoints, record_failure,
-                           remove_stale_temporaries, restore_global_rng_states, save_checkpoint, set_aside_newer,
-                           truncate_metrics)
-from concepts import CONCEPTS
-from configs.schema import Config, ConfigError, config_to_dict, load_config, save_config
-from objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
-from rundata import build_data
-from system import GuidedConcepts
-from tokens.targets import load_word_targets
-from validation import export_tokens, validate
+from guided_concepts.backbone import load_backbone
+from guided_concepts.backbone.adapters import UNetAdapters
+from guided_concepts.checkpointing import (CheckpointError, StopSignals, append_environment, check_run_dir,
+                                           check_writable, end_training_patiently, environment_record,
+                                           global_rng_states, heads_fingerprint, latest_checkpoint,
+                                           latest_intact_checkpoint, load_adapters, load_checkpoint, prepare_run_dir,
+                                           prune_checkpoints, record_failure, remove_stale_temporaries,
+                                           restore_global_rng_states, save_checkpoint, set_aside_newer,
+                                           truncate_metrics)
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.configs.schema import (Config, ConfigError, check_resume, config_sources, config_to_dict,
+                                           explain_config, load_config, save_config)
+from guided_concepts.metrics import RunningMeans
+from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
+from guided_concepts.rundata import build_data
+from guided_concepts.system import GuidedConcepts
+from guided_concepts.tokens.targets import load_word_targets
+from guided_concepts.validation import export_tokens, validate
 
 CONFIG_ENV_VAR = "GUIDED_CONCEPTS_CONFIG"   # a default config of your own (the tests point it at configs/tiny.yaml)
 
@@ -63,7 +67,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward "
                    "(model.gradient_checkpointing)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (model.compile)")
-    p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one run per value, then evaluate all (see sweep.py)")
+    p.add_argument("--help-config", action="store_true", help="print the resolved config (every key, its value, "
+                   "where the value came from: default, YAML or --set, and its help), then exit: a dry run")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
     for flag, key in (("model", "model.name"), ("name", "run.name"), ("report_to", "run.report_to")):
@@ -79,7 +84,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         name = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run.name=")), None)
         base = load_config(args.config, overrides)
         config_path = Path(base.run.output_dir) / (name or base.run.name) / "config.yaml"
-    return load_config(config_path, overrides, tokens=args.tokens), args
+    cfg = load_config(config_path, overrides, tokens=args.tokens)
+    if args.help_config:
+        args.explained = explain_config(cfg, config_sources(config_path, overrides, args.tokens))
+    return cfg, args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,10 +96,12 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--sweep" or a.startswith("--sweep=") for a in argv):
-        from sweep import run_sweep
-        return run_sweep(argv)
+        sys.exit("error: --sweep has its own entry point: python sweep.py --sweep KEY=V1,V2,... (the same arguments)")
     try:
         cfg, args = parse_args(argv)
+        if args.help_config:          # nothing is loaded or written
+            print(args.explained)
+            return None
         train_set, val_set = build_data(cfg)
         run_dir = check_run_dir(Path(cfg.run.output_dir) / cfg.run.name, args.resume, args.overwrite)
         check_writable(run_dir)       # before the model loads (minutes on real weights)
@@ -117,8 +127,10 @@ def main(argv=None):
         GradientState._reset_state()
 
 
-def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
-    """Train one validated config into `run_dir`: everything from here on may write."""
+# ----------------------------------------------------------------------------------------------
+# Setup: the accelerator, the model, the run folder
+# ----------------------------------------------------------------------------------------------
+def make_accelerator(cfg: Config) -> Accelerator:
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
     # laptop): gloo on CPU. Without cpu=True accelerate would let each process train alone.
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -129,51 +141,56 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
     if accelerator.num_processes != world:
         sys.exit(f"error: launched as {world} processes but accelerate runs {accelerator.num_processes}; "
                  "each would train alone (check the launcher's backend)")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator
 
-    # Frozen backbone in the mixed-precision dtype; heads stay fp32. Built before the run folder
-    # is touched, so a model that does not fit the config is an error that writes nothing.
-    try:
-        needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
-        backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
-        set_seed(cfg.train.seed)     # after loading: building a missing tiny model draws from the RNG too
-        system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
-                                latent_size=cfg.data.resolution // backbone.vae_scale_factor)
-        adapters = UNetAdapters(backbone.unet, cfg.adapters) if cfg.adapters.kind != "none" else None
-        pulled = [n for n in cfg.tokens if getattr(cfg.losses[n], "target_weight", 0.0) > 0]
-        if pulled:
-            if not cfg.train.word_targets:
-                raise ValueError(f"losses.{pulled[0]}.target_weight > 0 needs train.word_targets "
-                                 "(write one with tune.py --run <domain run> --targets <file>)")
-            shapes = {n: tuple(system.concepts[n].head.rows.shape) for n in pulled}
-            system.word_targets = load_word_targets(cfg.train.word_targets, pulled, shapes)
-        if cfg.data.resolution % backbone.vae_scale_factor:
-            r, f = cfg.data.resolution, backbone.vae_scale_factor
-            raise ValueError(f"data.resolution: {r} is not divisible by the VAE's downsampling factor {f} of "
-                             f"{cfg.model.name}; use {r // f * f or f} or {(r // f + 1) * f}")
-        # Phase 1: heads only; phase 2 (from adapters.start_step) adds the adapters with their own lr.
-        phase2 = cfg.adapters.start_step if cfg.adapters.start_step >= 0 else cfg.train.steps // 2
-        step = 0
-        if args.resume:      # the checkpoint must load into these heads before anything is written
-            ckpt = args.resume_from
-            step, head_state, opt_state, state = load_checkpoint(ckpt)
-            system.load_trainable_state(head_state)
-            phase2 = state.get("phase2", phase2)      # where the run started its adapters stays put
-            saved_groups = len(opt_state["optimizer"]["param_groups"])
-            if adapters is not None and load_adapters(ckpt) is None:
-                raise ValueError(f"{ckpt}: has no adapters.safetensors but the config has adapters.kind="
-                                 f"{cfg.adapters.kind}; resume with the run's own adapters setting")
-            if saved_groups not in (len(cfg.tokens), len(cfg.tokens) + (adapters is not None)):
-                raise ValueError(f"{ckpt}: its optimizer has {saved_groups} parameter groups, this config "
-                                 f"{len(cfg.tokens)} (+1 with adapters); resume with the run's own config")
-    except (ValueError, OSError, TypeError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
+
+def build_model(cfg: Config):
+    """-> (backbone, system, adapters or None). Raises ValueError/OSError for a model that does not
+    fit the config, before anything is written (minutes on real weights)."""
+    needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
+    backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
+    set_seed(cfg.train.seed)     # after loading: building a missing tiny model draws from the RNG too
+    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
+                            latent_size=cfg.data.resolution // backbone.vae_scale_factor)
+    adapters = UNetAdapters(backbone.unet, cfg.adapters) if cfg.adapters.kind != "none" else None
+    pulled = [n for n in cfg.tokens if getattr(cfg.losses[n], "target_weight", 0.0) > 0]
+    if pulled:
+        if not cfg.train.word_targets:
+            raise ValueError(f"losses.{pulled[0]}.target_weight > 0 needs train.word_targets "
+                             "(write one with tune.py --run <domain run> --targets <file>)")
+        shapes = {n: tuple(system.concepts[n].head.rows.shape) for n in pulled}
+        system.word_targets = load_word_targets(cfg.train.word_targets, pulled, shapes)
+    if cfg.data.resolution % backbone.vae_scale_factor:
+        r, f = cfg.data.resolution, backbone.vae_scale_factor
+        raise ValueError(f"data.resolution: {r} is not divisible by the VAE's downsampling factor {f} of "
+                         f"{cfg.model.name}; use {r // f * f or f} or {(r // f + 1) * f}")
+    return backbone, system, adapters
+
+
+def load_resume_point(ckpt: Path, cfg: Config, system, adapters) -> SimpleNamespace:
+    """The checkpoint loads into these heads before anything is written; -> step, heads (tensor
+    count), optimizer state and state.json. Raises ValueError when it belongs to another config."""
+    step, head_state, opt_state, state = load_checkpoint(ckpt)
+    system.load_trainable_state(head_state)
+    saved_groups = len(opt_state["optimizer"]["param_groups"])
+    if adapters is not None and load_adapters(ckpt) is None:
+        raise ValueError(f"{ckpt}: has no adapters.safetensors but the config has adapters.kind="
+                         f"{cfg.adapters.kind}; resume with the run's own adapters setting")
+    if saved_groups not in (len(cfg.tokens), len(cfg.tokens) + (adapters is not None)):
+        raise ValueError(f"{ckpt}: its optimizer has {saved_groups} parameter groups, this config "
+                         f"{len(cfg.tokens)} (+1 with adapters); resume with the run's own config")
+    return SimpleNamespace(path=ckpt, step=step, head_tensors=len(head_state), opt_state=opt_state, state=state)
+
+
+def prepare_folder(accelerator, cfg: Config, args, run_dir: Path, backbone) -> None:
+    """Rank 0 writes the folder, config.yaml and the environment record; every rank waits for it."""
     accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, args.resume, args.overwrite)
         if args.resume and args.damaged:
-            aside = set_aside_newer(run_dir, ckpt)
-            accelerator.print(f"warning: {'; '.join(args.damaged)}; resuming from {ckpt.name} (set aside: {', '.join(aside)})")
+            aside = set_aside_newer(run_dir, args.resume_from)
+            accelerator.print(f"warning: {'; '.join(args.damaged)}; resuming from {args.resume_from.name} "
+                              f"(set aside: {', '.join(aside)})")
         stale = remove_stale_temporaries(run_dir / "checkpoints") + remove_stale_temporaries(run_dir)
         if stale:
             accelerator.print(f"removed {len(stale)} half-written file(s) a killed run left: {', '.join(p.name for p in stale)}")
@@ -188,12 +205,17 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
             gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             scheduler={"class": type(backbone.scheduler).__name__, **dict(backbone.scheduler.config)}))
     accelerator.wait_for_everyone()
+
+
+def place_model(accelerator, cfg: Config, backbone, system) -> None:
+    """Frozen backbone on the device in the mixed-precision dtype; heads stay fp32."""
     if cfg.train.deterministic:   # warn_only: a few CUDA backward ops (bilinear resize) have no deterministic kernel
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     for module in backbone.frozen_modules():
         module.to(accelerator.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if weight_dtype != torch.float32:
         backbone.cast_frozen(weight_dtype)
     system.concepts.to(accelerator.device)
@@ -204,88 +226,176 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
     if cfg.data.cache_latents:
         system.latent_cache = {}
 
-    # One parameter group per concept, each with its own lr (scaled by the schedule each step).
-    groups = [{"params": [p for p in system.concepts[n].parameters() if p.requires_grad],
-               "lr": cfg.concepts[n].lr, "base_lr": cfg.concepts[n].lr, "name": n} for n in cfg.tokens]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def make_loader(cfg: Config, train_set, accelerator):
+    """-> (sampler, loader). Workers are forked afresh each epoch: the dataset's epoch, which sets
+    flips and mask sets, must reach them, so they are not persistent."""
     sampler = (TripletBatchSampler(train_set, max(1, cfg.train.batch_size // 3), seed=cfg.train.seed)
                if cfg.data.triplets else ShuffledBatchSampler(len(train_set), cfg.train.batch_size, seed=cfg.train.seed))
     workers = cfg.data.num_workers
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                          worker_init_fn=ignore_stop_signals if workers else None,
                                          pin_memory=accelerator.device.type == "cuda")
-    # (Workers are forked afresh each epoch: the dataset's epoch, which sets flips and mask sets,
-    # must reach them, so they are not persistent.)
+    return sampler, loader
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: one parameter group per concept, each with its own lr (scaled by the schedule each
+# step); the adapters join as one more group in phase 2
+# ----------------------------------------------------------------------------------------------
+def make_optimizer(cfg: Config, system) -> torch.optim.Optimizer:
+    groups = [{"params": [p for p in system.concepts[n].parameters() if p.requires_grad],
+               "lr": cfg.concepts[n].lr, "base_lr": cfg.concepts[n].lr, "name": n} for n in cfg.tokens]
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+
+def set_base_lrs(optimizer, cfg: Config) -> None:
+    """Each group's lr before the schedule: the config's (the heads' scaled down in phase 2)."""
+    in_phase2 = len(optimizer.param_groups) > len(cfg.tokens)
+    for group in optimizer.param_groups:
+        group["base_lr"] = cfg.adapters.lr if group["name"] == "adapters" else \
+            cfg.concepts[group["name"]].lr * (cfg.adapters.head_lr_scale if in_phase2 else 1.0)
+
+
+def start_phase2(optimizer, adapters, cfg: Config) -> None:
+    """Adapters join the same optimizer as a new group: the heads keep their Adam state."""
+    adapters.set_trainable(True)
+    optimizer.add_param_group({"params": adapters.parameters(), "lr": cfg.adapters.lr, "name": "adapters"})
+    set_base_lrs(optimizer, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop state, resume and checkpoints
+# ----------------------------------------------------------------------------------------------
+def new_loop_state(cfg: Config, process_index: int) -> SimpleNamespace:
+    """Position (step, epoch, batch to skip to), running means, and the run's own random streams:
+    noise, timesteps and VAE sampling draw from `noise` (one stream per process), prompt templates
+    and word subsets from `prompts`, so a resumed run continues them whatever else touched the
+    global RNG."""
+    return SimpleNamespace(step=0, epoch=0, skip=0, means=RunningMeans(),
+                           noise=torch.Generator().manual_seed(cfg.train.seed * 1000 + process_index),
+                           prompts=random.Random(cfg.train.seed + 7919 * process_index))
+
+
+def restore(loop, resumed, accelerator, cfg: Config, run_dir: Path, optimizer, adapters) -> None:
+    """Heads (already loaded), optimizer (and fp16 scaler), every RNG, the position in the epoch
+    and the running means: the resumed run continues exactly where the saved one stood."""
+    opt_state, state = resumed.opt_state, resumed.state
+    if adapters is not None:
+        adapters.load_state_dict(load_adapters(resumed.path))
+        if len(opt_state["optimizer"]["param_groups"]) > len(cfg.tokens):    # saved in phase 2
+            start_phase2(optimizer, adapters, cfg)
+    optimizer.load_state_dict(opt_state["optimizer"])
+    set_base_lrs(optimizer, cfg)
+    if accelerator.scaler is not None and opt_state.get("scaler"):
+        accelerator.scaler.load_state_dict(opt_state["scaler"])
+    # Per process: its own noise stream, RNGs and running log sums (one list entry per rank).
+    ranks = opt_state["rng"] if isinstance(opt_state["rng"], list) else [opt_state["rng"]]
+    mine = ranks[accelerator.process_index] if len(ranks) == accelerator.num_processes else ranks[0]
+    if len(ranks) != accelerator.num_processes:
+        accelerator.print(f"warning: the checkpoint has {len(ranks)} process streams, this run {accelerator.num_processes}: "
+                          "not an exact continuation")
+    loop.noise.set_state(mine["noise"])
+    loop.prompts.setstate(mine["prompts"])
+    restored = restore_global_rng_states(mine["global"]) if "global" in mine else []
+    loop.means = RunningMeans(mine.get("running", state.get("running", {})),
+                              mine.get("running_count", state.get("running_count", 0)))
+    loop.step, loop.epoch, loop.skip = resumed.step, state.get("epoch", 0), state.get("batch_in_epoch", 0)
+    if accelerator.is_main_process:
+        truncate_metrics(run_dir / "metrics.jsonl", loop.step)
+    accelerator.print(f"resumed {run_dir} from {resumed.path.name}: step {loop.step} of {cfg.train.steps}, epoch "
+                      f"{loop.epoch} batch {loop.skip}; restored heads ({resumed.head_tensors} tensors), optimizer "
+                      f"({len(optimizer.param_groups)} groups), lr schedule ({cfg.train.lr_schedule}, "
+                      f"x{cfg.train.lr_factor(loop.step):.3g}), RNGs (noise, prompts, {', '.join(restored)}), "
+                      f"data order, config {run_dir / 'config.yaml'}")
+
+
+def checkpoint(loop, accelerator, cfg: Config, run_dir: Path, system, optimizer, adapters, phase2: int,
+               epoch: int, batch_in_epoch: int) -> None:
+    # Every rank's heads must be the same (DDP); a fingerprint per rank in state.json shows it.
+    mine = heads_fingerprint(system.trainable_state()).to(accelerator.device)
+    ranks = accelerator.gather(mine[None]).cpu().tolist() if accelerator.num_processes > 1 else [mine.tolist()]
+    if len({tuple(r) for r in ranks}) > 1:
+        accelerator.print(f"warning: step {loop.step}: the processes' heads differ (fingerprints {ranks})")
+    streams = {"noise": loop.noise.get_state(), "prompts": loop.prompts.getstate(), "global": global_rng_states(),
+               "running": loop.means.sums, "running_count": loop.means.count}
+    streams = gather_object([streams]) if accelerator.num_processes > 1 else [streams]    # one per rank
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        save_checkpoint(run_dir, loop.step, system.trainable_state(),
+                        {"optimizer": optimizer.state_dict(), "scaler": scaler, "rng": streams},
+                        {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                         "phase2": phase2, "rank_fingerprints": ranks},
+                        adapters.state_dict() if adapters is not None else None)
+        prune_checkpoints(run_dir, cfg.train.keep_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+def agree(accelerator, loss: torch.Tensor, signals: StopSignals) -> tuple[bool, bool]:
+    """(a non-finite loss, a stop signal) on any process: every rank learns of either before
+    backward, so all ranks stop, or checkpoint, together."""
+    flags = torch.tensor([float(not torch.isfinite(loss)), float(bool(signals.received))], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def losses_of(system, heads, batch: dict, cfg: Config, loop, adapters, in_phase2: bool):
+    """-> (prompts, terms: name -> (weight, per-sample values [B])) for one batch."""
+    prompts, present = system.make_prompts(batch, cfg.prompt.templates, loop.prompts, cfg.train.union_sampling,
+                                           cfg.prompt.by_category)
+    outs = heads(batch)                                   # through DDP on several GPUs
+    terms = system.training_losses(batch, prompts, loop.noise, present=present, outs=outs)
+    if adapters is not None and cfg.adapters.kind == "e4t" and in_phase2:
+        terms["adapters/l2"] = (cfg.adapters.l2_weight, adapters.penalty().expand(len(prompts)))
+    return prompts, terms
+
+
+def apply_gradients(accelerator, optimizer, adapters, cfg: Config) -> None:
+    if accelerator.sync_gradients:
+        if adapters is not None and accelerator.num_processes > 1:   # the UNet is not DDP-wrapped
+            for p in adapters.parameters():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.train.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
+    """Train one validated config into `run_dir`: everything from here on may write."""
+    # -- setup and model: a model or checkpoint that does not fit the config writes nothing
+    accelerator = make_accelerator(cfg)
+    try:
+        backbone, system, adapters = build_model(cfg)
+        resumed = load_resume_point(args.resume_from, cfg, system, adapters) if args.resume else None
+    except (ValueError, OSError, TypeError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+    # Phase 1: heads only; phase 2 (from adapters.start_step) adds the adapters with their own lr.
+    phase2 = cfg.adapters.start_step if cfg.adapters.start_step >= 0 else cfg.train.steps // 2
+    phase2 = resumed.state.get("phase2", phase2) if resumed else phase2   # where the run started them stays put
+    prepare_folder(accelerator, cfg, args, run_dir, backbone)
+    place_model(accelerator, cfg, backbone, system)
+    # -- data and optimizer
+    sampler, loader = make_loader(cfg, train_set, accelerator)
+    optimizer = make_optimizer(cfg, system)
     heads, optimizer, loader = accelerator.prepare(system.concepts, optimizer, loader)
-
-    def set_base_lrs():
-        """Each group's lr before the schedule: the config's (the heads' scaled down in phase 2)."""
-        in_phase2 = len(optimizer.param_groups) > len(cfg.tokens)
-        for group in optimizer.param_groups:
-            group["base_lr"] = cfg.adapters.lr if group["name"] == "adapters" else \
-                cfg.concepts[group["name"]].lr * (cfg.adapters.head_lr_scale if in_phase2 else 1.0)
-
-    def start_phase2():
-        """Adapters join the same optimizer as a new group: the heads keep their Adam state."""
-        adapters.set_trainable(True)
-        optimizer.add_param_group({"params": adapters.parameters(), "lr": cfg.adapters.lr, "name": "adapters"})
-        set_base_lrs()
-
-    # Resume: heads, optimizer (and fp16 scaler), every RNG, the position in the epoch and the
-    # running log sums, so the resumed run continues exactly where the saved one stood.
-    epoch, skip, running, count = 0, 0, {}, 0
-    # Noise, timesteps and VAE sampling draw from their own generator (one stream per process), so a
-    # resumed run continues the exact same stream whatever else touched the global RNG.
-    noise_rng = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
-    system.concepts.set_noise_generator(noise_rng)
-    rng = random.Random(cfg.train.seed + 7919 * accelerator.process_index)   # prompt templates and word subsets
-    if args.resume:
-        if adapters is not None:
-            adapters.load_state_dict(load_adapters(ckpt))
-            if len(opt_state["optimizer"]["param_groups"]) > len(cfg.tokens):    # saved in phase 2
-                start_phase2()
-        optimizer.load_state_dict(opt_state["optimizer"])
-        set_base_lrs()
-        if accelerator.scaler is not None and opt_state.get("scaler"):
-            accelerator.scaler.load_state_dict(opt_state["scaler"])
-        # Per process: its own noise stream, RNGs and running log sums (one list entry per rank).
-        ranks = opt_state["rng"] if isinstance(opt_state["rng"], list) else [opt_state["rng"]]
-        mine = ranks[accelerator.process_index] if len(ranks) == accelerator.num_processes else ranks[0]
-        if len(ranks) != accelerator.num_processes:
-            accelerator.print(f"warning: the checkpoint has {len(ranks)} process streams, this run {accelerator.num_processes}: "
-                              "not an exact continuation")
-        noise_rng.set_state(mine["noise"])
-        rng.setstate(mine["prompts"])
-        restored = restore_global_rng_states(mine["global"]) if "global" in mine else []
-        running, count = mine.get("running", state.get("running", {})), mine.get("running_count", state.get("running_count", 0))
-        epoch, skip = state.get("epoch", 0), state.get("batch_in_epoch", 0)
-        if accelerator.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", step)
-        accelerator.print(f"resumed {run_dir} from {ckpt.name}: step {step} of {cfg.train.steps}, epoch {epoch} batch {skip}; "
-                          f"restored heads ({len(head_state)} tensors), optimizer ({len(optimizer.param_groups)} groups), "
-                          f"lr schedule ({cfg.train.lr_schedule}, x{cfg.train.lr_factor(step):.3g}), RNGs (noise, prompts, "
-                          f"{', '.join(restored)}), data order, config {run_dir / 'config.yaml'}")
+    # -- resume
+    loop = new_loop_state(cfg, accelerator.process_index)
+    system.concepts.set_noise_generator(loop.noise)
+    if resumed:
+        restore(loop, resumed, accelerator, cfg, run_dir, optimizer, adapters)
     if accelerator.is_main_process and cfg.run.report_to != "none":
         accelerator.init_trackers("guided-concepts", config=config_to_dict(cfg),
                                   init_kwargs={"wandb": {"name": cfg.run.name, "dir": str(run_dir)}})
-
-    def checkpoint(step, epoch, batch_in_epoch):
-        # Every rank's heads must be the same (DDP); a fingerprint per rank in state.json shows it.
-        mine = heads_fingerprint(system.trainable_state()).to(accelerator.device)
-        ranks = accelerator.gather(mine[None]).cpu().tolist() if accelerator.num_processes > 1 else [mine.tolist()]
-        if len({tuple(r) for r in ranks}) > 1:
-            accelerator.print(f"warning: step {step}: the processes' heads differ (fingerprints {ranks})")
-        streams = {"noise": noise_rng.get_state(), "prompts": rng.getstate(), "global": global_rng_states(),
-                   "running": running, "running_count": count}
-        streams = gather_object([streams]) if accelerator.num_processes > 1 else [streams]    # one per rank
-        if accelerator.is_main_process:
-            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-            save_checkpoint(run_dir, step, system.trainable_state(),
-                            {"optimizer": optimizer.state_dict(), "scaler": scaler, "rng": streams},
-                            {"tokens": cfg.tokens, "model": cfg.model.name, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                             "phase2": phase2, "rank_fingerprints": ranks},
-                            adapters.state_dict() if adapters is not None else None)
-            prune_checkpoints(run_dir, cfg.train.keep_last)
 
     def log(record: dict):
         if accelerator.is_main_process:
@@ -299,106 +409,76 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
         bar.close()
         end_training_patiently(accelerator)
 
-    def stop_on_nonfinite(terms, loss, batch, prompts):
-        """Nothing is stepped or saved: the last checkpoint stays the last good one."""
-        message, record = record_failure(run_dir, step + 1, terms, loss, batch, prompts, accelerator.process_index)
-        if record:
-            log(record)
-        finish()
-        sys.exit(f"error: {message}")
-
-    # ------------------------------------------------------------------------------------------
-    # Loop
-    # ------------------------------------------------------------------------------------------
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    # -- loop
+    bar = tqdm(total=cfg.train.steps, initial=loop.step, disable=not accelerator.is_local_main_process, desc="train")
     started, waited, ready = time.time(), 0.0, time.perf_counter()
     heads.train()
     stop = 0                  # the stop signal, once every process has agreed on it (0: none)
     # A second Ctrl-C stops at once when alone; with several processes the launcher handles it.
     with StopSignals(escalate=accelerator.num_processes == 1) as signals:
-        while step < cfg.train.steps and not stop:
+        while loop.step < cfg.train.steps and not stop:
             # accelerate's loader re-sets the sampler's epoch from its own counter when iterated (and
             # a skip-loader on resume copies that counter): keep the counter on our epoch.
-            loader.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            batch_in_epoch = skip
-            for batch in batches:
+            for epoch_aware in (loader, train_set, sampler):
+                epoch_aware.set_epoch(loop.epoch)
+            batch_in_epoch = loop.skip
+            for batch in accelerator.skip_first_batches(loader, loop.skip) if loop.skip else loader:
                 waited += time.perf_counter() - ready          # the step waited this long for data
                 batch_in_epoch += 1
-                if adapters is not None and step >= phase2 and not adapters.parameters()[0].requires_grad:
-                    start_phase2()
+                if adapters is not None and loop.step >= phase2 and not adapters.parameters()[0].requires_grad:
+                    start_phase2(optimizer, adapters, cfg)
                 for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * cfg.train.lr_factor(step)
+                    group["lr"] = group["base_lr"] * cfg.train.lr_factor(loop.step)
                 with accelerator.accumulate(heads), accelerator.autocast():
-                    prompts, present = system.make_prompts(batch, cfg.prompt.templates, rng, cfg.train.union_sampling,
-                                                           cfg.prompt.by_category)
-                    outs = heads(batch)                                   # through DDP on several GPUs
-                    terms = system.training_losses(batch, prompts, noise_rng, present=present, outs=outs)
-                    if adapters is not None and cfg.adapters.kind == "e4t" and step >= phase2:
-                        terms["adapters/l2"] = (cfg.adapters.l2_weight, adapters.penalty().expand(len(prompts)))
+                    prompts, terms = losses_of(system, heads, batch, cfg, loop, adapters, loop.step >= phase2)
                     loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
-                    # Every rank learns of a non-finite loss or a stop signal anywhere, before backward;
-                    # from here on only the agreed `stop` counts, so all ranks checkpoint together.
-                    flags = torch.tensor([float(not torch.isfinite(loss)), float(bool(signals.received))],
-                                         device=accelerator.device)
-                    if accelerator.num_processes > 1:
-                        flags = accelerator.reduce(flags, reduction="sum")
-                    if flags[0] > 0:
-                        stop_on_nonfinite(terms, loss, batch, prompts)
-                    if flags[1] > 0 and not stop:
+                    nonfinite, signalled = agree(accelerator, loss, signals)
+                    if nonfinite:   # nothing is stepped or saved: the last checkpoint stays the last good one
+                        message, record = record_failure(run_dir, loop.step + 1, terms, loss, batch, prompts,
+                                                         accelerator.process_index)
+                        if record:
+                            log(record)
+                        finish()
+                        sys.exit(f"error: {message}")
+                    if signalled and not stop:
                         stop = signals.received or signal.SIGTERM
                         accelerator.print(f"\n{signal.Signals(stop).name}: finishing this step, then checkpointing")
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if adapters is not None and accelerator.num_processes > 1:   # the UNet is not DDP-wrapped
-                            for p in adapters.parameters():
-                                if p.grad is not None:
-                                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                    cfg.train.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for name, (_, value) in terms.items():
-                    running[name] = running.get(name, 0.0) + value.detach().float().mean().item()
-                running["loss"] = running.get("loss", 0.0) + loss.item()
-                count += 1
+                    apply_gradients(accelerator, optimizer, adapters, cfg)
+                loop.means.add(terms, loss)
                 ready = time.perf_counter()
                 if not accelerator.sync_gradients:
                     continue
-                step += 1
+                loop.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    elapsed, means = time.time() - started, {k: v / count for k, v in running.items()}
-                    if accelerator.num_processes > 1:       # every process's batches, not just rank 0's
-                        ranks = gather_object([means])
-                        means = {k: sum(r.get(k, 0.0) for r in ranks) / sum(k in r for r in ranks)
-                                 for k in sorted({k for r in ranks for k in r})}
-                    log({"step": step, **means,                                         # unweighted means
-                         **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+                if loop.step % cfg.train.log_every == 0 or loop.step == cfg.train.steps:
+                    elapsed = time.time() - started
+                    log({"step": loop.step, **loop.means.means(gather_object if accelerator.num_processes > 1 else None),
+                         **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},      # unweighted means
                          "time": round(elapsed, 2), "time/data_wait_frac": round(waited / max(elapsed, 1e-9), 4)})
-                    running, count = {}, 0
+                    loop.means.reset()
                 done_epoch = batch_in_epoch >= len(loader)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop:
-                    checkpoint(step, epoch + done_epoch, 0 if done_epoch else batch_in_epoch)
-                if stop and step < cfg.train.steps:      # on the last step: finish as usual instead
+                if loop.step % cfg.train.checkpoint_every == 0 or loop.step == cfg.train.steps or stop:
+                    checkpoint(loop, accelerator, cfg, run_dir, system, optimizer, adapters, phase2,
+                               loop.epoch + done_epoch, 0 if done_epoch else batch_in_epoch)
+                if stop and loop.step < cfg.train.steps:      # on the last step: finish as usual instead
                     break
-                sample_now = cfg.train.sample_every and step % cfg.train.sample_every == 0
-                if accelerator.is_main_process and (sample_now or step == cfg.train.steps):
+                sample_now = cfg.train.sample_every and loop.step % cfg.train.sample_every == 0
+                if accelerator.is_main_process and (sample_now or loop.step == cfg.train.steps):
                     heads.eval()
                     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
                     with torch.random.fork_rng(devices=cuda):    # validation leaves the training RNGs alone
-                        log({"step": step, **validate(system, cfg, val_set, step, run_dir, accelerator.device)})
+                        log({"step": loop.step, **validate(system, cfg, val_set, loop.step, run_dir, accelerator.device)})
                     heads.train()
-                if step >= cfg.train.steps:
+                if loop.step >= cfg.train.steps:
                     break
                 ready = time.perf_counter()
             else:
-                epoch, skip = epoch + 1, 0
-    if stop and step < cfg.train.steps:
-        accelerator.print(f"stopped by {signal.Signals(stop).name} at step {step}: checkpoint "
+                loop.epoch, loop.skip = loop.epoch + 1, 0
+    # -- finish
+    if stop and loop.step < cfg.train.steps:
+        accelerator.print(f"stopped by {signal.Signals(stop).name} at step {loop.step}: checkpoint "
                           f"{latest_checkpoint(run_dir)} written; continue with --resume")
         finish()
         sys.exit(128 + stop)

@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import generate
-from concepts import CONCEPTS
-from checkpointing import atomic_folder, atomic_write
-from configs.schema import ConfigError, load_config, mask_set_options
-from objectdata import DataError, ObjectViewsDataset, collate, resolve_data_root, scan_objects
-from rundata import split_holdout
-from tokens.export import load_token, save_word
-from losses import word_target_loss
-from tokens.targets import load_word_targets, save_word_targets
+from guided_concepts import generate
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.checkpointing import atomic_folder, atomic_write
+from guided_concepts.configs.schema import ConfigError, load_config, mask_set_options
+from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, scan_objects
+from guided_concepts.rundata import resolve_data_root, split_holdout
+from guided_concepts.tokens.export import load_token, save_word
+from guided_concepts.losses import word_target_loss
+from guided_concepts.tokens.targets import load_word_targets, save_word_targets
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -55,15 +55,25 @@ def object_denoise_loss(system, batch: dict, prompts: list[str]) -> float:
     return sum(values) / len(values)
 
 
+def shift_hue(images: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
+    """Each view's hue turned by its own random angle, up to `amount` of the colour circle either
+    way. images [B, 3, H, W] in [-1, 1] -> same. Whites and greys keep their value."""
+    from kornia.enhance import adjust_hue
+    angles = (torch.rand(len(images), generator=generator) * 2 - 1) * amount * 2 * torch.pi   # [B] radians
+    turned = adjust_hue((images.float() + 1) / 2, angles.to(images.device))
+    return (turned * 2 - 1).to(images.dtype)
+
+
 def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mode: str = "encoder",
                 overrides: dict | None = None, seed: int = 0) -> dict:
     """mode "encoder": tune the heads (+ adapters) from the run; "textual_inversion": the baseline,
     each word a free vector starting at its initializer word, same steps and lr."""
     system, cfg = generate.load_run(run_dir)
-    system.latent_cache = {}       # a few views, encoded at every timestep and step: encode each once
     tc = cfg.tune
     for key, value in (overrides or {}).items():
         setattr(tc, key, value)
+    # A few views, encoded at every timestep and step: encode each once (a hue-shifted view is new).
+    system.latent_cache = {} if tc.hue_jitter == 0 else None
     steps = tc.steps if steps is None else steps
     for name, changes in tc.losses.items():            # e.g. no mask loss while tuning (the seeds)
         if name in system.concepts:
@@ -117,6 +127,8 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
         for _ in range(tc.grad_accum):                   # explicit: tuning is sensitive to batch size
             indices = [rng.randrange(len(training)) for _ in range(tc.batch_size)]
             batch = collate([training[i] for i in indices])
+            if tc.hue_jitter > 0:
+                batch["image"] = shift_hue(batch["image"], tc.hue_jitter, generator)
             prompts = system.prompts_for(batch, cfg.prompt.templates, system.tokens, rng)
             terms = system.training_losses(batch, prompts, generator)
             loss = sum(w * v.float().mean() for w, v in terms.values()) / tc.grad_accum
@@ -145,7 +157,7 @@ def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, pro
     cfg = load_config(run_dir / "config.yaml")
     root = resolve_data_root(cfg.data.root)
     training = split_holdout(scan_objects(root), cfg.data.holdout, root)[0]      # the run's own split
-    names = [n for n in cfg.tokens if CONCEPTS[n][0].object_level]
+    names = [n for n in cfg.tokens if CONCEPTS[n].concept.object_level]
     if not names:
         raise ConfigError(f"{run_dir}: none of its words ({', '.join(cfg.tokens)}) is one word per object")
     targets, started = {n: {} for n in names}, time.time()
@@ -169,15 +181,15 @@ def fit_heads_to_targets(run_dir, targets_path, out_dir, steps: int = 100, lr: f
     the fitted heads in its latest checkpoint to `out_dir` (never over an existing folder)."""
     import shutil
 
-    from checkpointing import latest_checkpoint
-    from validation import first_views
+    from guided_concepts.checkpointing import latest_checkpoint
+    from guided_concepts.validation import first_views
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists():
         raise ConfigError(f"--out {out_dir}: exists; the fitted run is written to a new folder")
     if steps < 1 or not lr > 0:
         raise ConfigError(f"--fit needs steps >= 1 and a positive lr, got {steps}, {lr}")
     system, cfg = generate.load_run(run_dir)
-    names = [n for n in system.tokens if CONCEPTS[n][0].object_level]
+    names = [n for n in system.tokens if CONCEPTS[n].concept.object_level]
     shapes = {n: (system.concepts[n].config.num_vectors, system.table.embedding_dim) for n in names}
     targets = load_word_targets(targets_path, names, shapes)
     root = resolve_data_root(cfg.data.root)

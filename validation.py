@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from metrics import attention_mask_metrics
-from objectdata import ObjectViewsDataset, collate
-from overlays import attention_grid
-from system import to_device
-from tokens.export import save_word
+from guided_concepts.metrics import attention_mask_metrics
+from guided_concepts.objectdata import ObjectViewsDataset, collate
+from guided_concepts.overlays import attention_grid
+from guided_concepts.system import to_device
+from guided_concepts.tokens.export import save_word
 
 
 def first_views(dataset, count: int) -> dict:

@@ -10,7 +10,7 @@ import kornia
 import torch
 from torch import nn
 
-from backbone.tiny import TINY_LAYOUTS, ensure_tiny_model
+from guided_concepts.backbone.tiny import TINY_LAYOUTS, ensure_tiny_model
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

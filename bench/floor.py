@@ -170,7 +170,7 @@ def flash_style_saving(saved: list, params: set[int] = frozenset(), aliased: lis
 
 def unet_step(spec: ModelSpec, modules: dict, batch: int, capture_columns: int, layers=None):
     """One step's VAE encode, text encoder(s) and UNet forward; -> the loss and the word inputs (meta)."""
-    from capture import AttentionStore, install_capture
+    from guided_concepts.capture import AttentionStore, install_capture
     device = torch.device("meta")
     unet, vae, latent = modules["UNet"], modules["VAE"], spec.resolution // 8
     pixels = torch.empty(batch, 3, spec.resolution, spec.resolution, device=device, dtype=torch.bfloat16)
@@ -205,8 +205,8 @@ def unet_step(spec: ModelSpec, modules: dict, batch: int, capture_columns: int, 
 def head_flops(names: list[str], dim: int = 768, batch: int = BATCH) -> tuple[float, int]:
     """Forward + backward FLOPs of the heads at `batch` with D = `dim` (CPU, real tensors), and
     their parameter count."""
-    from concepts import CONCEPTS
-    from objectdata import ObjectViewsDataset, collate, ensure_default_data, scan_objects
+    from guided_concepts.concepts import CONCEPTS
+    from guided_concepts.objectdata import ObjectViewsDataset, collate, ensure_default_data, scan_objects
     records = scan_objects(ensure_default_data())
     heads, total_params = {}, 0
     for n in names:
@@ -216,12 +216,12 @@ def head_flops(names: list[str], dim: int = 768, batch: int = BATCH) -> tuple[fl
         config = cls.fit_to_data(config, info)
         image_encoder = None
         if cls.uses_image_encoder(config):
-            from backbone.tiny import build_tiny_pipeline
-            from backbone.load import FrozenImageEncoder
+            from guided_concepts.backbone.tiny import build_tiny_pipeline
+            from guided_concepts.backbone.load import FrozenImageEncoder
             image_encoder = FrozenImageEncoder(build_tiny_pipeline().image_encoder)
         heads[n] = cls(config, loss_cls(), torch.randn(config.num_vectors, dim) * 0.01, image_encoder)
         total_params += sum(p.numel() for p in heads[n].parameters() if p.requires_grad)
-    set_size = max((getattr(heads[n].config, "max_views", 0) for n in names), default=0)
+    set_size = max((type(heads[n]).mask_set_options(heads[n].config)["set_size"] for n in names), default=0)
     data = ObjectViewsDataset(records[:4], 64, 0.0, mask_set_size=set_size)
     samples = collate([data[i * 6] for i in range(batch)])
     with FlopCounterMode(display=False) as counter:
@@ -293,7 +293,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default="sd15", help="which model's step to count (default sd15)")
     spec = MODELS[p.parse_args(argv).model]
-    from capture import choose_layers, cross_attention_layers
+    from guided_concepts.capture import choose_layers, cross_attention_layers
     modules = spec.build()
     latent = spec.resolution // 8
     layers = choose_layers(modules["UNet"], latent, None)

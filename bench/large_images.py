@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from objectdata import ObjectViewsDataset, scan_objects
+from guided_concepts.objectdata import ObjectViewsDataset, scan_objects
 
 
 def write_object(folder: Path, views: int, width: int, height: int) -> None:

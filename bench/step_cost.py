@@ -30,11 +30,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-import train
-from backbone import load_backbone
-from concepts import CONCEPTS
-from objectdata import TripletBatchSampler, collate
-from system import GuidedConcepts, to_device
+from guided_concepts import train
+from guided_concepts.backbone import load_backbone
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.objectdata import TripletBatchSampler, collate
+from guided_concepts.system import GuidedConcepts, to_device
 
 LAYOUTS = {   # layout -> (train.py arguments, batch size)
     "tiny": (["--model", "tiny"], 9),
@@ -123,7 +123,7 @@ def build(layout: str, variant: str, device: torch.device):
     tokens, extra = VARIANTS[variant]
     cfg, _ = train.parse_args([*args, "--tokens", ",".join(tokens), *extra])
     train_set, _ = train.build_data(cfg)
-    needs_pixels = any(CONCEPTS[n][0].uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
+    needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels)
     system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                             latent_size=cfg.data.resolution // backbone.vae_scale_factor)

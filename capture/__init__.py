@@ -1,4 +1,4 @@
-from capture.attention import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers, install_capture
+from guided_concepts.capture.attention import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers, install_capture
 
 __all__ = ["AttentionStore", "CaptureProcessor", "capture_attention", "choose_layers", "cross_attention_layers",
            "install_capture"]

@@ -1,17 +1,37 @@
 """Concept registry: `--tokens shape,pose` looks names up here. Adding a concept is one file and
 one line below (plus one row in tests/test_concepts.py)."""
-from concepts.appearance import AppearanceConcept, AppearanceConfig, AppearanceLossConfig
-from concepts.base import Concept, ConceptConfig, ConceptOutput, StepView
-from concepts.pose import PoseConcept, PoseConfig, PoseLossConfig
-from concepts.shape import ShapeConcept, ShapeConfig, ShapeLossConfig
-from concepts.style import StyleConcept, StyleConfig, StyleLossConfig
+from typing import NamedTuple
 
-# name -> (concept class, its config dataclass, its loss config dataclass); prompt clauses follow this order
-CONCEPTS = {
-    "shape": (ShapeConcept, ShapeConfig, ShapeLossConfig),
-    "pose": (PoseConcept, PoseConfig, PoseLossConfig),
-    "appearance": (AppearanceConcept, AppearanceConfig, AppearanceLossConfig),
-    "style": (StyleConcept, StyleConfig, StyleLossConfig),
+from guided_concepts.concepts.appearance import AppearanceConcept, AppearanceConfig, AppearanceLossConfig
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, StepView
+from guided_concepts.concepts.pose import PoseConcept, PoseConfig, PoseLossConfig
+from guided_concepts.concepts.shape import ShapeConcept, ShapeConfig, ShapeLossConfig
+from guided_concepts.concepts.style import StyleConcept, StyleConfig, StyleLossConfig
+
+
+
+class Registered(NamedTuple):
+    concept: type[Concept]      # the head and its guidance losses
+    config: type                # its `concepts.<name>` dataclass
+    loss_config: type           # its `losses.<name>` dataclass
+
+
+# name -> its entry; prompt clauses follow this order
+CONCEPTS: dict[str, Registered] = {
+    "shape": Registered(ShapeConcept, ShapeConfig, ShapeLossConfig),
+    "pose": Registered(PoseConcept, PoseConfig, PoseLossConfig),
+    "appearance": Registered(AppearanceConcept, AppearanceConfig, AppearanceLossConfig),
+    "style": Registered(StyleConcept, StyleConfig, StyleLossConfig),
 }
 
-__all__ = ["CONCEPTS", "Concept", "ConceptConfig", "ConceptOutput", "StepView"]
+
+def check_requirements(tokens: list[str], concept_configs: dict, loss_configs: dict) -> None:
+    """Cross-concept rules, declared by each concept (Concept.requires) and checked here only.
+    Raises ValueError naming the key that asks for the missing concept."""
+    for name in tokens:
+        for needed, key in CONCEPTS[name].concept.requires(concept_configs[name], loss_configs[name]).items():
+            if needed not in tokens:
+                raise ValueError(f"{key} needs the {needed} token (--tokens {','.join([*tokens, needed])})")
+
+
+__all__ = ["CONCEPTS", "Concept", "ConceptConfig", "ConceptOutput", "Registered", "StepView", "check_requirements"]

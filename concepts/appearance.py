@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView
-from losses import denoising_loss, offset_l2
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView
+from guided_concepts.losses import denoising_loss, offset_l2
 
 
 APPEARANCE_ENCODERS = ("cnn", "pretrained", "colour")

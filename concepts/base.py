@@ -113,6 +113,12 @@ class Concept(nn.Module):
         return {}
 
     @classmethod
+    def requires(cls, config, loss_config) -> dict[str, str]:
+        """Other concepts this one needs with these settings: name -> the key that asks for it
+        (checked in one place, concepts.check_requirements)."""
+        return {}
+
+    @classmethod
     def needs_for(cls, config) -> tuple[str, ...]:
         """Data fields this concept's head or losses require (checked before training)."""
         return cls.needs
@@ -120,6 +126,48 @@ class Concept(nn.Module):
     @classmethod
     def uses_image_encoder(cls, config) -> bool:
         return bool(getattr(config, "use_image", False))
+
+    # -- how a word is given outside training (generate.py, export.py, evaluation) ------------
+    @classmethod
+    def mask_set_options(cls, config) -> dict:
+        """The object's mask set this head reads: {"set_size": views (0: none), "set_resolution": px}."""
+        return {"set_size": 0, "set_resolution": 64}
+
+    value_flags: tuple[str, ...] = ()   # its own flags giving the word in values instead of an object folder
+
+    @classmethod
+    def add_source_args(cls, parser) -> None:
+        """Adds value_flags to generate.py's and export.py's parsers (beside --<name>-from)."""
+
+    @classmethod
+    def add_generation_args(cls, parser) -> None:
+        """generate.py's switches for this word (read back in apply_generation_options)."""
+
+    @classmethod
+    def source_from_args(cls, args):
+        """The word's source given by those flags (None: none given)."""
+        return None
+
+    @classmethod
+    def source_batch(cls, source, config) -> dict | None:
+        """A batch of one built from such a source (None: the source is an object folder)."""
+        return None
+
+    @classmethod
+    def source_record(cls, batch: dict) -> dict:
+        """How export's manifest records a source_batch's source."""
+        return {"type": "values"}
+
+    @classmethod
+    def reference_needs(cls, config, options) -> tuple[str, ...]:
+        """Data fields read from a reference object at generation (options: generate.py's args)."""
+        return cls.needs_for(config)
+
+    def apply_generation_options(self, options) -> None:
+        """Set generation-time switches on the head from generate.py's args (see add_source_args)."""
+
+    # Samples of a word read from a view's camera are scored at that camera (evaluation).
+    reads_view_camera = False
 
     @classmethod
     def fit_to_data(cls, config, dataset_info: dict):

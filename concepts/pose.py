@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
-from losses import consistency_loss, mask_attention_loss, offset_l2
-from objectdata.heatmaps import has_keypoints, keypoint_heatmaps
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
+from guided_concepts.losses import consistency_loss, mask_attention_loss, offset_l2
+from guided_concepts.objectdata.heatmaps import has_keypoints, keypoint_heatmaps
 
 POSE_INPUTS = ("camera", "keypoints", "image")
 
@@ -70,9 +70,34 @@ class PoseConcept(Concept):
     attention = True
     object_level = False    # the camera's word: each view has its own
 
+    reads_view_camera = True
+    value_flags = ("--pose",)   # --pose azimuth=30,elevation=10
+
     @classmethod
     def needs_for(cls, config: PoseConfig) -> tuple[str, ...]:
         return tuple(i for i in config.inputs if i in ("camera", "keypoints"))
+
+    @classmethod
+    def add_source_args(cls, parser) -> None:
+        parser.add_argument("--pose", help="explicit camera for the pose word: azimuth=30,elevation=10[,distance=2.5]")
+
+    @classmethod
+    def source_from_args(cls, args):
+        return parse_camera(args.pose) if getattr(args, "pose", None) else None
+
+    @classmethod
+    def source_batch(cls, source, config: PoseConfig) -> dict | None:
+        if not isinstance(source, dict):
+            return None
+        if "camera" not in config.inputs:
+            raise ValueError(f"--pose gives a camera, but this run's pose head reads {config.inputs}; "
+                             "use --pose-from <object folder>")
+        return camera_batch(source, config.distance_range)
+
+    @classmethod
+    def source_record(cls, batch: dict) -> dict:
+        azimuth, elevation, distance = (float(v) for v in batch["camera"][0])
+        return {"type": "camera", "azimuth": azimuth, "elevation": elevation, "distance": distance}
 
     @classmethod
     def fit_to_data(cls, config: PoseConfig, info: dict) -> PoseConfig:
@@ -197,3 +222,24 @@ def attention_target(batch: dict, size: int) -> torch.Tensor:
     heat = keypoint_heatmaps(batch["keypoints"], batch["keypoint_valid"], size)
     use = has_keypoints(batch["keypoint_valid"]).view(-1, 1, 1, 1)
     return torch.where(use, heat, mask)
+
+
+def parse_camera(text: str) -> dict:
+    """'azimuth=30,elevation=10[,distance=2.5]' -> {"azimuth", "elevation", "distance" (None: the
+    middle of the trained range)}."""
+    values = {"azimuth": None, "elevation": 0.0, "distance": None}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in values or not value:
+            raise ValueError(f"--pose {text!r}: expected azimuth=A,elevation=E[,distance=D]")
+        values[key.strip()] = float(value)
+    if values["azimuth"] is None:
+        raise ValueError(f"--pose {text!r}: azimuth is required")
+    return values
+
+
+def camera_batch(values: dict, distance_range) -> dict:
+    """A batch of one holding that camera (what the pose head reads)."""
+    distance = values["distance"] if values["distance"] is not None else sum(distance_range or [2.5, 2.5]) / 2
+    camera = torch.tensor([[values["azimuth"], values["elevation"], distance]])
+    return {"camera": camera, "has_camera": torch.tensor([True]), "category": ["object"]}

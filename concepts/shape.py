@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from concepts.base import (CONV_POOLS, Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView,
-                           in_timestep_range)
-from losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss, gaussian_kl,
-                    identity_loss, mask_attention_loss, offset_l2)
+from guided_concepts.concepts.base import (CONV_POOLS, Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead,
+                                            StepView, in_timestep_range)
+from guided_concepts.losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss,
+                                    gaussian_kl, identity_loss, mask_attention_loss, offset_l2)
 
 SHAPE_ENCODERS = ("set", "view")
 MASK_INPUTS = ("mask", "mask_shading")
@@ -118,6 +118,31 @@ class ShapeConcept(Concept):
     name = "shape"
     needs = ("mask",)
     attention = True
+
+    @classmethod
+    def requires(cls, config: ShapeConfig, loss_config: ShapeLossConfig) -> dict[str, str]:
+        # The union target compares *s's and *p's maps together with the mask.
+        return {"pose": "losses.shape.attention_target: shape_pose_union"} \
+            if loss_config.attention_target == "shape_pose_union" else {}
+
+    @classmethod
+    def mask_set_options(cls, config: ShapeConfig) -> dict:
+        return {"set_size": config.max_views, "set_resolution": config.mask_resolution}
+
+    @classmethod
+    def add_generation_args(cls, parser) -> None:
+        parser.add_argument("--shape-source", choices=["masks", "image"], default="masks",
+                            help="encode *s from the object's masks, or from one RGB view (needs an image branch)")
+
+    @classmethod
+    def reference_needs(cls, config: ShapeConfig, options: dict) -> tuple[str, ...]:
+        return () if options.get("shape_source") == "image" else cls.needs_for(config)
+
+    def apply_generation_options(self, options: dict) -> None:
+        source = options.get("shape_source", "masks")
+        if source not in ("masks", "image"):
+            raise ValueError(f"shape source must be 'masks' or 'image', got {source!r}")
+        self.source = source
 
     @classmethod
     def needs_for(cls, config: ShapeConfig) -> tuple[str, ...]:

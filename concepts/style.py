@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from concepts.base import Concept, ConceptConfig, ConceptOutput, OffsetHead, StepView
-from losses import offset_l2
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, OffsetHead, StepView
+from guided_concepts.losses import offset_l2
 
 
 @dataclass

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from backbone.adapters import AdapterConfig
-from concepts import CONCEPTS
+from guided_concepts.backbone.adapters import AdapterConfig
+from guided_concepts.checkpointing import atomic_write, latest_intact_checkpoint, load_state
+from guided_concepts.concepts import CONCEPTS, check_requirements
 
 
 class ConfigError(ValueError):
@@ -125,8 +126,13 @@ class TuneConfig:
     train_adapters: bool = field(default=True, metadata={"help": "tune the adapters too (when the run has them)"})
     batch_size: int = field(default=4, metadata={"help": "views per tuning batch"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation while tuning"})
+    hue_jitter: float = field(default=0.0, metadata={"help": "turn each tuning view's hue by a random angle up to this share of the colour circle (0: off; 0.5: any hue), so a word tuned on one object does not take up its colour"})
     losses: dict = field(default_factory=lambda: {"shape": {"mask_weight": 0.0}},
                          metadata={"help": "loss overrides while tuning, e.g. {shape: {mask_weight: 0}} (the seeds: mask loss in pre-training only)"})
+
+    def __post_init__(self):
+        if not 0.0 <= self.hue_jitter <= 0.5:
+            raise ValueError(f"tune.hue_jitter: {self.hue_jitter!r} is not in [0, 0.5] (a share of the colour circle)")
 
 
 @dataclass
@@ -234,15 +240,18 @@ def build_config(raw: dict) -> Config:
         bad = [k for k in given if k not in CONCEPTS]
         if bad:
             raise ConfigError(f"unknown key {key}.{bad[0]}; valid keys of {key}: {', '.join(CONCEPTS)}")
-        index = 1 if key == "concepts" else 2
+        part = "config" if key == "concepts" else "loss_config"
         # Every registered concept gets its config, active or not, so a sweep over an
         # inactive concept's key is caught as valid and the saved config is complete.
-        sections[key] = {n: build_dataclass(spec[index], given.get(n), f"{key}.{n}") for n, spec in CONCEPTS.items()}
+        sections[key] = {n: build_dataclass(getattr(entry, part), given.get(n), f"{key}.{n}")
+                         for n, entry in CONCEPTS.items()}
     config = build_dataclass(Config, raw, "")
     config.concepts, config.losses = sections["concepts"], sections["losses"]
     check_templates(config)
-    if "shape" in tokens and config.losses["shape"].attention_target == "shape_pose_union" and "pose" not in tokens:
-        raise ConfigError("losses.shape.attention_target: shape_pose_union needs the pose token (--tokens shape,pose)")
+    try:
+        check_requirements(tokens, config.concepts, config.losses)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return config
 
 
@@ -274,10 +283,11 @@ def check_templates(config: "Config") -> None:
 def mask_set_options(config: "Config") -> dict:
     """ObjectViewsDataset's mask-set arguments for the active heads: how many views (0: none),
     at what size, with the views' shading or not."""
-    readers = [n for n in config.tokens if "mask_set" in CONCEPTS[n][0].needs_for(config.concepts[n])]
-    return {"mask_set_size": max((getattr(config.concepts[n], "max_views", 0) for n in readers), default=0),
-            "mask_set_resolution": max((getattr(config.concepts[n], "mask_resolution", 64) for n in readers), default=64),
-            "set_shading": any("mask_set_shading" in CONCEPTS[n][0].needs_for(config.concepts[n]) for n in readers)}
+    readers = [n for n in config.tokens if "mask_set" in CONCEPTS[n].concept.needs_for(config.concepts[n])]
+    sets = [CONCEPTS[n].concept.mask_set_options(config.concepts[n]) for n in readers]
+    return {"mask_set_size": max((s["set_size"] for s in sets), default=0),
+            "mask_set_resolution": max((s["set_resolution"] for s in sets), default=64),
+            "set_shading": any("mask_set_shading" in CONCEPTS[n].concept.needs_for(config.concepts[n]) for n in readers)}
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -343,7 +353,6 @@ def config_to_dict(config: Config) -> dict:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    from checkpointing import atomic_write
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -371,3 +380,93 @@ def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]
     if old.train.lr_schedule != "constant" and any(k == "train.steps" for k, _, _ in allowed):
         allowed = [c for c in allowed if c[0] != "train.steps"]    # the decay would jump: say so
     return [c for c in changed if c not in allowed]
+
+
+def check_resume(cfg, run_dir: Path, force: bool, checkpoint: Path | None = None) -> None:
+    """A resumed run trains what it trained before: the same tokens always, the same config
+    (but for how long it runs and how it reports) unless forced. Raises ConfigError."""
+    trained = load_state(checkpoint or latest_intact_checkpoint(run_dir)[0]).get("tokens", cfg.tokens)
+    if trained != cfg.tokens:
+        raise ConfigError(f"{run_dir} trained tokens {trained}, not {cfg.tokens}; resume with the same --tokens")
+    changes = config_changes(load_config(Path(run_dir) / "config.yaml"), cfg)
+    if changes and not force:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:5])
+        raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: resuming with a different config ({listed}"
+                          f"{'; ...' if len(changes) > 5 else ''}); pass --force to resume anyway, or --name for a new run")
+
+
+# ----------------------------------------------------------------------------------------------
+# --help-config: every key, its value, where the value came from, and its help
+# ----------------------------------------------------------------------------------------------
+def _flat(raw: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1} (every leaf)."""
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fields_with_help(cls, prefix: str) -> dict:
+    """key -> help for every leaf field of a config dataclass (nested dataclasses walked)."""
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_fields_with_help(hints[f.name], f"{prefix}{f.name}."))
+        elif f.name not in ("concepts", "losses") or cls is not Config:
+            out[f"{prefix}{f.name}"] = f.metadata.get("help", "")
+    return out
+
+
+def config_help() -> dict:
+    """Every config key -> its help text (the dataclasses' metadata: the one place defaults live)."""
+    keys = _fields_with_help(Config, "")
+    for name, entry in CONCEPTS.items():
+        keys.update(_fields_with_help(entry.config, f"concepts.{name}."))
+        keys.update(_fields_with_help(entry.loss_config, f"losses.{name}."))
+    return keys
+
+
+def config_sources(path: str | Path | None, overrides: list[str] = (), tokens: str | None = None) -> dict:
+    """key -> where its value comes from: a YAML file (the one that set it, `base:` files followed),
+    --set, --tokens; keys absent here take the dataclass default."""
+    sources = {}
+
+    def from_file(file: Path):
+        raw = yaml.safe_load(file.read_text()) or {}
+        base = raw.pop("base", None)
+        if base:
+            from_file(file.parent / base)
+        for key in _flat(raw):
+            sources[key] = str(file)
+
+    if path:
+        load_yaml(path)                 # the same errors as loading
+        from_file(Path(path))
+    for text in overrides:
+        sources[".".join(parse_override(text)[0])] = f"--set {text}"
+    if tokens is not None:
+        sources["tokens"] = f"--tokens {tokens}"
+    return sources
+
+
+def explain_config(config: Config, sources: dict) -> str:
+    """The resolved config, one key a line, with its source and help (what --help-config prints)."""
+    data, lines = config_to_dict(config), []
+    for key, help_text in config_help().items():
+        value = _lookup(data, key)
+        # The last thing that set it (a file, then --set, then --tokens), or a part of it (a dict key).
+        source = next((s for k, s in reversed(sources.items()) if k == key or k.startswith(key + ".")), "default")
+        lines.append(f"{key} = {value!r}    [{source}]")
+        if help_text:
+            lines.append(f"    {help_text}")
+    return "\n".join(lines)
+
+
+def _lookup(data: dict, key: str):
+    node = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node

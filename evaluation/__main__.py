@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from configs.schema import ConfigError
-from evaluation.image_metrics import ClipScorer
-from evaluation.report import write_report
-from evaluation.runner import DEFAULT_PROMPTS, EvalSettings, evaluate_run, write_results
-from objectdata import DataError
+from guided_concepts.configs.schema import ConfigError
+from guided_concepts.evaluation.image_metrics import ClipScorer
+from guided_concepts.evaluation.report import write_report
+from guided_concepts.evaluation.runner import DEFAULT_PROMPTS, EvalSettings, evaluate_run, write_results
+from guided_concepts.objectdata import DataError
 
 
 def main(argv=None):

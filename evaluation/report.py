@@ -82,7 +82,7 @@ def write_report(results: list[dict], out_dir: Path, swept_key: str | None = Non
     backbone = results[0]["backbone"]
     lines = [f"# Report{f': sweep of `{swept_key}`' if swept_key else ''}", "",
              f"Backbone: `{backbone}`. Runs: {', '.join(r['run'] for r in results)}.", ""]
-    from backbone.tiny import TINY_LAYOUTS
+    from guided_concepts.backbone.tiny import TINY_LAYOUTS
     if backbone in TINY_LAYOUTS:
         lines += [f"**The `{backbone}` model's weights are random.** Its generated-image metrics "
                   f"({', '.join(m for m in IMAGE_METRICS)}, and the token consistency/distinctness scores) only show that "

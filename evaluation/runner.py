@@ -9,17 +9,19 @@ from pathlib import Path
 
 import torch
 
-import generate
-from concepts import CONCEPTS
-from evaluation.image_metrics import (ClipScorer, inspiration_tree_scores, load_callable, mean_pairwise_distance,
-                                      pixel_features, segment_plain_background, silhouette_iou)
-from configs.schema import mask_set_options
-from metrics import attention_mask_metrics
-from objectdata import ObjectViewsDataset, collate, resolve_data_root, scan_objects
-from system import render_prompt, to_device
-from toyworld.evaluate import ground_truth_scores
-from toyworld.scorer import load_scorer
-from toyworld.world import toy_chair_from_meta
+from guided_concepts import generate
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.evaluation.image_metrics import (ClipScorer, inspiration_tree_scores, load_callable,
+                                                      mean_pairwise_distance, pixel_features, segment_plain_background,
+                                                      silhouette_iou)
+from guided_concepts.configs.schema import mask_set_options
+from guided_concepts.metrics import attention_mask_metrics
+from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
+from guided_concepts.rundata import resolve_data_root
+from guided_concepts.system import render_prompt, to_device
+from guided_concepts.toyworld.evaluate import ground_truth_scores
+from guided_concepts.toyworld.scorer import load_scorer
+from guided_concepts.toyworld.world import toy_chair_from_meta
 
 # The seeds' prompts: base, two edits, and the words alone ("what did *s learn").
 DEFAULT_PROMPTS = {
@@ -99,10 +101,11 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
                    "silhouette_iou_max_view": sil["max_view_iou"].mean().item(),
                    "diversity": mean_pairwise_distance(feats)}
             if truth is not None:      # ToyWorld: attributes and silhouette against the true chair
-                pose_view = views[0] if "pose" in system.tokens else None
+                camera_word = any(CONCEPTS[n].concept.reads_view_camera for n in system.tokens)
+                camera_view = views[0] if camera_word else None
                 row.update(ground_truth_scores(scorer, images, truth, prompt,
-                                               None if pose_view is None else pose_view["camera"].tolist(),
-                                               None if pose_view is None else pose_view["mask"][0] > 0.5))
+                                               None if camera_view is None else camera_view["camera"].tolist(),
+                                               None if camera_view is None else camera_view["mask"][0] > 0.5))
             if clip.available:
                 texts = [class_word_prompt(system, prompt, category)] * len(images)
                 row["clip_t"] = clip.text_image(images, texts).mean().item()
@@ -135,7 +138,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
 
 def ground_truth_scorer(cfg):
     """The ToyWorld scorer when the run's backbone ships one (model folder's scorer/), else None."""
-    from backbone.load import resolve_model_path
+    from guided_concepts.backbone.load import resolve_model_path
     folder = Path(resolve_model_path(cfg.model.name)) / "scorer"
     return load_scorer(folder) if (folder / "model.safetensors").exists() else None
 
@@ -163,4 +166,4 @@ def write_results(results: list[dict], out_dir: Path) -> tuple[Path, Path]:
 
 
 def needs_for(system) -> dict:
-    return {n: CONCEPTS[n][0].needs_for(system.concepts[n].config) for n in system.tokens}
+    return {n: CONCEPTS[n].concept.needs_for(system.concepts[n].config) for n in system.tokens}

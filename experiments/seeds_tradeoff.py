@@ -27,18 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import generate
-from backbone.load import resolve_model_path
-from experiments.swap_matrix import encode_word, held_out_objects, proportion, sample_batch, true_mask, truth_of
-from system import render_prompt
-from toyworld.scorer import load_scorer, mask_iou, silhouette
-from toyworld.world import COLOUR_NAMES, direction_azimuth
+from guided_concepts import generate
+from guided_concepts.backbone.load import resolve_model_path
+from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, proportion, sample_batch, true_mask, truth_of
+from guided_concepts.system import render_prompt
+from guided_concepts.toyworld.scorer import load_scorer, mask_iou, silhouette
+from guided_concepts.toyworld.world import COLOUR_NAMES, direction_azimuth
 
 COLOURS = (None, "red", "blue")
 
 
 def train_run(out: Path, weight: float, steps: int, extra: list[str]) -> Path:
-    import train
+    from guided_concepts import train
     run = out / f"mask_{weight:g}"
     if (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()):
         return run

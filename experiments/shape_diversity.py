@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import generate
-import train
-from losses import attention_iou
-from metrics import variance_ratio
-from objectdata import ObjectViewsDataset, collate, resolve_data_root, scan_objects
+from guided_concepts import generate
+from guided_concepts import train
+from guided_concepts.losses import attention_iou
+from guided_concepts.metrics import variance_ratio
+from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
+from guided_concepts.rundata import resolve_data_root
 
 TAUS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 

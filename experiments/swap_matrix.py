@@ -32,13 +32,15 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import generate
-from backbone.load import resolve_model_path
-from concepts import CONCEPTS
-from objectdata import resolve_data_root, scan_objects
-from system import render_prompt, to_device
-from toyworld.scorer import load_scorer, mask_iou, silhouette
-from toyworld.world import COLOUR_NAMES, DIRECTIONS, caption, direction_azimuth, render, toy_chair_from_meta
+from guided_concepts import generate
+from guided_concepts.concepts.pose import camera_batch
+from guided_concepts.backbone.load import resolve_model_path
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.objectdata import scan_objects
+from guided_concepts.rundata import resolve_data_root
+from guided_concepts.system import render_prompt, to_device
+from guided_concepts.toyworld.scorer import load_scorer, mask_iou, silhouette
+from guided_concepts.toyworld.world import COLOUR_NAMES, DIRECTIONS, caption, direction_azimuth, render, toy_chair_from_meta
 
 FACTORS = ("arms", "back", "silhouette", "direction", "colour")
 # What each word is meant to carry; everything else it changes is leakage.
@@ -74,7 +76,7 @@ def encode_word(system, cfg, name: str, source) -> torch.Tensor:
     concept = system.concepts[name]
     concept.diversity = 0.0
     if isinstance(source, dict):
-        batch = generate.camera_batch(source, getattr(cfg.concepts[name], "distance_range", None))
+        batch = camera_batch(source, getattr(cfg.concepts[name], "distance_range", None))
     else:
         batch = generate.concept_reference_batch(source, 0, cfg, name)
     device = next(system.backbone.unet.parameters()).device
@@ -221,31 +223,33 @@ def inversion_words(run: Path, objects: list[Path], names: list[str], steps: int
     return result
 
 
-def tuned_words(run: Path, objects: list[Path], names: list[str], steps: int, out: Path) -> dict:
+def tuned_words(run: Path, objects: list[Path], names: list[str], steps: int, out: Path, hue_jitter: float = 0.0) -> dict:
     """E4T's stage 2 (tune.py, mode encoder): each chair's words after `steps` tuning steps from the
     run's heads on its 8 views. Object-level words among `names` only (a pose word belongs to a
     camera); the words left out stay the encoder's."""
-    result = {n: {} for n in names if CONCEPTS[n][0].object_level}
+    result = {n: {} for n in names if CONCEPTS[n].concept.object_level}
     for i, folder in enumerate(objects if result else []):
-        info = tuned(run, folder, steps, out / "tuned" / f"{steps}_steps" / folder.name, "encoder")
+        label = f"{steps}_steps" + (f"_hue_jitter_{hue_jitter:g}" if hue_jitter else "")
+        info = tuned(run, folder, steps, out / "tuned" / label / folder.name, "encoder", {"hue_jitter": hue_jitter})
         for n in result:
             result[n][i] = load_token(Path(info["path"]) / "tokens" / f"{n}.safetensors")
     return result
 
 
-def tuned(run: Path, folder: Path, steps: int, path: Path, mode: str) -> dict:
+def tuned(run: Path, folder: Path, steps: int, path: Path, mode: str, overrides: dict | None = None) -> dict:
     """tune.py's artefact for one object, reused when an earlier run of the experiment left it.
     Textual inversion as a new user runs it: lr 5e-3, batch 8, denoising loss only."""
-    import tune
+    from guided_concepts import tune
     if (path / "artefact.json").exists():
         return {**json.loads((path / "artefact.json").read_text()), "path": str(path)}
-    overrides = {"steps": steps, "batch_size": 8, "lr": 5e-3, "losses": {}} if mode == "textual_inversion" else {}
+    if mode == "textual_inversion":
+        overrides = {"steps": steps, "batch_size": 8, "lr": 5e-3, "losses": {}}
     return tune.tune_object(run, folder, steps, path, mode=mode, overrides=overrides)
 
 
 def load_token(path: Path) -> torch.Tensor:
     """A token file's vectors [K, D] (SDXL files: both encoders' parts)."""
-    from tokens.export import load_token as read
+    from guided_concepts.tokens.export import load_token as read
     vectors = read(path)[1]
     return vectors.reshape(-1, vectors.shape[-1]).float()
 
@@ -338,7 +342,7 @@ def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, s
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
-ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, {which} tuned {tuned} steps per chair (E4T)"),
+ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, {which} tuned {tuned} steps per chair (E4T{jitter})"),
              ("text", "A's factor in words"), ("none", "without {token}"),
              ("ti", "{token} inverted on A (textual inversion)"))
 
@@ -361,7 +365,7 @@ def markdown_table(rows: dict) -> str:
 
 def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: float = 4.0, ti_steps: int = 300,
                modes=("word", "tuned", "text", "none", "ti"), tuned_steps: int = 15, tuned_names=None,
-               log=print) -> dict:
+               hue_jitter: float = 0.0, log=print) -> dict:
     """tuned_names: the words the "tuned" row takes from tune.py (default: every object-level word);
     the others stay the encoder's."""
     system, cfg = generate.load_run(run)
@@ -384,10 +388,10 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
         unknown = sorted(set(tuned_names or ()) - set(active))
         if unknown:
             raise ValueError(f"--tuned-words {','.join(unknown)}: not a word of this run ({', '.join(active)})")
-        tuned_by = tuned_words(run, objects, list(tuned_names or active), tuned_steps, out)
+        tuned_by = tuned_words(run, objects, list(tuned_names or active), tuned_steps, out, hue_jitter)
         log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
         system, cfg = generate.load_run(run)
-    every_object_word = [n for n in active if CONCEPTS[n][0].object_level]
+    every_object_word = [n for n in active if CONCEPTS[n].concept.object_level]
     which = "words" if sorted(tuned_by) == sorted(every_object_word) else \
         " and ".join(system.concepts[n].config.token for n in tuned_by) + " (others the encoder's)"
     rows, grids = {}, []
@@ -399,7 +403,8 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
             t0 = time.time()
             cells, images, prompts = swap_condition(system, cfg, swapped, mode, objects, truths, words,
                                                     tuned_by if mode == "tuned" else ti, seeds, steps, guidance, scorer)
-            rows[(swapped, label.format(token=token, tuned=tuned_steps, which=which))] = cells
+            rows[(swapped, label.format(token=token, tuned=tuned_steps, which=which,
+                                                   jitter=f", hue jitter {hue_jitter:g}" if hue_jitter else ""))] = cells
             log(f"{swapped} / {mode}: {len(prompts)} samples, {time.time() - t0:.0f} s; e.g. {prompts[0]!r}")
             if mode == "word":
                 grids.append(images[: 2 * seeds * 7: seeds][:8])
@@ -407,7 +412,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
     norms = {n: float(torch.stack(list(words[n].values())).norm(dim=-1).mean()) for n in active}
     result = {"run": str(run), "held_out_objects": [o.name for o in objects], "seeds": seeds,
               "sample_steps": steps, "guidance_scale": guidance, "ti_steps": ti_steps if ti else 0,
-              "tuned_steps": tuned_steps if tuned_by else 0, "tuned_words": sorted(tuned_by),
+              "tuned_steps": tuned_steps if tuned_by else 0, "tuned_words": sorted(tuned_by), "hue_jitter": hue_jitter,
               "word_std_across_sources": stds, "word_norm": norms, "seconds": round(time.time() - started, 1),
               "rows": [{"swapped": w, "row": label, **{f: cells.get(f) for f in FACTORS}} for (w, label), cells in rows.items()]}
     out.mkdir(parents=True, exist_ok=True)
@@ -415,7 +420,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
     table = markdown_table(rows)
     (out / "table.md").write_text(table)
     if grids:
-        from toyworld.evaluate import save_grid
+        from guided_concepts.toyworld.evaluate import save_grid
         save_grid(torch.cat(grids), 8, out / "samples.png", scale=3)
     log(table)
     return result
@@ -437,6 +442,8 @@ def main(argv=None):
                    "(tune.py, E4T's stage 2) for this many steps (0: skip that row)")
     p.add_argument("--tuned-words", help="comma-separated: the words the tuned row tunes (default: every "
                    "object-level word); the others stay the encoder's")
+    p.add_argument("--tuned-hue-jitter", type=float, default=0.0, help="tune.hue_jitter for the tuned row: "
+                   "each tuning view's hue turned at random, so the tuned words do not take up the chair's colour")
     p.add_argument("--rows", default="word,tuned,text,none,ti", help="which rows (modes) to sample: word, tuned, "
                    "text, none, ti")
     p.add_argument("--ladder", action="store_true", help="also the ladder: encoder, encoder + few tuning steps, "
@@ -445,7 +452,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     run = args.run
     if args.train:
-        import train
+        from guided_concepts import train
         run = args.out / "run"
         if not (run / "checkpoints").exists():
             train.main(["--config", str(Path(__file__).resolve().parent.parent / "configs" / "base.yaml"),
@@ -456,7 +463,8 @@ def main(argv=None):
         p.error("give --run or --train")
     result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
                         modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps,
-                        tuned_names=args.tuned_words.split(",") if args.tuned_words else None)
+                        tuned_names=args.tuned_words.split(",") if args.tuned_words else None,
+                        hue_jitter=args.tuned_hue_jitter)
     if args.ladder:
         result["ladder"] = run_ladder(run, args.out, args.few_steps, args.ti_steps, steps=args.sample_steps,
                                       guidance=args.guidance_scale)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-import generate
-import train
-from metrics import variance_ratio
-from objectdata import ObjectViewsDataset, collate, resolve_data_root, scan_objects
+from guided_concepts import generate
+from guided_concepts import train
+from guided_concepts.metrics import variance_ratio
+from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
+from guided_concepts.rundata import resolve_data_root
 
 
 def measure(run_dir: Path) -> dict:

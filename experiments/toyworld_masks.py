@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import generate
-import train
-from backbone.load import resolve_model_path
-from objectdata import resolve_data_root, scan_objects
-from toyworld.evaluate import CHANCE
-from toyworld.scorer import load_scorer, mask_iou, silhouette
-from toyworld.world import COLOUR_NAMES, caption, direction_bin, render, toy_chair_from_meta
+from guided_concepts import generate
+from guided_concepts import train
+from guided_concepts.backbone.load import resolve_model_path
+from guided_concepts.objectdata import scan_objects
+from guided_concepts.rundata import resolve_data_root
+from guided_concepts.toyworld.evaluate import CHANCE
+from guided_concepts.toyworld.scorer import load_scorer, mask_iou, silhouette
+from guided_concepts.toyworld.world import COLOUR_NAMES, caption, direction_bin, render, toy_chair_from_meta
 
 TARGET_CAMERAS = ((0.0, 20.0), (90.0, 20.0), (180.0, 20.0), (-90.0, 20.0), (45.0, 30.0), (-135.0, 10.0))
 COLOURS = (None, "red", "blue")
@@ -168,7 +169,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     (args.out / "table.md").write_text(markdown_table(table, args.variant))
-    from toyworld.evaluate import save_grid
+    from guided_concepts.toyworld.evaluate import save_grid
     save_grid(torch.cat(grids), len(TARGET_CAMERAS), args.out / "samples.png", scale=3)
     print(markdown_table(table, args.variant))
     return result

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-import train
-import tune
-from objectdata import ensure_default_data, scan_objects
+from guided_concepts import train
+from guided_concepts import tune
+from guided_concepts.objectdata import ensure_default_data, scan_objects
 
 
 def sd15_unet_flops(batch: int = 1) -> float:
     """Forward FLOPs of SD 1.5's UNet at 512 px (64x64 latents), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench.floor import sd15_modules
+    from guided_concepts.bench.floor import sd15_modules
     unet = sd15_modules()[0]
     with torch.device("meta"):
         x, e = torch.randn(batch, 4, 64, 64, dtype=unet.dtype), torch.randn(batch, 77, 768, dtype=unet.dtype)

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-import generate
-from backbone.load import resolve_model_path
-from experiments.swap_matrix import encode_word, own_word_accuracy, truth_of
-from objectdata import resolve_data_root, scan_objects
-from toyworld.scorer import load_scorer
+from guided_concepts import generate
+from guided_concepts.backbone.load import resolve_model_path
+from guided_concepts.experiments.swap_matrix import encode_word, own_word_accuracy, truth_of
+from guided_concepts.objectdata import scan_objects
+from guided_concepts.rundata import resolve_data_root
+from guided_concepts.toyworld.scorer import load_scorer
 
 
 def read_back(system, cfg, scorer, words: torch.Tensor, truths: list, seeds: int) -> dict:

@@ -31,18 +31,19 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import generate
-from backbone.load import resolve_model_path
-from experiments.swap_matrix import encode_word, held_out_objects, truth_of, tuned_words
-from objectdata import resolve_data_root, scan_objects
-from objectdata.synthetic import ensure_generated
-from toyworld.scorer import load_scorer
-from toyworld.world import direction_bin, write_toy_objects
+from guided_concepts import generate
+from guided_concepts.backbone.load import resolve_model_path
+from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, truth_of, tuned_words
+from guided_concepts.objectdata import scan_objects
+from guided_concepts.rundata import resolve_data_root
+from guided_concepts.objectdata.synthetic import ensure_generated
+from guided_concepts.toyworld.scorer import load_scorer
+from guided_concepts.toyworld.world import direction_bin, write_toy_objects
 
 
 def use_oracle_shape_code():
     """Monkeypatch the shape head's code with the truth (for the diagnostic only)."""
-    import concepts.shape as shape
+    from guided_concepts.concepts import shape as shape
     attributes = {r.name: truth_of(r.root) for r in scan_objects(resolve_data_root("toyworld"))}
 
     def oracle_code(self, batch):
@@ -138,7 +139,7 @@ def main(argv=None):
     p.add_argument("--oracle-shape", action="store_true", help="the shape code is the chair's true arms and back")
     p.add_argument("--set", action="append", default=[], help="train.py --set for the run")
     args = p.parse_args(argv)
-    import train
+    from guided_concepts import train
     if args.oracle_shape:
         use_oracle_shape_code()
     started = time.time()

@@ -6,7 +6,7 @@ from .heatmaps import has_keypoints, keypoint_heatmaps
 from .images import load_mask, load_rgb
 from .records import DataError, DataWarning, ObjectRecord, ViewRecord
 from .sampling import ShuffledBatchSampler, TripletBatchSampler, ignore_stop_signals, partner_weights
-from .synthetic import CAMERA_POOL, default_data_dir, ensure_default_data, generate_chairs, resolve_data_root
+from .synthetic import CAMERA_POOL, default_data_dir, ensure_default_data, ensure_generated, generate_chairs
 
 __all__ = [
     "CAMERA_POOL",
@@ -27,6 +27,6 @@ __all__ = [
     "load_mask",
     "load_rgb",
     "partner_weights",
-    "resolve_data_root",
+    "ensure_generated",
     "scan_objects",
 ]

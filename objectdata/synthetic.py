@@ -313,27 +313,6 @@ def ensure_default_data(path: Path | str | None = None) -> Path:
     return ensure_generated(Path(path) if path is not None else default_data_dir(), generate_chairs)
 
 
-def ensure_toyworld_data() -> Path:
-    """ToyWorld's chairs (48 objects x 8 views at 32 px, with ground truth), in the cache."""
-    from toyworld.world import write_toy_objects
-    folder = default_data_dir().parent / "toyworld_chairs_v1"  # bump the version whenever the output changes
-    return ensure_generated(folder, write_toy_objects)
-
-
-# Data sets `data.root` may name instead of a folder (generated on first use).
-NAMED_DATASETS = {"toyworld": ensure_toyworld_data}
-
-
-def resolve_data_root(root: str | None) -> Path:
-    """data.root -> a folder: null = the bundled chairs, a NAMED_DATASETS name (a folder with that
-    name: write ./toyworld), else the path itself."""
-    if not root:
-        return ensure_default_data()
-    if root in NAMED_DATASETS:
-        return NAMED_DATASETS[root]()
-    return Path(root)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate procedural synthetic chairs.")
     parser.add_argument("out", type=Path, help="output folder (must be missing or empty)")

@@ -28,36 +28,36 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from backbone import ensure_tiny_model
+    from guided_concepts.backbone import ensure_tiny_model
     return ensure_tiny_model()          # the default `tiny` folder, inside the session cache
 
 
 @pytest.fixture(scope="session")
 def chairs_dir() -> Path:
-    from objectdata import ensure_default_data
+    from guided_concepts.objectdata import ensure_default_data
     return ensure_default_data()        # the bundled default set (12 chairs x 6 views)
 
 
 @pytest.fixture
 def fresh_backbone(tiny_model_dir):
     """A freshly loaded tiny backbone (placeholders mutate the tokenizer, so never share it)."""
-    from backbone import load_backbone
+    from guided_concepts.backbone import load_backbone
     return load_backbone(str(tiny_model_dir))
 
 
 def make_system(backbone, tokens=("shape",), concepts=None, losses=None, resolutions=None):
-    from concepts import CONCEPTS
-    from system import GuidedConcepts
+    from guided_concepts.concepts import CONCEPTS
+    from guided_concepts.system import GuidedConcepts
     concepts = concepts or {}
     losses = losses or {}
-    cc = {n: CONCEPTS[n][1](**concepts.get(n, {})) for n in CONCEPTS}
-    lc = {n: CONCEPTS[n][2](**losses.get(n, {})) for n in CONCEPTS}
+    cc = {n: CONCEPTS[n].config(**concepts.get(n, {})) for n in CONCEPTS}
+    lc = {n: CONCEPTS[n].loss_config(**losses.get(n, {})) for n in CONCEPTS}
     return GuidedConcepts(backbone, cc, lc, list(tokens), resolutions)
 
 
 @pytest.fixture
 def chair_batch(chairs_dir):
-    from objectdata import ObjectViewsDataset, collate, scan_objects
+    from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
     records = scan_objects(chairs_dir)
     dataset = ObjectViewsDataset(records[:4], resolution=64, flip_prob=0.0, mask_set_size=8)
     chosen, cameras = [], set()

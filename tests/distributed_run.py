@@ -10,13 +10,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import system  # noqa: E402
-import train  # noqa: E402
+from guided_concepts import system  # noqa: E402
+from guided_concepts import train  # noqa: E402
 
 out, argv = Path(sys.argv[1]), sys.argv[2:]
 # A rank that hangs (a collective another rank never joins, a stuck teardown) prints every thread's

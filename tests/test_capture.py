@@ -6,7 +6,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from capture import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers
+from guided_concepts.capture import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers
 
 
 def sd15_layout_unet() -> UNet2DConditionModel:

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from backbone import load_backbone
-from concepts import CONCEPTS
+from guided_concepts.backbone import load_backbone
+from guided_concepts.concepts import CONCEPTS
 from tests.conftest import make_system
 
 # (concept, its config overrides, its loss config overrides)
@@ -41,12 +41,13 @@ def row_id(row):
 @pytest.fixture(params=ROWS, ids=row_id)
 def row_system(request, tiny_model_dir):
     name, cfg, loss = request.param
-    config = CONCEPTS[name][1](**cfg)
-    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name][0].uses_image_encoder(config))
+    config = CONCEPTS[name].config(**cfg)
+    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.uses_image_encoder(config))
     return name, make_system(backbone, tokens=[name], concepts={name: cfg}, losses={name: loss})
 
 
 def test_registry_entries_are_complete():
+    assert {row[0] for row in ROWS} == set(CONCEPTS), "every registered concept joins the table"
     for name, (cls, config_cls, loss_cls) in CONCEPTS.items():
         assert cls.name == name
         assert config_cls().token.startswith("*"), "placeholder words are written *x by convention"
@@ -92,6 +93,40 @@ def test_gradient_reaches_every_trainable_parameter(row_system, chair_batch):
             assert p.grad is not None and p.grad.abs().sum() > 0, pname
 
 
+def test_save_load_round_trip(row_system, chair_batch, tiny_model_dir):
+    """A trained head saved with trainable_state and loaded into a fresh system gives the same word."""
+    name, system = row_system
+    with torch.no_grad():
+        for p in system.concepts[name].parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 1e-2)
+    system.concepts.eval()
+    state = system.trainable_state()
+    assert state and all(k.startswith(f"{name}.") for k in state)
+    config, loss_config = system.concepts[name].config, system.concepts[name].loss_config
+    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.uses_image_encoder(config))
+    again = make_system(backbone, tokens=[name], concepts={name: vars(config)}, losses={name: vars(loss_config)})
+    again.load_trainable_state(state)
+    again.concepts.eval()
+    with torch.no_grad():
+        before, after = system.concepts[name].encode(chair_batch).embeds, again.concepts[name].encode(chair_batch).embeds
+    assert not torch.allclose(after, system.table.initializer_rows[name].expand_as(after))    # not a fresh head
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_gradients_reach_only_this_concepts_head(row_system, chair_batch, tiny_model_dir):
+    """Beside every other registered concept, this word's encoding trains its own head only."""
+    name, row = row_system
+    config = row.concepts[name].config
+    others = [n for n in CONCEPTS if n != name and not CONCEPTS[n].concept.uses_image_encoder(CONCEPTS[n].config())]
+    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.uses_image_encoder(config))
+    system = make_system(backbone, tokens=[name, *others], concepts={name: vars(config)})
+    system.concepts[name].encode(chair_batch).embeds.pow(2).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in system.concepts[name].parameters())
+    for other in others:
+        assert all(p.grad is None for p in system.concepts[other].parameters()), other
+
+
 def test_encoding_depends_on_the_input_and_is_deterministic(row_system, chair_batch):
     """At evaluation (and at diversity 0 for stochastic heads) a word is a function of its input."""
     name, system = row_system
@@ -106,7 +141,7 @@ def test_encoding_depends_on_the_input_and_is_deterministic(row_system, chair_ba
 
 def test_fixed_norm_word_cannot_grow():
     """With fixed_norm only the direction is learned: any head output gives a word of that norm."""
-    from concepts.base import OffsetHead
+    from guided_concepts.concepts.base import OffsetHead
     head = OffsetHead(8, torch.randn(16) * 0.1, num_vectors=2, hidden_dim=32, scale=1.0, train_rows=True, fixed_norm=0.9)
     with torch.no_grad():
         head.mlp[-1].weight.normal_(std=10.0)
@@ -117,7 +152,7 @@ def test_fixed_norm_word_cannot_grow():
 
 
 def test_colour_statistics_see_colour_but_not_the_outline():
-    from concepts.appearance import ColourStatistics
+    from guided_concepts.concepts.appearance import ColourStatistics
     image = torch.zeros(2, 3, 16, 16)
     image[:, 0] = 0.8                                   # red object everywhere it is visible
     mask = torch.zeros(2, 1, 16, 16)
@@ -134,7 +169,7 @@ def test_colour_statistics_see_colour_but_not_the_outline():
 def test_standardised_shape_code_keeps_objects_apart():
     """The set encoder's code is standardised across the batch: objects whose masks differ only a
     little still get codes of unit spread, so the head cannot read them as one constant."""
-    from concepts.shape import MaskSetEncoder
+    from guided_concepts.concepts.shape import MaskSetEncoder
     torch.manual_seed(0)
     encoder = MaskSetEncoder(width=8, code_dim=6, use_cameras=False, logvar_init=-4.0, standardize=True)
     masks = torch.zeros(4, 2, 1, 32, 32)
@@ -148,7 +183,7 @@ def test_standardised_shape_code_keeps_objects_apart():
 def test_max_pooled_mask_features_see_a_small_part_the_mean_hardly_sees():
     """An 'arm' of a few pixels: its share of the mean-pooled features is its share of the area,
     while the max-pooled half moves as much as for a large part."""
-    from concepts.base import ConvEncoder
+    from guided_concepts.concepts.base import ConvEncoder
     torch.manual_seed(0)
     encoder = ConvEncoder(width=8, pool="mean_max")
     seat = torch.zeros(1, 1, 32, 32)
@@ -165,8 +200,8 @@ def test_max_pooled_mask_features_see_a_small_part_the_mean_hardly_sees():
 def test_set_shading_keeps_the_parts_and_drops_the_colour(chairs_dir):
     """The shading channel of the mask set: zero outside the mask, standardised inside, flipped
     with the item, and the same for a darker (or differently coloured, flat-shaded) object."""
-    from objectdata import ObjectViewsDataset, scan_objects
-    from objectdata.dataset import ObjectViewsDataset as Dataset
+    from guided_concepts.objectdata import ObjectViewsDataset, scan_objects
+    from guided_concepts.objectdata.dataset import ObjectViewsDataset as Dataset
     records = scan_objects(chairs_dir)[:1]
     plain = ObjectViewsDataset(records, 32, flip_prob=0.0, mask_set_size=3, set_shading=True)[0]
     shading, masks, valid = plain["mask_set_shading"], plain["mask_set"], plain["mask_set_valid"]
@@ -194,8 +229,8 @@ def test_mask_set_reads_parts_the_training_views_lose(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from configs.schema import load_config, mask_set_options
-    from objectdata import ObjectViewsDataset, scan_objects
+    from guided_concepts.configs.schema import load_config, mask_set_options
+    from guided_concepts.objectdata import ObjectViewsDataset, scan_objects
     folder = tmp_path / "objects" / "chair_000"
     (folder / "views").mkdir(parents=True)
     (folder / "masks").mkdir()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from concepts import CONCEPTS
-from configs.schema import ConfigError, Config, load_config, save_config
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.configs.schema import ConfigError, Config, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,10 +65,32 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_every_config_field_has_help():
-    from configs import schema
+    from guided_concepts.configs import schema
     classes = [schema.ModelConfig, schema.DataConfig, schema.PromptConfig, schema.AttentionConfig,
                schema.TrainConfig, schema.SampleConfig, schema.RunConfig]
     classes += [c for spec in CONCEPTS.values() for c in spec[1:]]
     for cls in classes:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_help_config_lists_every_key_with_its_help_and_source(tmp_path, capsys):
+    from guided_concepts import train
+    from guided_concepts.configs.schema import config_help
+    ablation = Path(__file__).resolve().parent.parent / "configs" / "ablations" / "shape_mask_loss.yaml"
+    out = train.main(["--config", str(ablation), "--help-config", "--tokens", "shape,pose", "--set", "train.steps=7",
+                      "--set", f"run.output_dir={tmp_path / 'runs'}"])
+    printed = capsys.readouterr().out
+    assert out is None and not (tmp_path / "runs").exists()               # a dry run: nothing written
+    lines = printed.splitlines()
+    keys = {line.split(" = ")[0]: line for line in lines if not line.startswith(" ")}
+    helps = config_help()
+    assert set(keys) == set(helps) and len(helps) > 100
+    for key, text in helps.items():                     # every key's help printed under it
+        assert lines[lines.index(keys[key]) + 1].strip() == text, key
+    assert keys["train.steps"] == "train.steps = 7    [--set train.steps=7]"
+    assert keys["tokens"].endswith("[--tokens shape,pose]")
+    assert keys["train.seed"].endswith("[default]")
+    mask_weight = next(k for k in keys if k == "losses.shape.mask_weight")
+    assert keys[mask_weight].endswith(f"[{ablation}]")                     # the ablation file sets it
+    assert keys["model.name"].endswith("base.yaml]")                       # ... its `base:` file this one

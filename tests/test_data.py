@@ -12,20 +12,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from objectdata import (
-    DataError,
-    ObjectViewsDataset,
-    collate,
-    default_data_dir,
-    ensure_default_data,
-    generate_chairs,
-    load_mask,
-    load_rgb,
-    scan_objects,
-)
-from objectdata import synthetic
-from objectdata.images import mask_array_from_pil, rgb_array_from_pil
-from objectdata.synthetic import KEYPOINT_FLIP, camera_basis, project, render_view, sample_chair
+from guided_concepts.objectdata import (DataError, ObjectViewsDataset, collate, default_data_dir, ensure_default_data,
+                                         generate_chairs, load_mask, load_rgb, scan_objects)
+from guided_concepts.objectdata import synthetic
+from guided_concepts.objectdata.images import mask_array_from_pil, rgb_array_from_pil
+from guided_concepts.objectdata.synthetic import KEYPOINT_FLIP, camera_basis, project, render_view, sample_chair
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -92,8 +92,7 @@ def test_two_processes_train_one_model(tmp_path, tiny_model_dir, chairs_dir):
 
 STALLED_TEARDOWN = """
 import sys, threading, time
-sys.path.insert(0, {repo!r})
-from checkpointing import end_training_patiently
+from guided_concepts.checkpointing import end_training_patiently
 
 class Accelerator:                     # a two-process run whose process-group teardown never returns
     num_processes = {processes}

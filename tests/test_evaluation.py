@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evaluation.image_metrics import (ClipScorer, centroid_align, inspiration_tree_scores, load_callable, mask_iou,
-                                      mean_pairwise_distance, pixel_features, segment_plain_background, silhouette_iou)
+from guided_concepts.evaluation.image_metrics import (ClipScorer, centroid_align, inspiration_tree_scores,
+                                                       load_callable, mask_iou, mean_pairwise_distance, pixel_features,
+                                                       segment_plain_background, silhouette_iou)
 
 
 def box(h0, h1, w0, w1, size=10):
@@ -67,7 +68,7 @@ def test_missing_clip_is_reported_not_fatal(tmp_path):
 
 
 def test_plugins_load_by_name():
-    assert load_callable("evaluation.image_metrics:pixel_features", None) is pixel_features
+    assert load_callable("guided_concepts.evaluation.image_metrics:pixel_features", None) is pixel_features
     assert load_callable(None, mask_iou) is mask_iou
     with pytest.raises(ValueError, match="module:function"):
         load_callable("evaluation.image_metrics", None)
@@ -79,8 +80,8 @@ def test_plugins_load_by_name():
 def test_sweep_trains_evaluates_and_reports(tmp_path):
     import csv
     import json
-    import train
-    sweep_dir = train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}",
+    from guided_concepts import sweep
+    sweep_dir = sweep.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}",
                             "--set", "train.steps=2", "--set", "train.sample_every=0", "--set", "sample.steps=1",
                             "--eval-samples", "2", "--eval-steps", "2", "--name", "sw"])
     assert sweep_dir == tmp_path / "sw"
@@ -102,23 +103,25 @@ def test_sweep_trains_evaluates_and_reports(tmp_path):
     results = json.loads((sweep_dir / "results.json").read_text())
     assert all(0 <= r["summary"]["silhouette_iou"] <= 1 for r in results)
     # More steps: each run resumes from its checkpoint instead of failing on the existing folder.
-    train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3",
+    sweep.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3",
                 "--set", "train.sample_every=0", "--eval-samples", "1", "--eval-steps", "1", "--name", "sw"])
     for run in runs:
         assert (sweep_dir / run / "checkpoints" / "step_000003").is_dir()
     # Run again: finished runs are reused, not retrained.
     mtime = (sweep_dir / runs[0] / "metrics.jsonl").stat().st_mtime
-    train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3",
+    sweep.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3",
                 "--set", "train.sample_every=0", "--eval-samples", "1", "--eval-steps", "1", "--name", "sw"])
     assert (sweep_dir / runs[0] / "metrics.jsonl").stat().st_mtime == mtime
 
 
 def test_bad_sweep_is_an_error_before_any_run(tmp_path):
-    import train
+    from guided_concepts import sweep, train
+    with pytest.raises(SystemExit, match="python sweep.py --sweep"):      # its own entry point
+        train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="expected section.key=v1,v2"):
-        train.main(["--sweep", "mask_weight", "--set", f"run.output_dir={tmp_path}"])
+        sweep.main(["--sweep", "mask_weight", "--set", f"run.output_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="unknown key losses.shape.mask_wieght"):
-        train.main(["--sweep", "losses.shape.mask_wieght=0,1", "--set", f"run.output_dir={tmp_path}"])
+        sweep.main(["--sweep", "losses.shape.mask_wieght=0,1", "--set", f"run.output_dir={tmp_path}"])
     assert not any(tmp_path.iterdir())
 
 
@@ -126,7 +129,7 @@ def test_clip_t_with_a_tiny_clip_model(tmp_path):
     """Editability runs end to end with a CLIP model given by path (a tiny one built from config)."""
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer,
                               CLIPVisionConfig)
-    from backbone.tiny import tiny_vocab_and_merges
+    from guided_concepts.backbone.tiny import tiny_vocab_and_merges
     vocab, merges = tiny_vocab_and_merges()
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(
@@ -148,8 +151,8 @@ def test_clip_t_with_a_tiny_clip_model(tmp_path):
 
 def test_evaluation_cli_on_chosen_objects_with_an_extra_prompt(tmp_path, chairs_dir):
     import csv
-    import train
-    from evaluation.__main__ import main as evaluate_main
+    from guided_concepts import train
+    from guided_concepts.evaluation.__main__ import main as evaluate_main
     run = train.main(["--name", "e", "--set", f"run.output_dir={tmp_path}", "--tokens", "pose",
                       "--set", "train.steps=1", "--set", "train.sample_every=0", "--set", "sample.steps=1"])
     report = evaluate_main([str(run), "--objects", str(chairs_dir / "chair_000"), "--num", "2", "--steps", "1",

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import export
-import generate
-import train
-from concepts import CONCEPTS, ConceptOutput
-from tokens.export import load_a1111, safe_token_name, save_a1111, save_diffusers
+from guided_concepts import export
+from guided_concepts import generate
+from guided_concepts.concepts.pose import camera_batch
+from guided_concepts import train
+from guided_concepts.concepts import CONCEPTS, ConceptOutput
+from guided_concepts.tokens.export import load_a1111, safe_token_name, save_a1111, save_diffusers
 
 POSE = {"azimuth": 30.0, "elevation": 10.0, "distance": None}
 
@@ -57,9 +58,9 @@ def reference_vectors(system_cfg, concept, source):
     """What the run's head gives for `source` (eval mode, diversity 0), computed here directly."""
     system, cfg = system_cfg
     if isinstance(source, dict):
-        batch = generate.camera_batch(source, cfg.concepts["pose"].distance_range)
+        batch = camera_batch(source, cfg.concepts["pose"].distance_range)
     else:
-        batch = generate.reference_batch(source, 0, cfg.data.resolution, CONCEPTS[concept][0].needs_for(cfg.concepts[concept]),
+        batch = generate.reference_batch(source, 0, cfg.data.resolution, CONCEPTS[concept].concept.needs_for(cfg.concepts[concept]),
                                          getattr(cfg.concepts[concept], "max_views", 0))
     system.eval()
     system.concepts[concept].diversity = 0.0

@@ -7,12 +7,13 @@ import random
 import pytest
 import torch
 
-import generate
-import train
-from concepts import CONCEPTS
-from system import random_subsets, render_prompt
+from guided_concepts import generate
+from guided_concepts.concepts.pose import camera_batch
+from guided_concepts import train
+from guided_concepts.concepts import CONCEPTS
+from guided_concepts.system import random_subsets, render_prompt
 from tests.conftest import make_system
-from tokens import TokenError
+from guided_concepts.tokens import TokenError
 
 ALL = list(CONCEPTS)
 
@@ -80,7 +81,7 @@ def test_templates_render_for_every_subset(subset):
 
 def test_ablating_one_words_loss_changes_only_that_word(tiny_model_dir, chair_batch):
     """With the pose probe off, the pose head's gradient changes and the shape head's does not."""
-    from backbone import load_backbone
+    from guided_concepts.backbone import load_backbone
     grads = []
     for probe_weight in (0.1, 0.0):
         torch.manual_seed(0)
@@ -106,7 +107,7 @@ def test_swapping_one_words_source_changes_only_that_word(fresh_backbone, chairs
     words = []
     for source in ("chair_000", "chair_005"):
         batch = generate.reference_batch(chairs_dir / source, 0, 64, ("mask",))
-        camera = generate.camera_batch({"azimuth": 30.0, "elevation": 10.0, "distance": None}, [2.5, 2.5])
+        camera = camera_batch({"azimuth": 30.0, "elevation": 10.0, "distance": None}, [2.5, 2.5])
         with torch.no_grad():
             words.append({"shape": system.concepts["shape"].encode(batch).embeds,
                           "pose": system.concepts["pose"].encode(camera).embeds})

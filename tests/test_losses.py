@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from losses import (attention_iou, attention_mass_inside, contrast_loss, denoising_loss, denoising_target,
-                    identity_loss, mask_attention_loss, offset_l2, word_target_loss)
+from guided_concepts.losses import (attention_iou, attention_mass_inside, contrast_loss, denoising_loss,
+                                     denoising_target, identity_loss, mask_attention_loss, offset_l2, word_target_loss)
 
 
 def square_mask(b=3, size=32, lo=8, hi=24):

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import generate
-import train
-from checkpointing import latest_checkpoint, load_checkpoint
-from configs.schema import TrainConfig
+from guided_concepts import generate
+from guided_concepts import train
+from guided_concepts.checkpointing import latest_checkpoint, load_checkpoint
+from guided_concepts.configs.schema import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--set", "train.batch_size=6", "--set", "train.sample_every=0", "--set", "sample.steps=1",
@@ -240,7 +240,7 @@ def adaptive_palette_mask(path: Path) -> None:
 
 @pytest.mark.parametrize("case", list(MASKS_READ))
 def test_masks_are_read_by_what_they_encode(case, tmp_path, chairs_dir):
-    from objectdata import DataWarning
+    from guided_concepts.objectdata import DataWarning
     reference = train.build_data(train.parse_args(["--set", f"data.root={copy_chairs(chairs_dir, tmp_path / 'ref')}",
                                                    "--set", "data.holdout=0", "--set", "data.flip_prob=0"])[0])[0]
     root = copy_chairs(chairs_dir, tmp_path / "data")
@@ -299,7 +299,7 @@ def test_an_unreadable_data_folder_is_named(tmp_path, chairs_dir, monkeypatch):
 
 
 def test_an_unwritable_output_folder_stops_before_the_model_loads(tmp_path, monkeypatch):
-    import checkpointing
+    from guided_concepts import checkpointing
     loaded = []
     monkeypatch.setattr(train, "load_backbone", lambda *a, **k: loaded.append(1))
 
@@ -313,7 +313,7 @@ def test_an_unwritable_output_folder_stops_before_the_model_loads(tmp_path, monk
 
 
 def test_views_smaller_than_the_resolution_and_full_masks_are_warned(tmp_path, chairs_dir):
-    from objectdata import DataWarning, scan_objects
+    from guided_concepts.objectdata import DataWarning, scan_objects
     root = copy_chairs(chairs_dir, tmp_path / "data")
     Image.new("L", (64, 64), 255).save(root / C0 / "masks" / "001.png")
     with pytest.warns(DataWarning) as caught:
@@ -341,8 +341,8 @@ def test_samples_per_step_is_said_and_recorded(tmp_path, capsys):
 
 def test_large_views_are_decoded_once_per_run(tmp_path, chairs_dir, monkeypatch):
     """Every read after the first comes from the decoded, resized copy (a 4000x3000 photo costs ~1 s a decode)."""
-    from objectdata import ObjectViewsDataset, scan_objects
-    import objectdata.dataset as dataset_module
+    from guided_concepts.objectdata import ObjectViewsDataset, scan_objects
+    from guided_concepts.objectdata import dataset as dataset_module
     records = scan_objects(copy_chairs(chairs_dir, tmp_path / "data", count=2))
     decoded = []
     real = dataset_module.load_rgb
@@ -359,9 +359,9 @@ def test_large_views_are_decoded_once_per_run(tmp_path, chairs_dir, monkeypatch)
 @pytest.mark.parametrize("damaged", ["heads.safetensors", "optimizer.pt", "state.json"])
 def test_a_damaged_latest_checkpoint_is_named_and_resume_continues_from_the_newest_intact_one(damaged, tmp_path,
                                                                                              chairs_dir, capsys):
-    import evaluation.__main__ as evaluation_cli
-    import export
-    import tune
+    from guided_concepts.evaluation import __main__ as evaluation_cli
+    from guided_concepts import export
+    from guided_concepts import tune
     run = train.main(run_args(tmp_path, "d", "--set", "train.steps=4", "--set", "train.checkpoint_every=2"))
     bad = run / "checkpoints" / "step_000004" / damaged
     truncate(bad)
@@ -457,7 +457,7 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     logged loss and every head weight identical (not close: equal), so heads, optimizer, the
     cosine lr schedule, every RNG, the data position and the half-accumulated log line
     (log_every=2, stopped at 3) all came back."""
-    from system import GuidedConcepts
+    from guided_concepts.system import GuidedConcepts
     straight = train.main(run_args(tmp_path, "a", *RESUME))
     original, calls = GuidedConcepts.training_losses, {"n": 0}
 
@@ -489,7 +489,7 @@ def test_extending_a_decaying_schedule_needs_force(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from system import GuidedConcepts
+    from guided_concepts.system import GuidedConcepts
     original, calls = GuidedConcepts.training_losses, {"n": 0}
 
     def poisoned(self, *args, **kwargs):
@@ -519,7 +519,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 # Signals, in a real training subprocess
 # ----------------------------------------------------------------------------------------------
 def start_training(argv: list[str], prelude: str = "") -> subprocess.Popen:
-    code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\n{textwrap.dedent(prelude)}\nimport train\ntrain.main({argv!r})\n"
+    code = f"{textwrap.dedent(prelude)}\nfrom guided_concepts import train\ntrain.main({argv!r})\n"
     # Its own process group, so a signal can go to the whole group as Ctrl-C in a terminal does.
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -544,7 +544,8 @@ def wait_for(condition, process, timeout=PATIENCE_S):
 def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one_loadable(tmp_path):
     marker = tmp_path / "saving"
     prelude = f"""
-        import pathlib, time, checkpointing
+        import pathlib, time
+        from guided_concepts import checkpointing
         original = checkpointing.save_file
         def slow_save(tensors, path, *args, **kwargs):
             original(tensors, path, *args, **kwargs)
@@ -596,7 +597,7 @@ def test_sigint_checkpoints_exits_and_resumes_bit_for_bit(tmp_path):
 
 
 def test_stop_signals_flag_first_and_interrupt_on_second():
-    from checkpointing import StopSignals
+    from guided_concepts.checkpointing import StopSignals
     before = signal.getsignal(signal.SIGTERM)
     def settle(done):           # a signal's Python handler runs at the next bytecode; wait for it, with patience
         deadline = time.monotonic() + 60

@@ -13,21 +13,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from objectdata import (
-    CAMERA_POOL,
-    ObjectRecord,
-    ObjectViewsDataset,
-    TripletBatchSampler,
-    ViewRecord,
-    collate,
-    generate_chairs,
-    has_keypoints,
-    keypoint_heatmaps,
-    partner_weights,
-    scan_objects,
-)
-from objectdata import synthetic
-from objectdata.sampling import angular_distance
+from guided_concepts.objectdata import (CAMERA_POOL, ObjectRecord, ObjectViewsDataset, TripletBatchSampler, ViewRecord,
+                                         collate, generate_chairs, has_keypoints, keypoint_heatmaps, partner_weights,
+                                         scan_objects)
+from guided_concepts.objectdata import synthetic
+from guided_concepts.objectdata.sampling import angular_distance
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -344,7 +334,7 @@ def test_random_cameras_without_the_pool_and_the_cli(tmp_path):
 
 def test_triplets_pair_cameras_as_loaded_under_flips(tmp_path):
     """With flips on, the third item is still at the anchor's camera as the batch sees it."""
-    from objectdata import ObjectViewsDataset, TripletBatchSampler, collate, generate_chairs, partner_weights, scan_objects
+    from guided_concepts.objectdata import ObjectViewsDataset, TripletBatchSampler, collate, generate_chairs, partner_weights, scan_objects
     root = generate_chairs(tmp_path / "c", num_objects=6, views_per_object=6, resolution=32)
     dataset = ObjectViewsDataset(scan_objects(root), resolution=32, flip_prob=0.5, seed=3)
     sampler = TripletBatchSampler(dataset, anchors_per_batch=4, seed=3)

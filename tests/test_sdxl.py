@@ -12,7 +12,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
 
-from capture import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers
+from guided_concepts.capture import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers
 from tests.conftest import make_system
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,13 +21,13 @@ PROMPT = "a photo of a chair in the shape of {} with pose {}"
 
 @pytest.fixture(scope="session")
 def sdxl_dir() -> Path:
-    from backbone import ensure_tiny_model
+    from guided_concepts.backbone import ensure_tiny_model
     return ensure_tiny_model(layout="tiny-sdxl")
 
 
 @pytest.fixture
 def sdxl_backbone(sdxl_dir):
-    from backbone import load_backbone
+    from guided_concepts.backbone import load_backbone
     return load_backbone(str(sdxl_dir))
 
 
@@ -118,7 +118,7 @@ def test_time_ids_come_from_the_data(tmp_path, sdxl_backbone):
     import numpy as np
     from PIL import Image
 
-    from objectdata import ObjectViewsDataset, collate, scan_objects
+    from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
     folder = tmp_path / "objects" / "chair_000"
     (folder / "views").mkdir(parents=True)
     (folder / "masks").mkdir()
@@ -163,8 +163,8 @@ print(json.dumps({"equal": bool(equal), "change": float((after - before).abs().m
 
 
 def test_tiny_sdxl_run_resumes_exactly_exports_and_loads_in_a_plain_pipeline(tmp_path, sdxl_dir, chairs_dir):
-    import export
-    import train
+    from guided_concepts import export
+    from guided_concepts import train
     common = ["--config", str(REPO / "configs" / "tiny.yaml"), "--model", "tiny-sdxl", "--tokens", "shape,pose",
               "--set", f"run.output_dir={tmp_path}", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=0",
               "--set", "concepts.shape.lr=0.05", "--set", "concepts.pose.lr=0.05"]
@@ -178,7 +178,7 @@ def test_tiny_sdxl_run_resumes_exactly_exports_and_loads_in_a_plain_pipeline(tmp
     assert {k: tuple(v.shape) for k, v in load_file(str(token_file)).items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
 
     chair = sorted(p for p in chairs_dir.iterdir() if p.is_dir())[0]
-    import generate
+    from guided_concepts import generate
     from PIL import Image
     picture = generate.main(["--run", str(straight), "--prompt", "a chair in the shape of *s with pose *p", "--shape-from",
                              str(chair), "--pose", "azimuth=30,elevation=10", "--num", "2", "--steps", "2",
@@ -193,7 +193,7 @@ def test_tiny_sdxl_run_resumes_exactly_exports_and_loads_in_a_plain_pipeline(tmp
         export.main(["--run", str(straight), "--shape-from", str(chair), "--out", str(tmp_path / "pt"), "--pt"])
     assert not (tmp_path / "pt").exists()
     # Per-object tuning (E4T's stage 2) writes SDXL token files too.
-    import tune
+    from guided_concepts import tune
     tune.main(["--run", str(straight), "--object", str(chair), "--steps", "1", "--out", str(tmp_path / "tuned")])
     tuned = load_file(str(tmp_path / "tuned" / "tokens" / "shape.safetensors"))
     assert {k: tuple(v.shape) for k, v in tuned.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
@@ -218,7 +218,7 @@ def test_fp16_keeps_the_sdxl_vae_in_fp32(sdxl_backbone, fresh_backbone):
 
 
 def test_sampling_with_an_fp32_vae_under_fp16_matches_fp32(sdxl_dir):
-    from backbone import load_backbone
+    from guided_concepts.backbone import load_backbone
     images = []
     for dtype in (torch.float32, torch.float16):
         backbone = load_backbone(str(sdxl_dir))
@@ -232,7 +232,7 @@ def test_sampling_with_an_fp32_vae_under_fp16_matches_fp32(sdxl_dir):
 def test_the_sdxl_config_runs_on_tiny_sdxl(tmp_path, chairs_dir):
     """configs/sdxl.yaml's own settings (bf16, gradient checkpointing, cached latents) end to end,
     on the tiny SDXL at its 64 px."""
-    import train
+    from guided_concepts import train
     run = train.main(["--config", str(REPO / "configs" / "sdxl.yaml"), "--model", "tiny-sdxl", "--name", "xl",
                       "--set", f"run.output_dir={tmp_path}", "--set", "data.resolution=64", "--set", "data.root=null",
                       "--set", "train.steps=2", "--set", "train.sample_every=0", "--set", "sample.steps=2",
@@ -248,7 +248,7 @@ def test_lora_adapters_export_for_the_sdxl_pipeline(sdxl_backbone, sdxl_dir, tmp
     own loader and changes its UNet exactly as trained."""
     from diffusers import StableDiffusionXLPipeline
 
-    from backbone.adapters import AdapterConfig, UNetAdapters
+    from guided_concepts.backbone.adapters import AdapterConfig, UNetAdapters
     adapters = UNetAdapters(sdxl_backbone.unet, AdapterConfig(kind="lora", rank=2))
     with torch.no_grad():
         for p in adapters.parameters():

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-import generate
-import train
-from backbone import load_backbone
-from concepts.base import StepView
-from losses import mask_attention_loss
+from guided_concepts import generate
+from guided_concepts import train
+from guided_concepts.backbone import load_backbone
+from guided_concepts.concepts.base import StepView
+from guided_concepts.losses import mask_attention_loss
 from tests.conftest import make_system
 
 
@@ -108,7 +108,8 @@ def test_generation_from_masks_or_from_one_image(tmp_path, chairs_dir):
     obj = chairs_dir / "chair_011"
     prompt = "a photo of a chair in the shape of *s"
     _, from_masks, _ = generate.generate(system, cfg, prompt, {"shape": obj}, num=1, steps=2)
-    _, from_image, _ = generate.generate(system, cfg, prompt, {"shape": obj}, num=1, steps=2, shape_source="image")
+    _, from_image, _ = generate.generate(system, cfg, prompt, {"shape": obj}, num=1, steps=2,
+                                          options={"shape_source": "image"})
     _, varied, _ = generate.generate(system, cfg, prompt, {"shape": obj}, num=2, steps=2, diversity=1.0)
     assert from_masks.shape == from_image.shape == (1, 3, 64, 64) and varied.shape[0] == 2
     assert not torch.allclose(from_masks, from_image)

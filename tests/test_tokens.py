@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import make_system
-from tokens import PlaceholderSpec, PlaceholderTable, TokenError, encode_prompts, tokenize
+from guided_concepts.tokens import PlaceholderSpec, PlaceholderTable, TokenError, encode_prompts, tokenize
 
 
 def table_for(backbone, *specs):
@@ -87,7 +87,7 @@ def test_prompt_with_an_untrained_word_is_an_error(fresh_backbone):
 def test_exported_token_loads_in_diffusers_textual_inversion(fresh_backbone, tiny_model_dir, tmp_path):
     """tokens/<object>/shape.safetensors works with pipe.load_textual_inversion as it is."""
     from diffusers import StableDiffusionPipeline
-    from tokens.export import load_token, save_token
+    from guided_concepts.tokens.export import load_token, save_token
 
     table = table_for(fresh_backbone, PlaceholderSpec("shape", "*s", "object", num_vectors=2))
     vectors = torch.randn(1, 2, table.embedding_dim) * 0.05

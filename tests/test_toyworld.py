@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from toyworld.world import (ATTRIBUTES, COLOUR_NAMES, DIRECTIONS, HELD_OUT_COMBOS, caption, direction_azimuth,
-                            direction_bin, random_caption, render, render_set, toy_chair_from_meta, write_toy_objects)
+from guided_concepts.toyworld.world import (ATTRIBUTES, COLOUR_NAMES, DIRECTIONS, HELD_OUT_COMBOS, caption,
+                                             direction_azimuth, direction_bin, random_caption, render, render_set,
+                                             toy_chair_from_meta, write_toy_objects)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "toyworld" / "weights"
@@ -50,8 +51,8 @@ def test_pretraining_renders_never_show_a_held_out_combination():
 
 
 def test_object_folders_record_ground_truth_that_renders_their_views(tmp_path):
-    from objectdata import scan_objects
-    from objectdata.images import load_mask
+    from guided_concepts.objectdata import scan_objects
+    from guided_concepts.objectdata.images import load_mask
     write_toy_objects(tmp_path / "objs", num_objects=3, views=4, resolution=32, seed=5)
     records = scan_objects(tmp_path / "objs", require_cameras=True, require_keypoints=True)
     assert len(records) == 3
@@ -67,7 +68,7 @@ def test_object_folders_record_ground_truth_that_renders_their_views(tmp_path):
 
 # -- the scorer -----------------------------------------------------------------------------------
 def test_scorer_learns_attributes_from_renders_and_silhouettes_match_masks():
-    from toyworld.scorer import mask_iou, silhouette, train_scorer
+    from guided_concepts.toyworld.scorer import mask_iou, silhouette, train_scorer
     data = render_set(60, 4, 32, seed=11)
     scorer, summary = train_scorer(data, steps=120, batch=64, seed=0, log=lambda *_: None)
     accuracy = summary["render_accuracy"]
@@ -79,7 +80,7 @@ def test_scorer_learns_attributes_from_renders_and_silhouettes_match_masks():
 
 # -- pretraining ----------------------------------------------------------------------------------
 def pretrain(out: Path, *extra: str, overrides=TINY_PRETRAIN) -> int:
-    from toyworld.__main__ import main
+    from guided_concepts.toyworld.__main__ import main
     return main(["pretrain", "--out", str(out), *[x for o in overrides for x in ("--set", o)], *extra])
 
 
@@ -92,7 +93,7 @@ def pretrained(tmp_path_factory) -> Path:
 
 def test_pretraining_writes_an_sd_folder_in_fp16_that_loads_like_any_other(pretrained):
     from diffusers import StableDiffusionPipeline
-    from backbone import load_backbone
+    from guided_concepts.backbone import load_backbone
     model = pretrained / "model"
     unet = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in unet.values()} == {torch.float16}
@@ -109,7 +110,7 @@ def test_pretraining_writes_an_sd_folder_in_fp16_that_loads_like_any_other(pretr
 
 
 def test_pretraining_resumed_mid_stage_equals_a_run_never_stopped(pretrained, tmp_path, monkeypatch):
-    from toyworld import pretrain as module
+    from guided_concepts.toyworld import pretrain as module
     original = module.Pretraining.save_training
 
     def save_then_die(self, stage, step, *args, **kwargs):
@@ -148,8 +149,8 @@ shipped = pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason
 
 @shipped
 def test_shipped_model_draws_the_colour_and_direction_it_is_asked_for():
-    from toyworld.evaluate import generate, load_pipeline
-    from toyworld.scorer import load_scorer, silhouette
+    from guided_concepts.toyworld.evaluate import generate, load_pipeline
+    from guided_concepts.toyworld.scorer import load_scorer, silhouette
     pipe, scorer = load_pipeline(SHIPPED), load_scorer(SHIPPED / "scorer")
     colours, directions = [0, 2, 3, 5] * 2, [0, 2, 4, 6, 1, 3, 5, 7]
     prompts = [caption(c, None, None, d) for c, d in zip(colours, directions)]
@@ -165,7 +166,7 @@ def test_shipped_model_draws_the_colour_and_direction_it_is_asked_for():
 
 @shipped
 def test_framework_trains_shape_and_pose_on_toyworld(tmp_path):
-    import train
+    from guided_concepts import train
     train.main(["--config", str(ROOT / "configs" / "base.yaml"), "--name", "tw",
                 "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3", "--set", "train.sample_every=0",
                 "--set", "train.log_every=1", "--set", "losses.shape.mask_weight=0.1"])
@@ -176,8 +177,8 @@ def test_framework_trains_shape_and_pose_on_toyworld(tmp_path):
     assert "name: toyworld" in config and "resolution: 32" in config
 
     # python -m evaluation adds ground-truth scores for ToyWorld objects.
-    from evaluation.runner import EvalSettings, evaluate_run
-    from objectdata import resolve_data_root
+    from guided_concepts.evaluation.runner import EvalSettings, evaluate_run
+    from guided_concepts.rundata import resolve_data_root
     held_out = sorted(resolve_data_root("toyworld").iterdir())[-1]
     settings = EvalSettings(prompts={"red": "a red {category} {phrases}"}, num_samples=2, steps=2, objects=[held_out])
     result = evaluate_run(tmp_path / "tw", settings)
@@ -188,8 +189,8 @@ def test_framework_trains_shape_and_pose_on_toyworld(tmp_path):
 
 
 def test_named_data_and_model_resolve_and_fail_clearly(tmp_path, monkeypatch):
-    from backbone import load
-    from objectdata import resolve_data_root
+    from guided_concepts.backbone import load
+    from guided_concepts.rundata import resolve_data_root
     assert resolve_data_root("toyworld").name.startswith("toyworld_chairs")
     assert resolve_data_root(str(tmp_path)) == tmp_path
     monkeypatch.setitem(load.SHIPPED_MODELS, "toyworld", tmp_path / "missing")
@@ -198,7 +199,7 @@ def test_named_data_and_model_resolve_and_fail_clearly(tmp_path, monkeypatch):
 
 
 def test_generate_without_a_run_samples_the_base_model(tmp_path, capsys):
-    import generate
+    from guided_concepts import generate
     from PIL import Image
     out = generate.main(["--model", "tiny", "--prompt", "a red chair", "--num", "2", "--steps", "2",
                          "--out", str(tmp_path / "g.png")])
@@ -215,10 +216,10 @@ def test_shape_word_differs_between_chairs_and_moves_the_silhouette_more_than_th
     silhouette by a sizeable share of what a new seed moves it. (The seed also picks the camera,
     which no word fixes here, so a new seed moves it more: 0.58-0.83 x measured, even after 2,400
     steps with a pose word; the collapse gave 0.)"""
-    import generate
-    import train
-    from experiments.swap_matrix import encode_word, held_out_objects
-    from toyworld.scorer import mask_iou, silhouette
+    from guided_concepts import generate
+    from guided_concepts import train
+    from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects
+    from guided_concepts.toyworld.scorer import mask_iou, silhouette
     run = train.main(["--config", str(ROOT / "configs" / "base.yaml"), "--tokens", "shape", "--name", "collapse",
                       "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=120",
                       "--set", "train.sample_every=0", "--set", "train.checkpoint_every=1000"])

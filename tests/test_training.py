@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import generate
-import train
-from metrics import attention_mask_metrics
-from objectdata import ObjectViewsDataset, collate, scan_objects
+from guided_concepts import generate
+from guided_concepts import train
+from guided_concepts.metrics import attention_mask_metrics
+from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
 from tests.conftest import make_system
 
 QUICK = ["--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "train.log_every=2",
@@ -47,9 +47,9 @@ def test_saved_run_reloads_to_identical_embeddings(trained_run, chairs_dir):
     """Heads written by training and read back by generate.load_run give the same words."""
     run, _ = trained_run
     system, cfg = generate.load_run(run)
-    from concepts import CONCEPTS
+    from guided_concepts.concepts import CONCEPTS
     batch = generate.reference_batch(chairs_dir / "chair_003", 0, cfg.data.resolution,
-                                     CONCEPTS["shape"][0].needs_for(cfg.concepts["shape"]), cfg.concepts["shape"].max_views)
+                                     CONCEPTS["shape"].concept.needs_for(cfg.concepts["shape"]), cfg.concepts["shape"].max_views)
     with torch.no_grad():
         embeds = system.concepts["shape"].encode(batch).embeds[0]
     exported = load_file(str(run / "tokens" / "chair_003" / "shape.safetensors"))["*s"]
@@ -158,7 +158,7 @@ def train_shape(backbone, records, mask_weight, steps=150, seed=0, encoder="set"
 def test_mask_loss_moves_attention_into_the_mask(tiny_model_dir, chairs_dir, encoder):
     """Held-out objects, t=100: with the mask loss *s's attention lies clearly more inside the
     mask than in the same run with weight 0 (single-view head and set encoder alike)."""
-    from backbone import load_backbone
+    from guided_concepts.backbone import load_backbone
     records = scan_objects(chairs_dir)
     held_out = ObjectViewsDataset(records[-2:], 64, 0.0, mask_set_size=8)
     batch = collate([held_out[i] for i in range(len(held_out))])
@@ -190,8 +190,8 @@ def test_resume_with_other_tokens_is_a_clear_error(trained_run):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, chair_batch, monkeypatch):
     """Recomputation in backward re-runs the capture processors; each captured layer must still be
     recorded exactly once per forward (and the gradients must not change)."""
-    from backbone import load_backbone
-    from capture import AttentionStore
+    from guided_concepts.backbone import load_backbone
+    from guided_concepts.capture import AttentionStore
     grads, calls = [], []
     original_add = AttentionStore.add
 
@@ -237,7 +237,7 @@ def test_training_at_a_non_native_resolution(tmp_path):
 def test_v_prediction_model_trains_and_samples(tmp_path, tiny_model_dir):
     """An SD 2.x-style folder (v-prediction in its scheduler config) goes through the same path."""
     import shutil
-    from backbone import load_backbone
+    from guided_concepts.backbone import load_backbone
     folder = tmp_path / "tiny-v"
     shutil.copytree(tiny_model_dir, folder)
     config_file = folder / "scheduler" / "scheduler_config.json"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpointing import atomic_write
+from guided_concepts.checkpointing import atomic_write
 
 A1111_KEY = "emb_params"
 SDXL_KEYS = ("clip_l", "clip_g")      # text_encoder (CLIP ViT-L), text_encoder_2 (OpenCLIP bigG)
@@ -69,8 +69,8 @@ def _shareable(path: Path) -> Path:
 
 # -- names --------------------------------------------------------------------------------------
 def _default_placeholders() -> dict[str, str]:
-    from concepts import CONCEPTS
-    return {CONCEPTS[n][1]().token: n for n in CONCEPTS}
+    from guided_concepts.concepts import CONCEPTS
+    return {CONCEPTS[n].config().token: n for n in CONCEPTS}
 
 
 def safe_token_name(run_name: str, concept: str) -> str:

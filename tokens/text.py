@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import torch
 
-from tokens.placeholders import PlaceholderTable, TokenError
+from guided_concepts.tokens.placeholders import PlaceholderTable, TokenError
 
 
 def tokenize(table: PlaceholderTable, prompts: list[str]) -> list[torch.Tensor]:

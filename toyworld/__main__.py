@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from toyworld.pretrain import STAGES
+from guided_concepts.toyworld.pretrain import STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.command == "pretrain":
-        from checkpointing import RunFolderError
-        from toyworld.pretrain import Pretraining, config_from_overrides
+        from guided_concepts.checkpointing import RunFolderError
+        from guided_concepts.toyworld.pretrain import Pretraining, config_from_overrides
         config_file = args.out / "config.json"
         try:
             if args.resume:
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(model)
         return 0
 
-    from backbone.load import resolve_model_path
-    from toyworld.evaluate import evaluate_base_model
+    from guided_concepts.backbone.load import resolve_model_path
+    from guided_concepts.toyworld.evaluate import evaluate_base_model
     metrics = evaluate_base_model(resolve_model_path(args.model), seeds=args.seeds, grid=args.grid)
     print(json.dumps(metrics, indent=1))
     return 0

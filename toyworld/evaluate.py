@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toyworld.scorer import load_scorer, silhouette
-from toyworld.world import ATTRIBUTES, DIRECTIONS, HELD_OUT_COMBOS, caption
+from guided_concepts.toyworld.scorer import load_scorer, silhouette
+from guided_concepts.toyworld.world import ATTRIBUTES, DIRECTIONS, HELD_OUT_COMBOS, caption
 
 CHANCE = {name: round(1 / n, 4) for name, n in ATTRIBUTES.items()}
 SEEN_COMBOS = ((5, 0, 0), (4, 1, 1), (3, 1, 0), (0, 0, 1))   # in pretraining, for comparison
@@ -99,8 +99,8 @@ def ground_truth_scores(scorer, images: torch.Tensor, truth, prompt: str, camera
     -> {"gt/arms", "gt/back"} (carried by the shape word), "gt/colour" when the prompt names a
     palette colour, "gt/direction" and "gt/silhouette_iou" when a camera is given; each a mean.
     """
-    from toyworld.scorer import mask_iou
-    from toyworld.world import COLOUR_NAMES, direction_bin
+    from guided_concepts.toyworld.scorer import mask_iou
+    from guided_concepts.toyworld.world import COLOUR_NAMES, direction_bin
     predicted = scorer.predict(images.float())
     out = {"gt/arms": float((predicted["arms"] == truth.arms).float().mean()),
            "gt/back": float((predicted["back"] == truth.back).float().mean())}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backbone.tiny import TINY_WORDS, tiny_vocab_and_merges
-from toyworld.world import caption_words
+from guided_concepts.backbone.tiny import TINY_WORDS, tiny_vocab_and_merges
+from guided_concepts.toyworld.world import caption_words
 
 
 @dataclass

@@ -29,11 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from checkpointing import atomic_folder, atomic_write, remove_stale_temporaries
-from configs.schema import apply_override, build_dataclass, parse_override
-from toyworld import models, scorer as scoring
-from toyworld.models import ToyWorldSizes
-from toyworld.world import random_caption, render_set
+from guided_concepts.checkpointing import atomic_folder, atomic_write, remove_stale_temporaries
+from guided_concepts.configs.schema import apply_override, build_dataclass, parse_override
+from guided_concepts.toyworld import models, scorer as scoring
+from guided_concepts.toyworld.models import ToyWorldSizes
+from guided_concepts.toyworld.world import random_caption, render_set
 
 STAGES = ("data", "vae", "unet", "scorer", "export", "evaluate")
 
@@ -286,7 +286,7 @@ class Pretraining:
         self.finish("export", lambda tmp: None, {"model": str(self.out / "model")})
 
     def stage_evaluate(self):
-        from toyworld.evaluate import evaluate_base_model
+        from guided_concepts.toyworld.evaluate import evaluate_base_model
         c = self.config
         metrics = evaluate_base_model(self.out / "model", seeds=c.eval_seeds, steps=c.eval_steps,
                                       guidance_scale=c.guidance_scale, grid=self.out / "model" / "samples.png")

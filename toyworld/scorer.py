@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from toyworld.world import ATTRIBUTES
+from guided_concepts.toyworld.world import ATTRIBUTES
 
 SILHOUETTE_THRESHOLD = 0.5   # object when some channel is this far below white: half coverage of any colour (IoU 0.96 with the true masks of renders)
 

@@ -15,10 +15,11 @@ that put them together measure whether the base model composes attributes it saw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from objectdata.synthetic import render_view, sample_chair
+from guided_concepts.objectdata.synthetic import default_data_dir, ensure_generated, render_view, sample_chair
 
 # Darkish, well-separated hues: no part melts into the white background.
 COLOURS = {
@@ -168,7 +169,7 @@ def write_toy_objects(out_dir, num_objects: int = 48, views: int = 8, resolution
     all 24 combinations."""
     from pathlib import Path
 
-    from objectdata.synthetic import write_chair
+    from guided_concepts.objectdata.synthetic import write_chair
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: not empty; refusing to mix a new set with old files")
@@ -184,3 +185,9 @@ def write_toy_objects(out_dir, num_objects: int = 48, views: int = 8, resolution
         cameras = [TOY_CAMERA_POOL[int(i)] for i in np.sort(rng.choice(len(TOY_CAMERA_POOL), views, replace=False))]
         write_chair(out_dir / f"chair_{index:03d}", geometry, cameras, resolution)
     return out_dir
+
+
+def ensure_toyworld_data() -> Path:
+    """ToyWorld's chairs (48 objects x 8 views at 32 px, with ground truth), in the cache."""
+    folder = default_data_dir().parent / "toyworld_chairs_v1"  # bump the version whenever the output changes
+    return ensure_generated(folder, write_toy_objects)
