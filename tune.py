@@ -93,8 +93,9 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     if mode == "textual_inversion":
         for concept in system.concepts.values():
             with torch.no_grad():
-                concept.head.mlp[-1].weight.zero_()
-                concept.head.mlp[-1].bias.zero_()
+                if concept.head.mlp is not None:
+                    concept.head.mlp[-1].weight.zero_()
+                    concept.head.mlp[-1].bias.zero_()
                 concept.head.rows.copy_(system.table.initializer_rows[concept.name].expand_as(concept.head.rows))
             concept.head.fixed_norm = 0.0      # a free vector, as plain textual inversion has it
             concept.requires_grad_(False)

@@ -32,7 +32,8 @@ class OffsetHead(nn.Module):
     """features [B, F] -> rows + scale * MLP(features), reshaped to [B, K, D].
 
     The last layer starts at zero, so at step 0 the word is exactly its initializer word (with
-    fixed_norm: the initializer's direction at that norm).
+    fixed_norm: the initializer's direction at that norm). in_dim 0: no MLP, the word is the rows
+    alone (plain textual inversion); forward then takes the batch size.
     """
 
     def __init__(self, in_dim: int, rows: torch.Tensor, num_vectors: int, hidden_dim: int, scale: float,
@@ -41,14 +42,19 @@ class OffsetHead(nn.Module):
         rows = rows.detach().float().reshape(1, -1).repeat(num_vectors, 1)     # [K, D]
         self.rows = nn.Parameter(rows, requires_grad=train_rows)
         self.scale = scale
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
-                                 nn.Linear(hidden_dim, rows.numel()))
         self.fixed_norm = fixed_norm
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        self.mlp = None
+        if in_dim > 0:
+            self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
+                                     nn.Linear(hidden_dim, rows.numel()))
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, features: torch.Tensor) -> ConceptOutput:
-        offset = self.mlp(features).view(features.shape[0], *self.rows.shape)   # [B, K, D]
+    def forward(self, features: torch.Tensor | int) -> ConceptOutput:
+        if self.mlp is None:                                                    # features: the batch size
+            offset = self.rows.new_zeros(features, *self.rows.shape)            # [B, K, D]
+        else:
+            offset = self.mlp(features).view(features.shape[0], *self.rows.shape)   # [B, K, D]
         embeds = self.rows + self.scale * offset
         if self.fixed_norm > 0:
             embeds = embeds * (self.fixed_norm / embeds.norm(dim=-1, keepdim=True).clamp(min=1e-8))

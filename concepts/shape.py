@@ -21,7 +21,7 @@ from guided_concepts.concepts.base import (CONV_POOLS, Concept, ConceptConfig, C
 from guided_concepts.losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss,
                                     gaussian_kl, identity_loss, mask_attention_loss, offset_l2)
 
-SHAPE_ENCODERS = ("set", "view")
+SHAPE_ENCODERS = ("set", "view", "none")
 MASK_INPUTS = ("mask", "mask_shading")
 ATTENTION_TARGETS = ("shape", "shape_pose_union")
 
@@ -30,7 +30,7 @@ class ShapeConfig(ConceptConfig):
     token: str = field(default="*s", metadata={"help": "placeholder word for the shape"})
     initializer: str = field(default="object", metadata={"help": "vocabulary word the embedding starts from"})
     phrase: str = field(default="in the shape of {token}", metadata={"help": "prompt clause"})
-    encoder: str = field(default="set", metadata={"help": "set: all the object's masks (+cameras) pooled into a Gaussian code; view: the denoised view's mask only"})
+    encoder: str = field(default="set", metadata={"help": "set: all the object's masks (+cameras) pooled into a Gaussian code; view: the denoised view's mask only; none: no encoder, one learned word (plain textual inversion: reads no masks)"})
     max_views: int = field(default=8, metadata={"help": "set encoder: masks per object it sees (a random 1..max subset in training)"})
     use_cameras: bool = field(default=True, metadata={"help": "set encoder: each mask token also carries its camera angles"})
     code_dim: int = field(default=32, metadata={"help": "size of the shape code z"})
@@ -49,6 +49,8 @@ class ShapeConfig(ConceptConfig):
             raise ValueError(f"concepts.shape.mask_input: {self.mask_input!r} is not one of {MASK_INPUTS}")
         if self.mask_input != "mask" and self.encoder != "set":
             raise ValueError("concepts.shape.mask_input: mask_shading needs encoder: set")
+        if self.encoder == "none" and (not self.train_rows or self.use_image):
+            raise ValueError("concepts.shape.encoder: none is one learned word: it needs train_rows: true and no use_image")
         if not 16 <= self.mask_resolution <= 1024:
             raise ValueError(f"concepts.shape.mask_resolution: {self.mask_resolution} is not in [16, 1024]")
         if self.mask_pool not in CONV_POOLS:
@@ -146,6 +148,8 @@ class ShapeConcept(Concept):
 
     @classmethod
     def needs_for(cls, config: ShapeConfig) -> tuple[str, ...]:
+        if config.encoder == "none":
+            return ()
         if config.encoder != "set":
             return ("mask",)
         return ("mask", "mask_set", "mask_set_shading") if config.mask_input == "mask_shading" else ("mask", "mask_set")
@@ -157,7 +161,11 @@ class ShapeConcept(Concept):
         self.diversity = 0.0          # tau at generation (training always samples tau = 1)
         self.source = "masks"         # or "image": the code from one RGB view (image branch)
         self.noise_generator: torch.Generator | None = None
-        if config.encoder == "set":
+        if config.encoder == "none" and loss_config.mask_weight > 0:
+            raise ValueError("losses.shape.mask_weight: concepts.shape.encoder none reads no masks; set it to 0")
+        if config.encoder == "none":
+            in_dim = 0
+        elif config.encoder == "set":
             self.set_encoder = MaskSetEncoder(config.mask_width, config.code_dim, config.use_cameras, config.logvar_init,
                                               config.standardize, config.mask_pool,
                                               in_channels=2 if config.mask_input == "mask_shading" else 1,
@@ -202,6 +210,8 @@ class ShapeConcept(Concept):
         return mu + tau * (0.5 * logvar).exp() * noise, mu, logvar
 
     def encode(self, batch: dict) -> ConceptOutput:
+        if self.config.encoder == "none":                  # one word for every object
+            return self.head(len(batch["category"]))
         extras = {}
         if self.source == "image" and not self.training:
             z = self.image_code(batch)

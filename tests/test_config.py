@@ -94,3 +94,16 @@ def test_help_config_lists_every_key_with_its_help_and_source(tmp_path, capsys):
     mask_weight = next(k for k in keys if k == "losses.shape.mask_weight")
     assert keys[mask_weight].endswith(f"[{ablation}]")                     # the ablation file sets it
     assert keys["model.name"].endswith("base.yaml]")                       # ... its `base:` file this one
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_hold_only_what_differs(path):
+    """Defaults live in the dataclasses: a config sets a key only to change it (from the default,
+    or from its `base:` file's value)."""
+    import yaml
+    from guided_concepts.configs.schema import _flat, _lookup, config_to_dict, load_yaml
+    own = yaml.safe_load(path.read_text()) or {}
+    base = own.pop("base", None)
+    underneath = config_to_dict(load_config(path.parent / base if base else None))
+    repeated = [k for k, v in _flat(own).items() if k != "tokens" and _lookup(underneath, k) == v]
+    assert not repeated, f"{path.name} repeats {repeated}"

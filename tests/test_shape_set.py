@@ -128,3 +128,26 @@ def test_view_consistency_reads_the_code_mean_not_the_sampled_code(shape_system,
                     target=torch.zeros(2, 4, 8, 8), same_object=torch.tensor([[False, True], [True, False]]))
     _, value = concept.guidance_losses(out, batch, view)["view_consistency"]
     assert torch.allclose(value, torch.zeros(2), atol=1e-10)
+
+
+def test_encoder_none_is_plain_textual_inversion(tiny_model_dir, chair_batch):
+    """encoder none: one learned word for every object, reading no masks (what a plain textual
+    inversion step costs, bench/peer_step_cost.py); the rows are all it trains."""
+    from guided_concepts.concepts import CONCEPTS
+    from guided_concepts.configs.schema import load_config, mask_set_options
+    cfg = load_config(None, ["concepts.shape.encoder=none", "losses.shape.mask_weight=0"])
+    assert CONCEPTS["shape"].concept.needs_for(cfg.concepts["shape"]) == () and mask_set_options(cfg)["mask_set_size"] == 0
+    system = make_system(load_backbone(str(tiny_model_dir)), concepts={"shape": {"encoder": "none"}},
+                         losses={"shape": {"mask_weight": 0.0}})
+    concept = system.concepts["shape"]
+    assert [n for n, p in concept.named_parameters() if p.requires_grad] == ["head.rows"]
+    batch = {k: v for k, v in chair_batch.items() if k not in ("mask", "mask_set", "mask_set_valid")}
+    out = concept.encode(batch)
+    assert torch.equal(out.embeds, system.table.initializer_rows["shape"].expand_as(out.embeds))   # starts at its word
+    prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], ["shape"], random.Random(0))
+    terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(1))
+    sum(w * v.mean() for w, v in terms.values()).backward()
+    assert concept.head.rows.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="reads no masks"):
+        make_system(load_backbone(str(tiny_model_dir)), concepts={"shape": {"encoder": "none"}},
+                    losses={"shape": {"mask_weight": 0.1}})
