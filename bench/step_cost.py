@@ -43,7 +43,7 @@ LAYOUTS = {   # layout -> (train.py arguments, batch size)
 VARIANTS = {  # variant -> (tokens, extra overrides); (a) is built by hand below
     "a_textual_inversion": (["shape"], []),
     "b_shape": (["shape"], []),
-    "c_all_four": (["shape", "pose", "appearance", "style"], []),
+    "c_all_four": (list(CONCEPTS), []),          # every registered word
     "d_shape_no_capture": (["shape"], ["--set", "losses.shape.mask_weight=0"]),
 }
 

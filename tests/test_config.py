@@ -40,7 +40,7 @@ def test_overrides_and_types():
     ("train.stepz=1", "unknown key train.stepz; valid keys of train: steps, batch_size"),
     ("nosuch.key=1", "unknown key nosuch; valid keys: tokens, model"),
     ("concepts.shape.tokn=x", "unknown key concepts.shape.tokn; valid keys of concepts.shape: token"),
-    ("concepts.colour.token=x", "unknown key concepts.colour; valid keys of concepts: shape, pose, appearance, style"),
+    ("concepts.colour.token=x", f"unknown key concepts.colour; valid keys of concepts: {', '.join(CONCEPTS)}"),
     ("train.steps=1.5", "train.steps: expected int, got 1.5"),
     ("train.union_sampling=maybe", "train.union_sampling: expected bool"),
     ("model.mixed_precision=fp8", "model.mixed_precision: 'fp8' is not one of"),
@@ -101,7 +101,7 @@ def test_shipped_configs_hold_only_what_differs(path):
     """Defaults live in the dataclasses: a config sets a key only to change it (from the default,
     or from its `base:` file's value)."""
     import yaml
-    from guided_concepts.configs.schema import _flat, _lookup, config_to_dict, load_yaml
+    from guided_concepts.configs.schema import _flat, _lookup, config_to_dict
     own = yaml.safe_load(path.read_text()) or {}
     base = own.pop("base", None)
     underneath = config_to_dict(load_config(path.parent / base if base else None))

@@ -161,7 +161,7 @@ def test_prompt_with_an_untrained_word_and_unknown_tokens_are_clear_errors(joint
     system, cfg = generate.load_run(joint_run)
     with pytest.raises(TokenError, match=r"'\*q', which this run did not train"):
         generate.generate(system, cfg, "a chair like *q", {}, num=1, steps=1)
-    with pytest.raises(SystemExit, match="unknown concept 'colour'; valid: shape, pose, appearance, style"):
+    with pytest.raises(SystemExit, match=f"unknown concept 'colour'; valid: {', '.join(CONCEPTS)}"):
         train.main(["--name", "x", "--set", f"run.output_dir={tmp_path}", "--tokens", "shape,colour"])
 
 
