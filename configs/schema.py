@@ -364,17 +364,20 @@ RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "t
                   "train.samples_per_step")
 
 
+def flatten(raw: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1} (every leaf)."""
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
     """(key, old, new) for every leaf that differs and a resume may not change."""
-    def flat(data, prefix=""):
-        out = {}
-        for key, value in data.items():
-            if isinstance(value, dict) and value:
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-    a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
+    a, b = flatten(config_to_dict(old)), flatten(config_to_dict(new))
     changed = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     allowed = [c for c in changed if any(c[0] == r or (r.endswith(".") and c[0].startswith(r)) for r in RESUMABLE_KEYS)]
     if old.train.lr_schedule != "constant" and any(k == "train.steps" for k, _, _ in allowed):
@@ -398,17 +401,6 @@ def check_resume(cfg, run_dir: Path, force: bool, checkpoint: Path | None = None
 # ----------------------------------------------------------------------------------------------
 # --help-config: every key, its value, where the value came from, and its help
 # ----------------------------------------------------------------------------------------------
-def _flat(raw: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1} (every leaf)."""
-    out = {}
-    for k, v in raw.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _fields_with_help(cls, prefix: str) -> dict:
     """key -> help for every leaf field of a config dataclass (nested dataclasses walked)."""
     hints, out = typing.get_type_hints(cls), {}
@@ -439,7 +431,7 @@ def config_sources(path: str | Path | None, overrides: list[str] = (), tokens: s
         base = raw.pop("base", None)
         if base:
             from_file(file.parent / base)
-        for key in _flat(raw):
+        for key in flatten(raw):
             sources[key] = str(file)
 
     if path:

@@ -101,9 +101,9 @@ def test_shipped_configs_hold_only_what_differs(path):
     """Defaults live in the dataclasses: a config sets a key only to change it (from the default,
     or from its `base:` file's value)."""
     import yaml
-    from guided_concepts.configs.schema import _flat, _lookup, config_to_dict
+    from guided_concepts.configs.schema import _lookup, config_to_dict, flatten
     own = yaml.safe_load(path.read_text()) or {}
     base = own.pop("base", None)
     underneath = config_to_dict(load_config(path.parent / base if base else None))
-    repeated = [k for k, v in _flat(own).items() if k != "tokens" and _lookup(underneath, k) == v]
+    repeated = [k for k, v in flatten(own).items() if k != "tokens" and _lookup(underneath, k) == v]
     assert not repeated, f"{path.name} repeats {repeated}"
