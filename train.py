@@ -464,8 +464,9 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
                                loop.epoch + done_epoch, 0 if done_epoch else batch_in_epoch)
                 if stop and loop.step < cfg.train.steps:      # on the last step: finish as usual instead
                     break
-                sample_now = cfg.train.sample_every and loop.step % cfg.train.sample_every == 0
-                if accelerator.is_main_process and (sample_now or loop.step == cfg.train.steps):
+                every = cfg.train.sample_every
+                sample_now = every > 0 and loop.step % every == 0 or (every >= 0 and loop.step == cfg.train.steps)
+                if accelerator.is_main_process and sample_now:
                     heads.eval()
                     cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
                     with torch.random.fork_rng(devices=cuda):    # validation leaves the training RNGs alone

@@ -78,7 +78,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order, noise and timesteps"})
     log_every: int = field(default=10, metadata={"help": "steps between metric lines"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (and at the end)"})
-    sample_every: int = field(default=150, metadata={"help": "steps between validation grids (and at the end); 0 = end only"})
+    sample_every: int = field(default=150, metadata={"help": "steps between validation grids (and at the end); 0 = end only; -1 = never (benchmarks, sweeps evaluated afterwards)"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant | linear | cosine decay of every group's lr after warmup"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear lr warmup"})
     keep_last: int = field(default=5, metadata={"help": "checkpoints kept (older ones deleted after each save); 0 = keep all"})
@@ -92,8 +92,8 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
-        if min(self.warmup_steps, self.keep_last, self.sample_every) < 0:
-            raise ValueError("train.warmup_steps, keep_last and sample_every must be >= 0")
+        if min(self.warmup_steps, self.keep_last, self.sample_every + 1) < 0:
+            raise ValueError("train.warmup_steps and keep_last must be >= 0, sample_every >= -1")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of every group's lr at `step` (0-based): linear warmup, then constant/linear/cosine."""

@@ -301,3 +301,15 @@ def test_compiled_unet_trains_and_still_captures(tmp_path):
     assert all(0 < x["shape/mask_attention"] < 10 for x in lines)
     import yaml
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["compile"] is True
+
+
+def test_sample_every_minus_one_skips_validation_even_at_the_end(tmp_path, tiny_model_dir, chairs_dir):
+    run = train.main(["--name", "nv", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2",
+                      "--set", "train.sample_every=-1"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2]
+    assert not any(k.startswith("val/") for r in records for k in r)
+    assert not any((run / "samples").glob("*.png"))                           # no validation grid
+    assert (run / "tokens" / "chair_000" / "shape.safetensors").is_file()       # words still exported
+    with pytest.raises(SystemExit, match="sample_every >= -1"):
+        train.main(["--name", "nv2", "--set", f"run.output_dir={tmp_path}", "--set", "train.sample_every=-2"])
