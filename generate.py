@@ -100,7 +100,7 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
     the pose). Only the words the prompt uses need a source; each may come from a different object.
     diversity: tau for stochastic words (the shape set encoder): 0 = the mean, 1 = the trained
     spread, > 1 more varied; sample i draws its own code (seed + i).
-    options: the concepts' generation switches (their add_source_args flags), e.g. {"shape_source":
+    options: the concepts' generation switches (their add_generation_args flags), e.g. {"shape_source":
     "image"}: *s from one RGB view instead of the object's masks.
     """
     options = dict(options or {})

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--eval-steps", type=int, default=10, help="sampling steps in the evaluation")
     p.add_argument("--clip", help="a CLIP model folder or hub id for the CLIP scores (default: none)")
     sweep_args, rest = p.parse_known_args(argv)
+    if "--help-config" in rest:
+        sys.exit("error: --help-config: run it with train.py and the same arguments plus --set KEY=VALUE")
     try:
         key, values = parse_sweep(sweep_args.sweep)
         # Validate the key and every value before the first run starts.

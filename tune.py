@@ -72,6 +72,10 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     tc = cfg.tune
     for key, value in (overrides or {}).items():
         setattr(tc, key, value)
+    try:
+        tc.__post_init__()                       # the overrides obey the config's own checks
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     # A few views, encoded at every timestep and step: encode each once (a hue-shifted view is new).
     system.latent_cache = {} if tc.hue_jitter == 0 else None
     steps = tc.steps if steps is None else steps

@@ -26,9 +26,11 @@ CONCEPTS: dict[str, Registered] = {
 
 
 def check_requirements(tokens: list[str], concept_configs: dict, loss_configs: dict) -> None:
-    """Cross-concept rules, declared by each concept (Concept.requires) and checked here only.
-    Raises ValueError naming the key that asks for the missing concept."""
+    """Cross-concept rules, declared by each concept (Concept.requires), and each concept's rules
+    between its own config and loss config (Concept.check_settings), checked here only, when the
+    config is built. Raises ValueError naming the key."""
     for name in tokens:
+        CONCEPTS[name].concept.check_settings(concept_configs[name], loss_configs[name])
         for needed, key in CONCEPTS[name].concept.requires(concept_configs[name], loss_configs[name]).items():
             if needed not in tokens:
                 raise ValueError(f"{key} needs the {needed} token (--tokens {','.join([*tokens, needed])})")

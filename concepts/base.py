@@ -119,6 +119,10 @@ class Concept(nn.Module):
         return {}
 
     @classmethod
+    def check_settings(cls, config, loss_config) -> None:
+        """Raise ValueError naming the key when the config and loss config do not fit together."""
+
+    @classmethod
     def requires(cls, config, loss_config) -> dict[str, str]:
         """Other concepts this one needs with these settings: name -> the key that asks for it
         (checked in one place, concepts.check_requirements)."""
@@ -170,7 +174,7 @@ class Concept(nn.Module):
         return cls.needs_for(config)
 
     def apply_generation_options(self, options) -> None:
-        """Set generation-time switches on the head from generate.py's args (see add_source_args)."""
+        """Set generation-time switches on the head from generate.py's args (see add_generation_args)."""
 
     # Samples of a word read from a view's camera are scored at that camera (evaluation).
     reads_view_camera = False

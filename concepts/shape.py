@@ -122,6 +122,11 @@ class ShapeConcept(Concept):
     attention = True
 
     @classmethod
+    def check_settings(cls, config: ShapeConfig, loss_config: ShapeLossConfig) -> None:
+        if config.encoder == "none" and loss_config.mask_weight > 0:
+            raise ValueError("losses.shape.mask_weight: concepts.shape.encoder none reads no masks; set it to 0")
+
+    @classmethod
     def requires(cls, config: ShapeConfig, loss_config: ShapeLossConfig) -> dict[str, str]:
         # The union target compares *s's and *p's maps together with the mask.
         return {"pose": "losses.shape.attention_target: shape_pose_union"} \
@@ -161,8 +166,7 @@ class ShapeConcept(Concept):
         self.diversity = 0.0          # tau at generation (training always samples tau = 1)
         self.source = "masks"         # or "image": the code from one RGB view (image branch)
         self.noise_generator: torch.Generator | None = None
-        if config.encoder == "none" and loss_config.mask_weight > 0:
-            raise ValueError("losses.shape.mask_weight: concepts.shape.encoder none reads no masks; set it to 0")
+        self.check_settings(config, loss_config)
         if config.encoder == "none":
             in_dim = 0
         elif config.encoder == "set":

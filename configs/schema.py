@@ -432,14 +432,18 @@ def config_sources(path: str | Path | None, overrides: list[str] = (), tokens: s
         if base:
             from_file(file.parent / base)
         for key in flatten(raw):
+            sources.pop(key, None)          # the last setter goes last
             sources[key] = str(file)
 
     if path:
         load_yaml(path)                 # the same errors as loading
         from_file(Path(path))
     for text in overrides:
-        sources[".".join(parse_override(text)[0])] = f"--set {text}"
+        key = ".".join(parse_override(text)[0])
+        sources.pop(key, None)
+        sources[key] = f"--set {text}"
     if tokens is not None:
+        sources.pop("tokens", None)
         sources["tokens"] = f"--tokens {tokens}"
     return sources
 

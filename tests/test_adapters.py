@@ -113,6 +113,21 @@ def test_per_object_tuning_artefact_saves_loads_and_generates(adapter_run, chair
     assert baseline["mode"] == "textual_inversion" and (tmp_path / "ti" / "tokens" / "shape.safetensors").is_file()
 
 
+def test_hue_jittered_tuning_turns_colours_and_checks_its_range(adapter_run, chairs_dir, tmp_path):
+    from guided_concepts.configs.schema import ConfigError
+    images = torch.tensor([[1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]).view(2, 3, 1, 1).repeat(8, 1, 1, 1)   # red, white
+    turned = tune.shift_hue(images, 0.5, torch.Generator().manual_seed(0))
+    assert not torch.allclose(turned[0::2], images[0::2], atol=0.1)             # the reds change colour ...
+    assert torch.allclose(turned[1::2], images[1::2], atol=1e-5)                 # ... white stays white
+    info = tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=2, out_dir=tmp_path / "hue",
+                            overrides={"hue_jitter": 0.5})
+    assert info["denoise_after"] != info["denoise_before"]
+    with pytest.raises(ConfigError, match="tune.hue_jitter: 0.8 is not in"):
+        tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=2, out_dir=tmp_path / "bad",
+                         overrides={"hue_jitter": 0.8})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_tuning_keeps_the_domain_statistics_of_a_standardised_shape_code(tmp_path, chairs_dir):
     """One object's views cannot supply statistics across objects: tuning leaves the standardised
     code's running statistics as the domain run left them, and the tuned word still differs

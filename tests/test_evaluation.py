@@ -118,6 +118,8 @@ def test_bad_sweep_is_an_error_before_any_run(tmp_path):
     from guided_concepts import sweep, train
     with pytest.raises(SystemExit, match="python sweep.py --sweep"):      # its own entry point
         train.main(["--sweep", "losses.shape.mask_weight=0,1", "--set", f"run.output_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="--help-config: run it with train.py"):
+        sweep.main(["--sweep", "losses.shape.mask_weight=0,1", "--help-config", "--set", f"run.output_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="expected section.key=v1,v2"):
         sweep.main(["--sweep", "mask_weight", "--set", f"run.output_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="unknown key losses.shape.mask_wieght"):

@@ -151,3 +151,6 @@ def test_encoder_none_is_plain_textual_inversion(tiny_model_dir, chair_batch):
     with pytest.raises(ValueError, match="reads no masks"):
         make_system(load_backbone(str(tiny_model_dir)), concepts={"shape": {"encoder": "none"}},
                     losses={"shape": {"mask_weight": 0.1}})
+    from guided_concepts.configs.schema import ConfigError
+    with pytest.raises(ConfigError, match="reads no masks"):                   # caught when the config is built
+        load_config(None, ["concepts.shape.encoder=none", "losses.shape.mask_weight=0.1"])
