@@ -28,7 +28,7 @@ import torch
 from guided_concepts.checkpointing import latest_checkpoint, load_state
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.configs.schema import ConfigError, load_config
-from guided_concepts.generate import concept_reference_batch, load_run, sources_from_args
+from guided_concepts.generate import add_source_args, concept_reference_batch, load_run, sources_from_args
 from guided_concepts.system import to_device
 from guided_concepts.objectdata import DataError
 from guided_concepts.tokens import TokenError
@@ -42,12 +42,6 @@ def source_flags() -> list[str]:
     parser = argparse.ArgumentParser(add_help=False)
     add_source_args(parser)
     return [flag for action in parser._actions for flag in action.option_strings]
-
-
-def add_source_args(parser) -> None:
-    for name, entry in CONCEPTS.items():
-        entry.concept.add_source_args(parser)
-        parser.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
 
 
 def _check_sources(sources: dict, trained: list[str], run_dir: Path):

@@ -77,6 +77,13 @@ def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple
     return collate([dataset[view]])
 
 
+def add_source_args(parser) -> None:
+    """--<name>-from for every concept, and each concept's own value flags (e.g. --pose)."""
+    for name, entry in CONCEPTS.items():
+        entry.concept.add_source_args(parser)
+        parser.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
+
+
 def sources_from_args(args, names) -> dict:
     """concept -> its source: `--<name>-from` (an object folder) or the concept's own flags (e.g.
     --pose azimuth=30); both for one word is an error."""
@@ -146,9 +153,8 @@ def main(argv=None):
     p.add_argument("--run", help="run folder (runs/<name>); without it, the base model --model samples the prompt")
     p.add_argument("--model", default="toyworld", help="base model without --run: 'toyworld' (shipped), 'tiny', a folder or hub id")
     p.add_argument("--prompt", required=True, help="any prompt using the run's words, e.g. 'a chair in the shape of *s'")
-    for name, entry in CONCEPTS.items():
-        entry.concept.add_source_args(p)
-        p.add_argument(f"--{name}-from", dest=f"{name}_from", help=f"object folder whose view gives the {name} word")
+    add_source_args(p)
+    for entry in CONCEPTS.values():
         entry.concept.add_generation_args(p)
     p.add_argument("--diversity", type=float, default=0.0,
                    help="tau: 0 = the shape code's mean (faithful), 1 = the trained spread, >1 more varied")

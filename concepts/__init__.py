@@ -1,5 +1,5 @@
-"""Concept registry: `--tokens shape,pose` looks names up here. Adding a concept is one file and
-one line below (plus one row in tests/test_concepts.py)."""
+"""Concept registry: `--tokens shape,pose` looks names up here. Adding a concept is one file, its
+import and one entry below (plus one row in tests/test_concepts.py)."""
 from typing import NamedTuple
 
 from guided_concepts.concepts.appearance import AppearanceConcept, AppearanceConfig, AppearanceLossConfig
@@ -7,7 +7,6 @@ from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput,
 from guided_concepts.concepts.pose import PoseConcept, PoseConfig, PoseLossConfig
 from guided_concepts.concepts.shape import ShapeConcept, ShapeConfig, ShapeLossConfig
 from guided_concepts.concepts.style import StyleConcept, StyleConfig, StyleLossConfig
-
 
 
 class Registered(NamedTuple):

@@ -79,7 +79,7 @@ class PoseConcept(Concept):
 
     @classmethod
     def add_source_args(cls, parser) -> None:
-        parser.add_argument("--pose", help="explicit camera for the pose word: azimuth=30,elevation=10[,distance=2.5]")
+        parser.add_argument(cls.value_flags[0], help="explicit camera for the pose word: azimuth=30,elevation=10[,distance=2.5]")
 
     @classmethod
     def source_from_args(cls, args):
