@@ -57,16 +57,100 @@ class RunFolderError(FileExistsError):
     pass
 
 
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+# What a run writes in its folder: --overwrite removes these and nothing else. A folder holding
+# anything more (a user's photos, a data object, a checkout) is not a run and is never emptied.
+RUN_ENTRIES = ("config.yaml", "environment.json", "environment.json.damaged", "metrics.jsonl", "data.json", "checkpoints", "samples", "tokens",
+               "objects", "export", "wandb", "failure.json", "failure_rank*.json", ".lock", ".*.tmp")
+RUN_MARKERS = ("config.yaml", "checkpoints")     # a run has one of these (a new run's folder has checkpoints/)
+LOCK_NAME = ".lock"
+
+
+def check_run_name(name: str, key: str = "run.name") -> str:
+    """A run name is one path segment: not empty, not . or .., no separator, within the
+    filesystem's name limit. Raises RunFolderError before anything is touched."""
+    if not isinstance(name, str) or not name.strip():
+        raise RunFolderError(f"{key}: empty; give the run a name (--name NAME)")
+    if name in (".", "..") or "/" in name or (os.sep != "/" and os.sep in name) or "\0" in name:
+        raise RunFolderError(f"{key}: {name!r} is not a name but a path; a run name is one folder name "
+                             "(move the runs with --set run.output_dir=DIR)")
+    if len(name.encode()) > 255:      # NAME_MAX on ext4, xfs, btrfs, APFS, NTFS
+        raise RunFolderError(f"{key}: {len(name.encode())} bytes long; a folder name takes at most 255")
+    return name
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def protected_folders(data_root: str | Path | None = None) -> dict[str, Path]:
+    """Folders a run folder may never be, nor contain: what --overwrite must not reach."""
+    found = {"the current folder": Path.cwd(), "your home folder": Path.home(),
+             "the guided-concepts checkout": Path(__file__).resolve().parent, "the filesystem root": Path("/")}
+    if data_root:
+        found["the data (data.root)"] = Path(data_root)
+    return {what: Path(p).expanduser().resolve() for what, p in found.items()}
+
+
+def run_entries(run_dir: Path, entries=RUN_ENTRIES) -> tuple[list[Path], list[Path]]:
+    """-> (the run's own entries, anything else) in `run_dir`."""
+    own, other = [], []
+    for entry in sorted(Path(run_dir).iterdir()):
+        (own if any(entry.match(pattern) for pattern in entries) else other).append(entry)
+    return own, other
+
+
+def clear_run_folder(run_dir: Path, data_root: str | Path | None = None, entries=RUN_ENTRIES,
+                     markers=RUN_MARKERS) -> None:
+    """--overwrite: after check_overwritable, remove the run's own entries one by one (never the
+    folder itself, nor its lock, nor anything a run does not write)."""
+    check_overwritable(run_dir, data_root, entries, markers)
+    for entry in run_entries(run_dir, entries)[0]:
+        if entry.name != LOCK_NAME:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def check_overwritable(run_dir: Path, data_root: str | Path | None = None, entries=RUN_ENTRIES,
+                       markers=RUN_MARKERS) -> None:
+    """--overwrite only empties a folder that holds a run and nothing of the user's, and never
+    one that holds the data, the checkout, the current folder or home. Raises RunFolderError."""
+    resolved = Path(run_dir).expanduser().resolve()
+    for what, folder in protected_folders(data_root).items():
+        if _is_within(folder, resolved):
+            raise RunFolderError(f"{run_dir}: --overwrite refused: it {'is' if folder == resolved else 'holds'} "
+                                 f"{what} ({folder}); choose another --name or run.output_dir")
+    own, other = run_entries(run_dir, entries)
+    if other or not any(e.name in markers for e in own):
+        listed = ", ".join(e.name for e in other[:5]) + (", ..." if len(other) > 5 else "")
+        raise RunFolderError(f"{run_dir}: --overwrite refused: not a run folder "
+                             f"({'it holds ' + listed if other else 'none of ' + ', '.join(markers)}); "
+                             "nothing was removed; choose another --name or run.output_dir")
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, data_root: str | Path | None = None) -> Path:
     """Read-only: a new run never lands on an old one unless asked (resume continues it,
-    overwrite replaces it). Raises before anything is written."""
+    overwrite replaces it), nor in a folder that holds the data or the checkout, nor while another
+    process trains in it. Raises before anything is written."""
     run_dir = Path(run_dir)
+    check_run_name(run_dir.name if run_dir.name else str(run_dir))
+    resolved = run_dir.expanduser().resolve()
+    for what, folder in protected_folders(data_root).items():
+        inside_data = what.startswith("the data") and _is_within(resolved, folder)    # it would be scanned as data
+        if _is_within(folder, resolved) or inside_data:
+            relation = "be" if folder == resolved else "be inside" if inside_data else "hold"
+            raise RunFolderError(f"{run_dir}: a run folder may not {relation} {what} ({folder}); "
+                                 "choose another --name or run.output_dir")
+    check_unlocked(run_dir)
     if resume:
         if latest_checkpoint(run_dir) is None:
-            raise RunFolderError(f"{run_dir}: --resume given but there is no checkpoint in {run_dir / 'checkpoints'}")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise RunFolderError(f"{run_dir} already exists; pass --resume to continue it, --overwrite to replace "
-                             "it, or --name to start another run")
+            how = ("it was stopped before its first checkpoint; start it again with --overwrite"
+                   if run_dir.is_dir() else "no such run")
+            raise RunFolderError(f"{run_dir}: --resume given but there is no checkpoint in {run_dir / 'checkpoints'} "
+                                 f"({how})")
+    elif run_dir.exists() and any(e.name != ".lock" for e in run_dir.iterdir()):
+        if not overwrite:
+            raise RunFolderError(f"{run_dir} already exists; pass --resume to continue it, --overwrite to replace "
+                                 "it, or --name to start another run")
+        check_overwritable(run_dir, data_root)
     return run_dir
 
 
@@ -87,16 +171,114 @@ def check_writable(folder: Path) -> None:
                              "choose another --set run.output_dir") from err
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
-    """Create (or, with overwrite, replace) the run folder; main process only."""
-    run_dir = check_run_dir(run_dir, resume, overwrite)
-    if resume:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, data_root: str | Path | None = None) -> Path:
+    """Create (or, with overwrite, empty) the run folder; main process only, holding its lock.
+    Overwrite removes the run's own entries one by one, never the folder or anything else."""
+    run_dir = Path(run_dir)
+    if resume:               # checked by check_run_dir before the model loaded
         return run_dir
-    if run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and overwrite and any(e.name != LOCK_NAME for e in run_dir.iterdir()):
+        clear_run_folder(run_dir, data_root)
+    elif run_dir.exists() and any(e.name != ".lock" for e in run_dir.iterdir()):
+        raise RunFolderError(f"{run_dir} already exists (another run started on this name meanwhile); "
+                             "pass --resume to continue it, or --name to start another run")
     for sub in ("checkpoints", "samples", "tokens"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+# -- one process per run folder ----------------------------------------------------------------
+
+
+def _lock_holder(lock_file: Path) -> str:
+    try:
+        info = json.loads(lock_file.read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}"
+            if info else "another process")
+
+
+def _try_flock(fd: int) -> bool:
+    import fcntl
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Read-only: raise RunFolderError naming the holder if a live process trains in `run_dir`."""
+    lock_file = Path(run_dir) / LOCK_NAME
+    if os.name != "posix" or not lock_file.is_file():
+        return
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if not _try_flock(fd):
+            raise RunFolderError(f"{run_dir}: another process is training in this run folder "
+                                 f"({_lock_holder(lock_file)}); wait for it, stop it, or choose another --name")
+    finally:
+        os.close(fd)       # closing drops our probe lock, if we got it
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as a process trains in it: run_dir/.lock, held
+    with flock (the kernel drops it when the process dies, however it dies) and holding the pid,
+    host and start time, which a second process names. A lock file with a holder but no live
+    lock was left by a killed process: it is stale, said, and taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.file = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+        self.stale: str | None = None
+
+    def acquire(self) -> "RunLock":
+        if os.name != "posix":           # no flock: no lock (said once in the README)
+            return self
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_flock(fd):
+                os.close(fd)
+                raise RunFolderError(f"{self.file.parent}: another process is training in this run folder "
+                                     f"({_lock_holder(self.file)}); wait for it, stop it, or choose another --name")
+            try:                          # the file we locked must still be the one at the path
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = os.read(fd, 4096)
+        if previous.strip():
+            self.stale = _lock_holder(self.file)
+        record = json.dumps({"pid": os.getpid(), "host": platform.node(),
+                             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Empty the file (a clean end: nothing stale) and drop the lock."""
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -369,6 +551,15 @@ def environment_record(**extra) -> dict:
 def append_environment(run_dir: Path, record: dict) -> Path:
     """environment.json holds one record per start or resume of the run."""
     path = Path(run_dir) / "environment.json"
-    records = json.loads(path.read_text()) if path.exists() else []
+    try:
+        records = json.loads(path.read_text()) if path.exists() else []
+        if not isinstance(records, list):
+            raise ValueError("not a list of records")
+    except (ValueError, UnicodeDecodeError) as err:      # torn by a kill or a full disk: keep it aside
+        aside = path.with_name("environment.json.damaged")
+        os.replace(path, aside)
+        print(f"warning: {path} was damaged ({str(err)[:80]}); moved to {aside.name}, starting a new record",
+              file=sys.stderr)
+        records = []
     records.append(record)
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(records, indent=1, default=str)))

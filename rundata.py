@@ -3,6 +3,8 @@ the data set (camera bounds, keypoint count), split off held-out objects, and ch
 can be built. Everything here runs before the run folder is touched."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from guided_concepts.concepts import CONCEPTS
@@ -25,8 +27,9 @@ def resolve_data_root(root: str | None) -> Path:
     return Path(root)
 
 
-def build_data(cfg: Config):
-    """-> (train, validation) datasets; raises DataError naming the file at the first problem."""
+def build_data(cfg: Config, held_out: list[str] | None = None):
+    """-> (train, validation) datasets; raises DataError naming the file at the first problem.
+    held_out: these objects are held out (a resumed run's recorded split), not the last data.holdout."""
     needs = {k for n in cfg.tokens for k in CONCEPTS[n].concept.needs_for(cfg.concepts[n])}
     root = resolve_data_root(cfg.data.root)
     records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
@@ -34,7 +37,11 @@ def build_data(cfg: Config):
     info = dataset_info(records)
     for n in cfg.tokens:     # e.g. camera bounds; saved in config.yaml so generation reuses them
         cfg.concepts[n] = CONCEPTS[n].concept.fit_to_data(cfg.concepts[n], info)
-    train_records, val_records = split_holdout(records, cfg.data.holdout, root)
+    if held_out is None:
+        train_records, val_records = split_holdout(records, cfg.data.holdout, root)
+    else:
+        train_records = [r for r in records if r.name not in held_out]
+        val_records = [r for r in records if r.name in held_out]
     mask_set = mask_set_options(cfg)
     train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
                                random_set_size=True, **mask_set)
@@ -52,6 +59,35 @@ def split_holdout(records: list, holdout: int, root) -> tuple[list, list]:
                         "train on; add objects, or --set data.holdout=0 to train on all (validation then shows "
                         "training objects)")
     return records[:len(records) - holdout], records[len(records) - holdout:]
+
+
+def data_record(train_set, val_set, root) -> dict:
+    """What a run was split on (data.json): the root, each object's views, the held-out objects
+    and a fingerprint of names, view ids and file sizes, so a resume can tell the data changed."""
+    def views(record):
+        return {v.view_id: [Path(p).stat().st_size if p and Path(p).exists() else None
+                            for p in (v.image_path, v.mask_path)] for v in record.views}
+    objects = {r.name: views(r) for r in train_set.records}
+    held_out = [r.name for r in val_set.records if r.name not in objects]    # holdout 0: validation = training
+    objects.update({r.name: views(r) for r in val_set.records})
+    digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
+    return {"root": str(Path(root).resolve()), "fingerprint": digest, "held_out": held_out, "objects": objects}
+
+
+def data_changes(recorded: dict, current: dict) -> list[str]:
+    """What differs between a run's data.json and the data now: one phrase per kind of change."""
+    if recorded.get("fingerprint") == current["fingerprint"] and recorded.get("held_out") == current["held_out"]:
+        return []
+    old, new = recorded.get("objects", {}), current["objects"]
+    changes = []
+    for label, names in (("added", sorted(set(new) - set(old))), ("removed or renamed", sorted(set(old) - set(new))),
+                         ("views changed", sorted(n for n in set(old) & set(new) if old[n] != new[n]))):
+        if names:
+            changes.append(f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})")
+    moved = [n for n in recorded.get("held_out", []) if n in new and n not in current["held_out"]]
+    if moved:
+        changes.append(f"held-out object(s) that would now train: {', '.join(moved[:5])}")
+    return changes or [f"the held-out objects: {recorded.get('held_out')} -> {current['held_out']}"]
 
 
 def samples_per_step(cfg: Config, train_set) -> int:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from guided_concepts import train
-from guided_concepts.checkpointing import latest_intact_checkpoint, load_state
+from guided_concepts.cli import entry_point
+from guided_concepts.checkpointing import RunFolderError, check_run_name, latest_intact_checkpoint, load_state
 from guided_concepts.configs.schema import ConfigError
 from guided_concepts.evaluation.image_metrics import ClipScorer
 from guided_concepts.evaluation.report import write_report
@@ -27,6 +28,19 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     if not sep or "." not in key or not items:
         raise ConfigError(f"--sweep {text!r}: expected section.key=v1,v2,...")
     return key.strip(), items
+
+
+def without_option(argv: list[str], flag: str, value_prefix: str = "") -> list[str]:
+    """argv without `flag VALUE` (or `flag=VALUE`) pairs whose value starts with value_prefix."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == flag and i + 1 < len(argv) and argv[i + 1].startswith(value_prefix):
+            skip = True
+        elif not arg.startswith(f"{flag}={value_prefix}"):
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None):
@@ -48,19 +62,24 @@ def main(argv: list[str] | None = None):
         sys.exit(f"error: {err}")
     base = configs[0]
     name = base.run.name if "--name" in rest else f"sweep_{key.replace('.', '_')}"
+    try:
+        check_run_name(name)
+    except RunFolderError as err:
+        sys.exit(f"error: {err}")
     sweep_dir = Path(base.run.output_dir) / name
-    rest = [a for i, a in enumerate(rest) if a != "--name" and (i == 0 or rest[i - 1] != "--name")]
+    rest = without_option(without_option(rest, "--name"), "--set", "run.output_dir=")   # each run's own below
     run_dirs = []
     for value, cfg in zip(values, configs):
-        run_name = f"{name}/{key}={value.replace('/', '_')}"
-        run_dir = Path(base.run.output_dir) / run_name
+        run_name = f"{key}={value.replace('/', '_')}"       # one run per value, inside the sweep's folder
+        run_dir = sweep_dir / run_name
         done = latest_intact_checkpoint(run_dir)[0]          # a damaged newest one: resume says so
         step = load_state(done)["step"] if done else 0
         if "--overwrite" in rest or step < cfg.train.steps:
             # An interrupted run continues from its checkpoint; a finished one is reused.
             resume = ["--resume"] if done is not None and "--overwrite" not in rest else []
             print(f"sweep: {key}={value}" + (f" (resuming at step {step})" if resume else ""))
-            train.main(rest + ["--set", f"{key}={value}", "--name", run_name] + resume)
+            train.main(rest + ["--set", f"{key}={value}", "--set", f"run.output_dir={sweep_dir}", "--name", run_name]
+                       + resume)
         run_dirs.append(run_dir)
     settings = EvalSettings(num_samples=sweep_args.eval_samples, steps=sweep_args.eval_steps, clip=sweep_args.clip)
     clip = ClipScorer(settings.clip)
@@ -72,4 +91,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 from guided_concepts.backbone import load_backbone
 from guided_concepts.backbone.adapters import UNetAdapters
-from guided_concepts.checkpointing import (CheckpointError, StopSignals, append_environment, check_run_dir,
-                                           check_writable, end_training_patiently, environment_record,
+from guided_concepts.checkpointing import (CheckpointError, RunFolderError, RunLock, StopSignals, append_environment, atomic_write,
+                                           check_run_dir, check_run_name, check_writable, end_training_patiently, environment_record,
                                            global_rng_states, heads_fingerprint, latest_checkpoint,
-                                           latest_intact_checkpoint, load_adapters, load_checkpoint, prepare_run_dir,
+                                           latest_intact_checkpoint, load_adapters, load_checkpoint, load_state, prepare_run_dir,
                                            prune_checkpoints, record_failure, remove_stale_temporaries,
                                            restore_global_rng_states, save_checkpoint, set_aside_newer,
                                            truncate_metrics)
@@ -39,7 +39,8 @@ from guided_concepts.configs.schema import (Config, ConfigError, check_resume, c
                                            explain_config, load_config, save_config)
 from guided_concepts.metrics import RunningMeans
 from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
-from guided_concepts.rundata import build_data
+from guided_concepts.cli import describe_os_error, entry_point
+from guided_concepts.rundata import build_data, data_changes, data_record, resolve_data_root
 from guided_concepts.system import GuidedConcepts
 from guided_concepts.tokens.targets import load_word_targets
 from guided_concepts.validation import export_tokens, validate
@@ -81,9 +82,12 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     config_path = args.config
     given_config = any(a == "--config" or a.startswith("--config=") for a in (argv or sys.argv[1:]))
     if args.resume and not given_config:   # a resumed run keeps its own config; --set can change e.g. train.steps
-        name = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("run.name=")), None)
         base = load_config(args.config, overrides)
-        config_path = Path(base.run.output_dir) / (name or base.run.name) / "config.yaml"
+        run_dir = Path(base.run.output_dir) / check_run_name(base.run.name)
+        config_path = run_dir / "config.yaml"
+        if run_dir.is_dir() and not config_path.is_file():
+            raise CheckpointError(f"{run_dir}: --resume given but the run has no config.yaml (it was stopped before "
+                                  "writing it, so there is nothing to continue); start it again with --overwrite")
     cfg = load_config(config_path, overrides, tokens=args.tokens)
     if args.help_config:
         args.explained = explain_config(cfg, config_sources(config_path, overrides, args.tokens))
@@ -102,8 +106,13 @@ def main(argv=None):
         if args.help_config:          # nothing is loaded or written
             print(args.explained)
             return None
-        train_set, val_set = build_data(cfg)
-        run_dir = check_run_dir(Path(cfg.run.output_dir) / cfg.run.name, args.resume, args.overwrite)
+        run_dir = Path(cfg.run.output_dir) / check_run_name(cfg.run.name)
+        recorded = read_data_record(run_dir) if args.resume else None
+        # A resumed run keeps the held-out objects it was split on.
+        train_set, val_set = build_data(cfg, recorded["held_out"] if recorded else None)
+        data_root = resolve_data_root(cfg.data.root)
+        args.data = data_record(train_set, val_set, data_root)
+        run_dir = check_run_dir(run_dir, args.resume, args.overwrite, data_root)
         check_writable(run_dir)       # before the model loads (minutes on real weights)
         if args.resume:
             # A checkpoint damaged after it was written (a full disk, a bad copy) is skipped for the
@@ -113,18 +122,73 @@ def main(argv=None):
                 raise CheckpointError(f"no intact checkpoint to resume from in {run_dir / 'checkpoints'}: "
                                       + "; ".join(args.damaged))
             check_resume(cfg, run_dir, args.force, args.resume_from)
+            check_resume_point(cfg, args.resume_from)
+            args.data_note = check_resume_data(recorded, args.data, run_dir, args.force)
     except (ConfigError, DataError, FileExistsError, CheckpointError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:             # a data root, cache or home that cannot be read or written
+        sys.exit(f"error: {describe_os_error(err)}")
     flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
         return run(cfg, args, train_set, val_set, run_dir)
+    except RunFolderError as err:         # another process took the folder meanwhile
+        sys.exit(f"error: {err}")
+    except (OSError, DataError) as err:   # a full disk, a data file changed or gone while the run trained
+        last = latest_intact_checkpoint(run_dir)[0] if run_dir.is_dir() else None
+        what = describe_os_error(err) if isinstance(err, OSError) else f"{err} (changed while the run trained)"
+        sys.exit(f"error: {what}; the last intact checkpoint is {last or 'none yet'}"
+                 + ("; continue with --resume" if last else ""))
     finally:
+        if getattr(args, "lock", None):
+            args.lock.release()
         # Whatever ended the run (done, stopped, an exception): give back the process-wide state
         # so main() can run again in this process (sweeps, tests) with other settings.
         torch.use_deterministic_algorithms(flags[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[1:]
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+DATA_RECORD = "data.json"
+
+
+def read_data_record(run_dir: Path) -> dict | None:
+    """The data a run was split on (None for a run from before data.json, or no run)."""
+    path = Path(run_dir) / DATA_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("held_out"), list):
+            raise ValueError("no held_out list")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: damaged or unreadable ({err}); restore it, or pass --set data.holdout and "
+                              "delete it to split anew") from err
+    return record
+
+
+def check_resume_data(recorded: dict | None, current: dict, run_dir: Path, force: bool) -> str | None:
+    """A resumed run trains on the data it was split on: a changed data folder is refused, or with
+    --force resumed on the new data with the recorded held-out objects still held out. -> a note."""
+    if recorded is None:
+        return f"note: {run_dir} has no {DATA_RECORD} (a run from an older version): its data is recorded from now on"
+    changes = data_changes(recorded, current)
+    if not changes:
+        return None
+    said = "; ".join(changes)
+    if not force:
+        raise DataError(f"{run_dir / DATA_RECORD}: the data changed since the run was split ({said}); restore it, "
+                        "or pass --force to go on with the new objects in training and the recorded held-out "
+                        "objects still held out")
+    return (f"warning: --force: resuming on changed data ({said}); held out as recorded: "
+            f"{', '.join(current['held_out']) or 'none'}; {DATA_RECORD} records the new data")
+
+
+def check_resume_point(cfg: Config, checkpoint: Path) -> None:
+    step = load_state(checkpoint)["step"]
+    if step > cfg.train.steps:
+        raise ConfigError(f"train.steps={cfg.train.steps} is below the step of {checkpoint} ({step}); the run is "
+                          f"already past it: --set train.steps=N with N >= {step} to continue it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +250,13 @@ def prepare_folder(accelerator, cfg: Config, args, run_dir: Path, backbone) -> N
     """Rank 0 writes the folder, config.yaml and the environment record; every rank waits for it."""
     accelerator.wait_for_everyone()          # every rank has checked the folder before rank 0 touches it
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, args.resume, args.overwrite)
+        args.lock = RunLock(run_dir).acquire()          # one process trains in a folder at a time
+        if args.lock.stale:
+            accelerator.print(f"note: {args.lock.file} was left by a process that is gone ({args.lock.stale}); taken over")
+        prepare_run_dir(run_dir, args.resume, args.overwrite, resolve_data_root(cfg.data.root))
+        if getattr(args, "data_note", None):
+            accelerator.print(args.data_note)
+        atomic_write(run_dir / DATA_RECORD, lambda tmp: tmp.write_text(json.dumps(args.data, indent=1)))
         if args.resume and args.damaged:
             aside = set_aside_newer(run_dir, args.resume_from)
             accelerator.print(f"warning: {'; '.join(args.damaged)}; resuming from {args.resume_from.name} "
@@ -491,4 +561,4 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

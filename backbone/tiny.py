@@ -166,8 +166,12 @@ def ensure_tiny_model(path: str | Path | None = None, layout: str = "tiny") -> P
     path = Path(path) if path is not None else default_tiny_dir(layout)
     if (path / "model_index.json").exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    except OSError as err:        # a read-only home or cache: name the folder and what moves it
+        raise OSError(err.errno, f"cannot write the tiny model there ({err.strerror}); set GUIDED_CONCEPTS_CACHE "
+                      "to a folder you can write", str(path.parent)) from err
     try:
         build_tiny_pipeline(layout=layout).save_pretrained(tmp)
         (tmp / "guided_concepts.json").write_text(json.dumps({"tiny_model_version": TINY_MODEL_VERSION, "layout": layout}))

@@ -293,9 +293,14 @@ def ensure_generated(path: Path, generate) -> Path:
         return path
     if path.exists():
         raise FileExistsError(f"{path}: exists but is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling temp folder (same filesystem) and rename it into place in one step.
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a sibling temp folder (same filesystem) and rename it into place in one step.
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as err:        # a read-only home or cache: name the folder and what moves it
+        raise OSError(err.errno, f"cannot write the generated data set {path.name} there ({err.strerror}); set "
+                      f"{DATA_ENV_VAR} (ToyWorld's data goes next to it) or data.root to a folder you can write",
+                      str(path.parent)) from err
     try:
         generate(staging)
         try:

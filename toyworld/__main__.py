@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from guided_concepts.cli import entry_point
 from guided_concepts.toyworld.pretrain import STAGES
+
+PRETRAIN_ENTRIES = ("config.json", "stages", "checkpoints", "model", "timings.json", ".lock", ".*.tmp")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.command == "pretrain":
-        from guided_concepts.checkpointing import RunFolderError
+        from guided_concepts.checkpointing import RunFolderError, clear_run_folder
         from guided_concepts.toyworld.pretrain import Pretraining, config_from_overrides
         config_file = args.out / "config.json"
         try:
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.overwrite:
                         raise RunFolderError(f"{args.out} already exists; pass --resume to continue it or "
                                              "--overwrite to replace it")
-                    shutil.rmtree(args.out)
+                    # Only a pretraining run's own files go, never a folder of anything else.
+                    clear_run_folder(args.out, entries=PRETRAIN_ENTRIES, markers=("config.json",))
                 args.out.mkdir(parents=True, exist_ok=True)
                 config_file.write_text(json.dumps(asdict(config), indent=1))
         except (ValueError, RunFolderError) as error:
@@ -70,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point(main)
