@@ -33,6 +33,7 @@ from guided_concepts.system import to_device
 from guided_concepts.objectdata import DataError
 from guided_concepts.tokens import TokenError
 from guided_concepts.tokens.export import SDXL_KEYS, safe_token_name, save_a1111, save_diffusers, save_sdxl, write_manifest
+from guided_concepts.cli import entry_point
 
 A1111_SUFFIX = ".a1111.safetensors"
 
@@ -44,7 +45,7 @@ def source_flags() -> list[str]:
     return [flag for action in parser._actions for flag in action.option_strings]
 
 
-def _check_sources(sources: dict, trained: list[str], run_dir: Path):
+def _check_sources(sources: dict, trained: list[str], run_dir: Path, concept_configs: dict | None = None):
     if not sources:
         raise ValueError(f"nothing to export: give a source for at least one word ({', '.join(source_flags())})")
     unknown = [n for n in sources if n not in CONCEPTS]
@@ -61,6 +62,8 @@ def _check_sources(sources: dict, trained: list[str], run_dir: Path):
             raise ValueError(f"{name}: explicit values are only for the {', '.join(takers)}; give an object folder")
         if source is None or (not isinstance(source, dict) and not str(source)):
             raise ValueError(f"{name}: empty source")
+        if isinstance(source, dict) and concept_configs is not None:
+            CONCEPTS[name].concept.source_batch(source, concept_configs[name])   # its checks, before the model loads
 
 
 def _resolve_checkpoint(run_dir: Path, checkpoint) -> tuple[Path, int]:
@@ -115,9 +118,10 @@ def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    trained = list(load_config(run_dir / "config.yaml").tokens)
+    run_cfg = load_config(run_dir / "config.yaml")
+    trained = list(run_cfg.tokens)
     sources = {k: v for k, v in sources.items() if v is not None}
-    _check_sources(sources, trained, run_dir)
+    _check_sources(sources, trained, run_dir, run_cfg.concepts)
     ckpt, step = _resolve_checkpoint(run_dir, checkpoint)
     system, cfg = load_run(run_dir, ckpt, device)
     dims = system.table.embedding_dims
@@ -179,4 +183,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

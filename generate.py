@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
 import re
 import sys
 from pathlib import Path
 
 import torch
 
+from guided_concepts.argtypes import finite_float, non_negative_float, positive_int
 from guided_concepts.backbone import load_backbone
 from guided_concepts.backbone.adapters import UNetAdapters
 from guided_concepts.checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
@@ -22,6 +25,7 @@ from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, s
 from guided_concepts.overlays import attention_grid
 from guided_concepts.system import GuidedConcepts, to_device
 from guided_concepts.tokens import TokenError, check_prompt
+from guided_concepts.cli import entry_point
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
@@ -39,19 +43,52 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
     system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
                             latent_size=cfg.data.resolution // backbone.vae_scale_factor)
-    if not artefact:
-        load_state(ckpt)          # a checkpoint's state.json must read (CheckpointError names it)
+    if artefact:
+        origin = f"artefact {ckpt}; this run's model is {cfg.model.name!r}"
+    else:
+        record = load_state(ckpt)  # a checkpoint's state.json must read (CheckpointError names it)
+        trained_on = f" trained on model {record['model']!r} per its state.json" if record.get("model") else ""
+        origin = f"checkpoint {ckpt}{trained_on}; this run's model is {cfg.model.name!r}"
     heads = load_heads(ckpt)      # generation needs no optimizer state
-    system.load_trainable_state(heads)
+    system.load_trainable_state(heads, origin)
     if cfg.adapters.kind != "none":       # the run's UNet adapters (E4T domain tuning)
         system.adapters = UNetAdapters(backbone.unet, cfg.adapters)
         state = load_adapters(ckpt)
         if state is not None:
+            check_fits(state, system.adapters.state_dict(), "adapters", origin)
             system.adapters.load_state_dict(state)
     for module in backbone.frozen_modules():   # the backbone is not a submodule: move it too
         module.to(device)
     system.to(device).eval()
     return system, cfg
+
+
+def check_fits(saved: dict, own: dict, what: str, origin: str) -> None:
+    """ValueError naming the first tensor of `saved` that does not fit `own` (a state dict): torch's
+    own error is a many-line RuntimeError."""
+    for key, value in saved.items():
+        if key not in own:
+            raise ValueError(f"checkpoint {what} do not fit this model: the checkpoint has {key}, which this "
+                             f"model lacks ({origin})")
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"checkpoint {what} do not fit this model: {key} has shape {list(value.shape)} in "
+                             f"the checkpoint, {list(own[key].shape)} here ({origin})")
+    missing = [k for k in own if k not in saved]
+    if missing:
+        raise ValueError(f"checkpoint {what} do not fit this model: this model has {missing[0]}, which the "
+                         f"checkpoint lacks ({origin})")
+
+
+def check_sampling(num: int, steps: int, guidance_scale: float, diversity: float = 0.0) -> None:
+    """The numbers generate() takes (the command line's flags check the same with argparse)."""
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num < 1:
+        raise ValueError(f"num: must be a whole number >= 1, got {num!r}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps: must be a whole number >= 1, got {steps!r}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale: must be a finite number, got {guidance_scale!r}")
+    if not (math.isfinite(diversity) and diversity >= 0):
+        raise ValueError(f"diversity: must be a finite number >= 0, got {diversity!r}")
 
 
 def concept_reference_batch(folder, view: int, cfg, name: str, needs: tuple[str, ...] | None = None) -> dict:
@@ -110,6 +147,7 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
     options: the concepts' generation switches (their add_generation_args flags), e.g. {"shape_source":
     "image"}: *s from one RGB view instead of the object's masks.
     """
+    check_sampling(num, steps, guidance_scale, diversity)
     options = dict(options or {})
     check_prompt(prompt, system.table.specs.values())
     used = [n for n in system.tokens if re.search(rf"(?<![\w*]){re.escape(system.concepts[n].config.token)}(?!\w)", prompt)]
@@ -156,13 +194,13 @@ def main(argv=None):
     add_source_args(p)
     for entry in CONCEPTS.values():
         entry.concept.add_generation_args(p)
-    p.add_argument("--diversity", type=float, default=0.0,
+    p.add_argument("--diversity", type=non_negative_float, default=0.0,
                    help="tau: 0 = the shape code's mean (faithful), 1 = the trained spread, >1 more varied")
     p.add_argument("--view", type=int, default=0, help="which view of the reference object")
-    p.add_argument("--num", type=int, default=4, help="samples (seeds seed, seed+1, …)")
+    p.add_argument("--num", type=positive_int, default=4, help="samples (seeds seed, seed+1, …)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--steps", type=positive_int, default=20, help="denoising steps")
+    p.add_argument("--guidance-scale", type=finite_float, default=5.0)
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
     p.add_argument("--artefact", help="a per-object artefact from tune.py (tuned heads + adapters)")
     p.add_argument("--out", help="output PNG (default: <run>/samples/generated.png)")
@@ -171,8 +209,9 @@ def main(argv=None):
     if args.run is None:
         return sample_base_model(args)
     try:
+        given = sources_from_args(args, CONCEPTS)      # the flags' values are checked before the model loads
         system, cfg = load_run(args.run, args.checkpoint, args.device, args.artefact)
-        sources = sources_from_args(args, system.tokens)
+        sources = {n: source for n, source in given.items() if n in system.tokens}
         reference, images, maps = generate(system, cfg, args.prompt, sources, args.num, args.seed, args.steps,
                                            args.guidance_scale, args.view, args.diversity, vars(args))
     except (ConfigError, DataError, TokenError, ValueError) as err:
@@ -215,4 +254,4 @@ def sample_base_model(args) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from guided_concepts import train
+from guided_concepts.argtypes import positive_int
 from guided_concepts.cli import entry_point
 from guided_concepts.checkpointing import RunFolderError, check_run_name, latest_intact_checkpoint, load_state
 from guided_concepts.configs.schema import ConfigError
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Every other argument goes to each run as to train.py (see python train.py -h).")
     p.add_argument("--sweep", required=True, metavar="KEY=V1,V2,...", help="one run per value, then evaluate all")
-    p.add_argument("--eval-samples", type=int, default=2, help="samples per prompt in the evaluation")
-    p.add_argument("--eval-steps", type=int, default=10, help="sampling steps in the evaluation")
+    p.add_argument("--eval-samples", type=positive_int, default=2, help="samples per prompt in the evaluation")
+    p.add_argument("--eval-steps", type=positive_int, default=10, help="sampling steps in the evaluation")
     p.add_argument("--clip", help="a CLIP model folder or hub id for the CLIP scores (default: none)")
     sweep_args, rest = p.parse_known_args(argv)
     if "--help-config" in rest:

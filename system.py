@@ -106,11 +106,25 @@ class GuidedConcepts(nn.Module):
         """Everything a run saves: the heads' parameters (frozen encoders excluded)."""
         return {k: v for k, v in self.concepts.state_dict().items() if ".image_encoder." not in k}
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]):
-        missing, unexpected = self.concepts.load_state_dict(state, strict=False)
-        missing = [k for k in missing if ".image_encoder." not in k]
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str | None = None):
+        """Load heads saved by trainable_state. A checkpoint of other heads (another config or
+        model) is a ValueError naming the first tensor that differs; `source` (e.g. "checkpoint X
+        trained on model 'a', this run's model is 'b'") is added to the message in brackets."""
+        where = f" ({source})" if source else ""
+        own = self.concepts.state_dict()
+        for key, value in state.items():        # torch raises a many-line RuntimeError for these
+            if key in own and tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"checkpoint heads do not fit this model: {key} has shape {list(value.shape)} "
+                                 f"in the checkpoint, {list(own[key].shape)} here{where}")
+        missing = [k for k in own if k not in state and ".image_encoder." not in k]     # frozen: not saved
+        unexpected = [k for k in state if k not in own]
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the concepts: missing {missing}, unexpected {unexpected}")
+            def some(keys):
+                return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            parts = ([f"this model has {some(missing)}, which the checkpoint lacks"] if missing else []) + \
+                    ([f"the checkpoint has {some(unexpected)}, which this model lacks"] if unexpected else [])
+            raise ValueError(f"checkpoint heads do not fit this model: {'; '.join(parts)}{where}")
+        self.concepts.load_state_dict(state, strict=False)
 
     # -- text side -------------------------------------------------------------------------------
     def clause(self, name: str) -> str:

@@ -35,7 +35,7 @@ from guided_concepts.checkpointing import (CheckpointError, RunFolderError, RunL
                                            restore_global_rng_states, save_checkpoint, set_aside_newer,
                                            truncate_metrics)
 from guided_concepts.concepts import CONCEPTS
-from guided_concepts.configs.schema import (Config, ConfigError, check_resume, config_sources, config_to_dict,
+from guided_concepts.configs.schema import (Config, ConfigError, check_overrides, check_resume, config_sources, config_to_dict,
                                            explain_config, load_config, save_config)
 from guided_concepts.metrics import RunningMeans
 from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
@@ -79,6 +79,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                       ("compile", "model.compile")):
         if getattr(args, flag):
             overrides.append(f"{key}=true")
+    check_overrides(overrides)       # a key given twice would silently keep the last value
     config_path = args.config
     given_config = any(a == "--config" or a.startswith("--config=") for a in (argv or sys.argv[1:]))
     if args.resume and not given_config:   # a resumed run keeps its own config; --set can change e.g. train.steps
@@ -235,7 +236,7 @@ def load_resume_point(ckpt: Path, cfg: Config, system, adapters) -> SimpleNamesp
     """The checkpoint loads into these heads before anything is written; -> step, heads (tensor
     count), optimizer state and state.json. Raises ValueError when it belongs to another config."""
     step, head_state, opt_state, state = load_checkpoint(ckpt)
-    system.load_trainable_state(head_state)
+    system.load_trainable_state(head_state, f"{ckpt}, model {state.get('model')!r}; this config's model is {cfg.model.name!r}")
     saved_groups = len(opt_state["optimizer"]["param_groups"])
     if adapters is not None and load_adapters(ckpt) is None:
         raise ValueError(f"{ckpt}: has no adapters.safetensors but the config has adapters.kind="

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from guided_concepts import generate
+from guided_concepts.argtypes import positive_float, positive_int
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.checkpointing import atomic_folder, atomic_write
 from guided_concepts.configs.schema import ConfigError, load_config, mask_set_options
@@ -40,6 +41,7 @@ from guided_concepts.rundata import resolve_data_root, split_holdout
 from guided_concepts.tokens.export import load_token, save_word
 from guided_concepts.losses import word_target_loss
 from guided_concepts.tokens.targets import load_word_targets, save_word_targets
+from guided_concepts.cli import entry_point
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
@@ -68,6 +70,7 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
                 overrides: dict | None = None, seed: int = 0) -> dict:
     """mode "encoder": tune the heads (+ adapters) from the run; "textual_inversion": the baseline,
     each word a free vector starting at its initializer word, same steps and lr."""
+    _check_counts({"steps": steps, **{k: v for k, v in (overrides or {}).items() if k in ("batch_size", "grad_accum")}})
     system, cfg = generate.load_run(run_dir)
     tc = cfg.tune
     for key, value in (overrides or {}).items():
@@ -76,6 +79,8 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
         tc.__post_init__()                       # the overrides obey the config's own checks
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    _check_counts({"tune.steps": tc.steps if steps is None else None, "tune.batch_size": tc.batch_size,
+                   "tune.grad_accum": tc.grad_accum})          # the run's own, where not overridden
     # A few views, encoded at every timestep and step: encode each once (a hue-shifted view is new).
     system.latent_cache = {} if tc.hue_jitter == 0 else None
     steps = tc.steps if steps is None else steps
@@ -152,10 +157,19 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
                             "denoise_before": before, "denoise_after": after, "tune_losses": tc.losses})
 
 
+def _check_counts(counts: dict) -> None:
+    """Tuning steps, batch size and accumulation are whole numbers >= 1 (None: the run's own);
+    0 steps would write an untuned artefact."""
+    for key, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}: must be a whole number >= 1, got {value!r}")
+
+
 def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, progress=print) -> dict:
     """Tune every training object of the run (its data minus the held-out objects) from the run's
     heads and write their object-level words to `out_path` (keys <concept>/<object>)."""
     import tempfile
+    _check_counts({"steps": steps})
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -266,13 +280,14 @@ def main(argv=None):
                                                           "to FILE (safetensors) for train.word_targets")
     which.add_argument("--fit", metavar="FILE", help="regress the run's object-level heads onto FILE's words "
                                                       "(from --targets); write the fitted run to --out")
-    p.add_argument("--steps", type=int, help="tuning steps (default: the run's tune.steps, 15; with --fit, 100)")
+    p.add_argument("--steps", type=positive_int,
+                   help="tuning steps (default: the run's tune.steps, 15; with --fit, 100)")
     p.add_argument("--mode", choices=["encoder", "textual_inversion"], default="encoder",
                    help="tune the run's heads (+adapters), or the textual-inversion baseline")
-    p.add_argument("--batch-size", type=int, help="views per step (tune.batch_size)")
-    p.add_argument("--grad-accum", type=int, help="gradient accumulation (tune.grad_accum)")
+    p.add_argument("--batch-size", type=positive_int, help="views per step (tune.batch_size)")
+    p.add_argument("--grad-accum", type=positive_int, help="gradient accumulation (tune.grad_accum)")
     p.add_argument("--out", help="artefact folder (default: <run>/objects/<object>); with --fit, the new run folder")
-    p.add_argument("--lr", type=float, default=1e-3, help="--fit: the regression's learning rate")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="--fit: the regression's learning rate")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v is not None}
     try:
@@ -293,4 +308,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

@@ -48,17 +48,27 @@ def validate(system, cfg, val, step: int, run_dir: Path, device) -> dict:
     return {f"val/{k}": (v.median() if "error" in k else v.mean()).item() for k, v in found.items()}
 
 
-def export_tokens(system, datasets, run_dir: Path, device):
+EXPORT_BATCH = 64        # objects encoded at once at the end of a run: memory bounded, not growing with the data
+
+
+def export_tokens(system, datasets, run_dir: Path, device, batch_size: int = EXPORT_BATCH):
     """tokens/<object>/<concept>.safetensors (first view, all masks, mean code), loadable by
-    diffusers' load_textual_inversion (SDXL: the clip_l/clip_g file, once per encoder)."""
+    diffusers' load_textual_inversion (SDXL: the clip_l/clip_g file, once per encoder).
+    Objects are read and encoded `batch_size` at a time (eval mode: each word is its object's
+    alone, so the files do not depend on it)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     system.concepts.eval()
     for data in datasets:
         dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size,
                                      mask_set_resolution=data.mask_set_resolution, set_shading=data.set_shading)
-        batch = to_device(first_views(dataset, len(dataset.records)), device)
-        with torch.no_grad():
-            outs = system.encode(batch)
-        for name, out in outs.items():
-            for b, obj in enumerate(batch["object_name"]):
-                save_word(run_dir / "tokens" / obj / f"{name}.safetensors", system.concepts[name].config.token,
-                          out.embeds[b], system.table.embedding_dims)
+        count = len(dataset.records)
+        for start in range(0, count, batch_size):
+            views = [dataset[dataset.views_of(i)[0]] for i in range(start, min(start + batch_size, count))]
+            batch = to_device(collate(views), device)
+            with torch.no_grad():
+                outs = system.encode(batch)
+            for name, out in outs.items():
+                for b, obj in enumerate(batch["object_name"]):
+                    save_word(run_dir / "tokens" / obj / f"{name}.safetensors", system.concepts[name].config.token,
+                              out.embeds[b], system.table.embedding_dims)

@@ -4,6 +4,7 @@ norm stays that of a real word. Guided by (a) a probe that recovers the camera f
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
 from guided_concepts.losses import consistency_loss, mask_attention_loss, offset_l2
 from guided_concepts.objectdata.heatmaps import has_keypoints, keypoint_heatmaps
+from guided_concepts.objectdata.meta import CAMERA_RANGES
 
 POSE_INPUTS = ("camera", "keypoints", "image")
 
@@ -89,6 +91,7 @@ class PoseConcept(Concept):
     def source_batch(cls, source, config: PoseConfig) -> dict | None:
         if not isinstance(source, dict):
             return None
+        source = check_camera(source)       # the checks --pose has, for callers that pass a dict
         if "camera" not in config.inputs:
             raise ValueError(f"--pose gives a camera, but this run's pose head reads {config.inputs}; "
                              "use --pose-from <object folder>")
@@ -226,16 +229,45 @@ def attention_target(batch: dict, size: int) -> torch.Tensor:
 
 def parse_camera(text: str) -> dict:
     """'azimuth=30,elevation=10[,distance=2.5]' -> {"azimuth", "elevation", "distance" (None: the
-    middle of the trained range)}."""
+    middle of the trained range)}, checked as training checks a view's camera (check_camera)."""
     values = {"azimuth": None, "elevation": 0.0, "distance": None}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        if key.strip() not in values or not value:
+        if key.strip() not in values or not value.strip():
             raise ValueError(f"--pose {text!r}: expected azimuth=A,elevation=E[,distance=D]")
-        values[key.strip()] = float(value)
+        try:
+            values[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--pose {text!r}: {key.strip()} must be a number, got {value.strip()!r}") from None
     if values["azimuth"] is None:
         raise ValueError(f"--pose {text!r}: azimuth is required")
-    return values
+    return check_camera(values, f"--pose {text!r}")
+
+
+def check_camera(values, where: str = "pose camera") -> dict:
+    """A camera given in values (--pose, or a dict a caller passes) -> {"azimuth", "elevation",
+    "distance"}, with the ranges training's data checks use (objectdata/meta.py): azimuth in
+    [-360, 360] and elevation in [-90, 90] degrees, distance finite and > 0 (None: the middle of
+    the trained range). ValueError naming `where` and the value otherwise."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: a camera is a dict of azimuth, elevation, distance, got {values!r}")
+    unknown = [k for k in values if k not in ("azimuth", "elevation", "distance")]
+    if unknown:
+        raise ValueError(f"{where}: unknown camera key {unknown[0]!r}; valid: azimuth, elevation, distance")
+    camera = {key: values.get(key) for key in ("azimuth", "elevation", "distance")}
+    if camera["elevation"] is None:     # as --pose: the horizon unless given
+        camera["elevation"] = 0.0
+    for key, value in camera.items():
+        if value is None and key != "distance":
+            raise ValueError(f"{where}: {key} is required")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise ValueError(f"{where}: {key} must be a number, got {value!r}")
+    for key, (lo, hi) in CAMERA_RANGES.items():
+        if not (math.isfinite(camera[key]) and lo <= camera[key] <= hi):
+            raise ValueError(f"{where}: {key} must be in [{lo:g}, {hi:g}] degrees, got {camera[key]:g}")
+    if camera["distance"] is not None and not (math.isfinite(camera["distance"]) and camera["distance"] > 0):
+        raise ValueError(f"{where}: distance must be a finite number > 0, got {camera['distance']:g}")
+    return {key: None if value is None else float(value) for key, value in camera.items()}
 
 
 def camera_batch(values: dict, distance_range) -> dict:

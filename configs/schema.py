@@ -48,6 +48,8 @@ class DataConfig:
     cache_latents: bool = field(default=False, metadata={"help": "encode each (view, flip) with the VAE once and keep its latent mean/std; the same samples are drawn as without the cache"})
 
     def __post_init__(self):
+        if self.root is not None and not self.root.strip():     # "" would silently mean the bundled chairs
+            raise ValueError("data.root: empty; give a folder, or 'toyworld', or leave it unset for the bundled chairs")
         if self.resolution < 8:
             raise ValueError(f"data.resolution: must be at least 8 pixels, got {self.resolution}")
         if self.holdout < 0:
@@ -306,19 +308,85 @@ def apply_override(raw: dict, path: list[str], value) -> None:
     node[path[-1]] = value
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config; `base: other.yaml` (relative to this file) is merged underneath."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+# train.py's flags that add a --set of their own.
+FLAG_KEYS = {"model.name": "--model", "run.name": "--name", "run.report_to": "--report-to",
+             "train.deterministic": "--deterministic", "model.gradient_checkpointing": "--gradient-checkpointing",
+             "model.compile": "--compile"}
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """A key given twice in --set is an error (the first value would be silently dropped)."""
+    seen = {}
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key in seen:
+            raise ConfigError(f"--set {key} given twice ({seen[key]}, {text}); give it once"
+                              + (f" ({FLAG_KEYS[key]} sets {key})" if key in FLAG_KEYS else ""))
+        seen[key] = text
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, at any depth (PyYAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":        # `<<: *anchor` keys may be overridden
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:                                   # unhashable: PyYAML's own error follows
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(f"key {key!r} given twice (line {first} and line {line})")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> dict:
+    """One config file's own mapping (its `base:` not followed), or a ConfigError naming the file."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        data = path.read_bytes()
+    except OSError as err:                  # PermissionError (the file or its folder), an I/O error
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {err.start}); a config is YAML text") from None
+    if "\0" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes); a config is YAML text")
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = raw.get("base")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the file name of another config, got {base!r}")
+    return raw
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config; `base: other.yaml` (relative to this file) is merged underneath."""
+    path = Path(path)
+    chain = (*_chain, path)
+    if path.resolve() in [p.resolve() for p in _chain]:
+        raise ConfigError(f"{chain[0]}: base cycle {' -> '.join(p.name for p in chain)}")
+    raw = _read_yaml(path)
     base = raw.pop("base", None)
-    return deep_merge(load_yaml(path.parent / base), raw) if base else raw
+    return deep_merge(load_yaml(path.parent / base, chain), raw) if base else raw
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -427,7 +495,7 @@ def config_sources(path: str | Path | None, overrides: list[str] = (), tokens: s
     sources = {}
 
     def from_file(file: Path):
-        raw = yaml.safe_load(file.read_text()) or {}
+        raw = _read_yaml(file)
         base = raw.pop("base", None)
         if base:
             from_file(file.parent / base)

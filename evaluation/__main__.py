@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
+from guided_concepts.argtypes import positive_int
 from guided_concepts.configs.schema import ConfigError
 from guided_concepts.evaluation.image_metrics import ClipScorer
 from guided_concepts.evaluation.report import write_report
 from guided_concepts.evaluation.runner import DEFAULT_PROMPTS, EvalSettings, evaluate_run, write_results
 from guided_concepts.objectdata import DataError
+from guided_concepts.cli import entry_point
 
 
 def main(argv=None):
@@ -25,9 +27,9 @@ def main(argv=None):
     p.add_argument("--prompt", action="append", metavar="KEY=TEMPLATE",
                    help="extra/replacement prompt, e.g. 'blue=a blue {category} {phrases}' "
                         f"(defaults: {', '.join(DEFAULT_PROMPTS)})")
-    p.add_argument("--num", type=int, default=4, help="samples per prompt (seeds seed..seed+num-1)")
+    p.add_argument("--num", type=positive_int, default=4, help="samples per prompt (seeds seed..seed+num-1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--steps", type=positive_int, default=20, help="denoising steps")
     p.add_argument("--features", help="image features 'module:function' (images -> [N, F]); default: pixels")
     p.add_argument("--segmenter", help="segmenter 'module:function' (images -> masks); default: plain background")
     p.add_argument("--clip", help="CLIP model path or hub id for editability (CLIP-T); skipped when absent")
@@ -40,10 +42,10 @@ def main(argv=None):
         if not sep:
             sys.exit(f"error: --prompt {item!r}: expected KEY=TEMPLATE")
         prompts[key] = template
-    settings = EvalSettings(prompts=prompts, num_samples=args.num, seed=args.seed, steps=args.steps,
-                            objects=args.objects, features=args.features, segmenter=args.segmenter, clip=args.clip,
-                            device=args.device)
     try:
+        settings = EvalSettings(prompts=prompts, num_samples=args.num, seed=args.seed, steps=args.steps,
+                                objects=args.objects, features=args.features, segmenter=args.segmenter,
+                                clip=args.clip, device=args.device)
         clip = ClipScorer(args.clip)
         results = [evaluate_run(run, settings, clip) for run in args.runs]
     except (ConfigError, DataError, ValueError) as err:
@@ -56,4 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)

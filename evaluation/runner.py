@@ -45,6 +45,9 @@ class EvalSettings:
     clip: str | None = None               # CLIP path or hub id for editability
     device: str = "cpu"
 
+    def __post_init__(self):             # refused before any run loads (generate() checks the same)
+        generate.check_sampling(self.num_samples, self.steps, self.guidance_scale)
+
 
 def held_out_objects(cfg) -> list[Path]:
     """The run's held-out objects; with a single-object data set (nothing held out), that object."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -13,6 +14,13 @@ from .records import data_error
 DEFAULT_CATEGORY = "object"
 CAMERA_KEYS = ("azimuth", "elevation", "distance")
 CAMERA_RANGES = {"azimuth": (-360.0, 360.0), "elevation": (-90.0, 90.0)}
+# Every key a meta.json may hold; any other is a typo (e.g. "categroy") that would otherwise be
+# silently ignored. Read: category, views, keypoint_flip (and per view the camera and keypoints).
+# Kept for reference, not read by training: keypoint_names and shape (what the project's own
+# generators write, objectdata/synthetic.py and toyworld/world.py: sampled proportions, ToyWorld's
+# ground truth), and "extra", free for the user's own notes (top level and per view).
+TOP_LEVEL_KEYS = ("category", "views", "keypoint_flip", "keypoint_names", "shape", "extra")
+VIEW_KEYS = (*CAMERA_KEYS, "keypoints", "extra")
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,20 @@ def _keypoints(meta_path: Path, key: str, value: Any) -> list[list[float] | None
     return points
 
 
+def _check_keys(meta_path: Path, where: str, content: dict, valid: tuple[str, ...]) -> None:
+    """DataError for the first key not in `valid`, with the nearest valid key when one is close."""
+    for key in content:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise data_error(meta_path, f"{where}unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
+
+
 def _view_meta(meta_path: Path, view_id: str, entry: Any) -> ViewMeta:
     key = f"views.{view_id}"
     if not isinstance(entry, dict):
         raise data_error(meta_path, f"{key} must be an object, got {entry!r}")
+    _check_keys(meta_path, f"{key}: ", entry, VIEW_KEYS)
     camera = {name: _number(meta_path, f"{key}.{name}", entry.get(name)) for name in CAMERA_KEYS}
     if camera["distance"] is not None and camera["distance"] <= 0:
         raise data_error(meta_path, f"{key}.distance must be positive, got {camera['distance']!r}")
@@ -105,6 +123,7 @@ def read_meta(meta_path: Path) -> ObjectMeta:
         raise data_error(meta_path, f"not valid JSON ({error})") from error
     if not isinstance(content, dict):
         raise data_error(meta_path, f"top level must be a JSON object, got {type(content).__name__}")
+    _check_keys(meta_path, "", content, TOP_LEVEL_KEYS)
 
     category = content.get("category", DEFAULT_CATEGORY)
     if not isinstance(category, str) or not category.strip():

@@ -66,3 +66,17 @@ def chair_batch(chairs_dir):
         cameras.add(tuple(dataset[index]["camera"].tolist()))
         chosen.append(dataset[index])
     return collate(chosen)
+
+
+def with_settings(base: list[str], *extra: str) -> list[str]:
+    """`base` arguments then `extra`, dropping each `--set KEY=...` of base whose KEY extra sets
+    again (train.py refuses a key given twice)."""
+    given = {extra[i + 1].split("=", 1)[0] for i in range(len(extra) - 1) if extra[i] == "--set"}
+    kept, i = [], 0
+    while i < len(base):
+        if base[i] == "--set" and i + 1 < len(base) and base[i + 1].split("=", 1)[0] in given:
+            i += 2
+            continue
+        kept.append(base[i])
+        i += 1
+    return kept + list(extra)

@@ -133,6 +133,14 @@ def _view_without_image(root):
     return write_meta(make_object(root), {"views": {"007": {"azimuth": 10}}})
 
 
+def _unknown_top_level_key(root):
+    return write_meta(make_object(root), {"categroy": "chair"})
+
+
+def _unknown_view_key(root):
+    return write_meta(make_object(root), {"views": {"000": {"azimuth": 10, "elevaton": 5}}})
+
+
 def _duplicate_stem(root):
     folder = make_object(root)
     Image.new("RGB", (16, 16)).save(folder / "views" / "000.jpg")
@@ -155,6 +163,8 @@ BAD_FOLDERS = {
     "keypoints not pairs": (_keypoints_not_pairs, "views.000.keypoints[1]"),
     "category not a string": (_category_not_string, "category"),
     "meta view without image": (_view_without_image, "views.007"),
+    "unknown meta key": (_unknown_top_level_key, "unknown key 'categroy' (did you mean 'category'?); valid keys: "),
+    "unknown view key": (_unknown_view_key, "views.000: unknown key 'elevaton' (did you mean 'elevation'?)"),
     "two images one stem": (_duplicate_stem, "ambiguous"),
 }
 

@@ -1,8 +1,12 @@
 """export.py: a run's words as diffusers and A1111/ComfyUI embedding files plus a manifest."""
 from __future__ import annotations
 
+import collections
 import json
 import os
+import pickle
+import re
+import zipfile
 
 import pytest
 import torch
@@ -129,9 +133,65 @@ def test_a1111_files_load_in_diffusers(exported, tiny_model_dir):
     pt = manifest.parent / e["files"]["a1111_pt"]
     raw = torch.load(pt, weights_only=True)
     assert raw["name"] == e["token"] and raw["step"] == e["checkpoint_step"]
+    assert a1111_safe_check(pt)["name"] == e["token"]                 # A1111 itself would load it
     pipe = pipeline(tiny_model_dir)
     pipe.load_textual_inversion(str(pt))
     assert torch.allclose(rows(pipe, e["token"]), vectors, atol=1e-6)
+
+
+# AUTOMATIC1111 (modules/safe.py, v1.10.1) before it torch.loads a .pt: the zip's record names and
+# the globals its pickle may name; anything else is refused as "the file may be malicious".
+A1111_ZIP_NAMES = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|(\.data\/serialization_id)|(data\.pkl))$")
+A1111_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+                 ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+                 ("torch.nn.modules.container", "ParameterDict"), ("numpy.core.multiarray", "scalar"),
+                 ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("numpy", "ndarray"),
+                 ("_codecs", "encode"), ("__builtin__", "set"),
+                 *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage",
+                                           "ByteStorage", "float32", "BFloat16Storage"))}
+
+
+def a1111_safe_check(path):
+    """A1111's check_pt: every record name allowed, one data.pkl, and it unpickles with only the
+    allowed globals (storages stubbed, as A1111 does). Raises as A1111 would; returns the object."""
+    class Restricted(pickle.Unpickler):
+        def persistent_load(self, saved_id):
+            assert saved_id[0] == "storage"
+            return torch.storage.TypedStorage(saved_id[4], dtype=torch.float32, _internal=True)
+
+        def find_class(self, module, name):
+            if (module, name) not in A1111_GLOBALS:
+                raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+            return super().find_class(module, name)
+
+    with zipfile.ZipFile(path) as z:
+        bad = [n for n in z.namelist() if not A1111_ZIP_NAMES.match(n)]
+        assert not bad, f"bad file inside {path}: {bad[0]}"
+        pkl = [n for n in z.namelist() if re.match(r"^([^/]+)/data\.pkl$", n)]
+        assert len(pkl) == 1, f"{path}: {len(pkl)} data.pkl"
+        with z.open(pkl[0]) as f:
+            return Restricted(f).load()
+
+
+def test_a1111_pt_passes_a1111s_safe_unpickler(tmp_path):
+    vectors = torch.randn(2, 32)
+    path = save_a1111(tmp_path / "w.pt", "run_w", vectors, step=7, base_model="tiny")
+    data = a1111_safe_check(path)
+    assert data["name"] == "run_w" and data["step"] == 7 and data["string_to_param"]["*"].shape == (2, 32)
+    loaded = torch.load(path, weights_only=True)                 # what A1111 then does (and diffusers)
+    assert torch.equal(loaded["string_to_param"]["*"], vectors) and loaded["sd_checkpoint_name"] == "tiny"
+    assert torch.equal(load_a1111(path), vectors)
+    # The same word gives the same bytes (no timestamps or serialization ids in the file).
+    assert save_a1111(tmp_path / "again.pt", "run_w", vectors, step=7, base_model="tiny").read_bytes() == path.read_bytes()
+    # The checker itself refuses what A1111 refuses.
+    torch.save({"x": vectors}, tmp_path / "plain.pt")
+    with pytest.raises(AssertionError, match=r"bad file inside .*\.format_version"):
+        a1111_safe_check(tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as evil:          # a global outside the allow-list
+        evil.writestr("archive/data.pkl", pickle.dumps({"x": collections.Counter()}, protocol=2))
+        evil.writestr("archive/version", "3\n")
+    with pytest.raises(pickle.UnpicklingError, match="global 'collections/Counter' is forbidden"):
+        a1111_safe_check(tmp_path / "evil.pt")
 
 
 def test_multi_vector_word_round_trips(tiny_model_dir, tmp_path):

@@ -21,6 +21,7 @@ import pytest
 from guided_concepts import train
 from guided_concepts.checkpointing import RunLock, latest_checkpoint
 from guided_concepts.cli import entry_point
+from tests.conftest import with_settings
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--set", "train.batch_size=6", "--set", "train.sample_every=0", "--set", "sample.steps=1",
@@ -79,7 +80,7 @@ def test_a_bad_name_or_overwrite_touches_nothing(case, overwrite, world, monkeyp
     extra, message = BAD_PLACES[case]
     extra = [e.replace("{tmp}", str(tmp)).replace("{data}", str(data)) for e in extra]
     before = snapshot(tmp)
-    args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, *extra]
+    args = with_settings(["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK], *extra)
     with pytest.raises(SystemExit) as stopped:
         train.main(args + (["--overwrite"] if overwrite else []))
     import re
@@ -95,11 +96,11 @@ def test_overwrite_replaces_a_run_but_not_a_file_of_the_users_inside_it(world):
     (run / "my_figure.png").write_bytes(b"png")
     before = snapshot(tmp)
     with pytest.raises(SystemExit, match=r"--overwrite refused: not a run folder \(it holds my_figure.png\)"):
-        train.main(args + ["--overwrite"])
+        train.main(with_settings(args, "--overwrite"))
     assert snapshot(tmp) == before
     (run / "my_figure.png").unlink()
     (run / "metrics.jsonl").write_text('{"step": 99}\n')             # an older run's line
-    assert train.main(args + ["--overwrite"]) == run
+    assert train.main(with_settings(args, "--overwrite")) == run
     assert all(json.loads(line)["step"] <= 2 for line in (run / "metrics.jsonl").read_text().splitlines())
     assert (runs / "other" / "config.yaml").exists() and (runs / "notes.txt").exists()
 
@@ -122,7 +123,7 @@ def test_a_second_process_is_refused_by_name_and_a_stale_lock_is_taken_over(worl
         for extra in (["--overwrite"], ["--resume", "--set", "train.steps=4"]):
             with pytest.raises(SystemExit, match=rf"another process is training in this run folder \(pid {holder.pid} "
                                                  r"on host .*, started 20\d\d-"):
-                train.main(args + extra)
+                train.main(with_settings(args, *extra))
         assert snapshot(tmp) == before
         # The second of two new runs on one name: the first holds the folder before writing.
         (tmp / "runs" / "new").mkdir()
@@ -137,7 +138,7 @@ def test_a_second_process_is_refused_by_name_and_a_stale_lock_is_taken_over(worl
         holder.wait(timeout=60)
     assert json.loads((run / ".lock").read_text())["pid"] == holder.pid
     capsys.readouterr()
-    train.main(args + ["--resume", "--set", "train.steps=4"])
+    train.main(with_settings(args, "--resume", "--set", "train.steps=4"))
     assert f"was left by a process that is gone (pid {holder.pid}" in capsys.readouterr().out
     assert latest_checkpoint(run).name == "step_000004"
     assert (run / ".lock").read_text() == ""        # a clean end leaves no holder
@@ -174,7 +175,7 @@ def test_resume_refuses_changed_data_and_force_keeps_the_recorded_split(case, wo
     edit, message = DATA_EDITS[case]
     edit(data, chairs_dir)
     before = snapshot(runs)
-    resume = args + ["--resume", "--set", "train.steps=3"]
+    resume = with_settings(args, "--resume", "--set", "train.steps=3")
     with pytest.raises(SystemExit, match=rf"data.json: the data changed since the run was split \({message}"):
         train.main(resume)
     assert snapshot(runs) == before
@@ -192,7 +193,7 @@ def test_an_added_object_never_moves_the_held_out_one_into_training(world, chair
     args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"]
     run = train.main(args)
     shutil.copytree(sorted(chairs_dir.iterdir())[5], data / "chair_zzz")
-    train.main(args + ["--resume", "--set", "train.steps=3", "--force"])
+    train.main(with_settings(args, "--resume", "--set", "train.steps=3", "--force"))
     assert json.loads((run / "data.json").read_text())["held_out"] == ["chair_003"]
 
 
@@ -202,7 +203,7 @@ def test_resume_below_the_checkpoints_step_is_refused(world):
     train.main(args)
     with pytest.raises(SystemExit, match=r"train.steps=1 is below the step of .*step_000002 \(2\).*train.steps=N "
                                          r"with N >= 2"):
-        train.main(args + ["--resume", "--set", "train.steps=1"])
+        train.main(with_settings(args, "--resume", "--set", "train.steps=1"))
 
 
 @pytest.mark.parametrize("left", ["folders only", "config.yaml too"])
@@ -215,8 +216,8 @@ def test_a_run_stopped_before_its_first_checkpoint_says_overwrite_and_overwrite_
         (run / "config.yaml").write_text((REPO / "configs" / "tiny.yaml").read_text())
     args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "early"]
     with pytest.raises(SystemExit, match=r"early.*(stopped before|no such run|no checkpoint).*--overwrite"):
-        train.main(args + ["--resume"])
-    assert train.main(args + ["--overwrite"]) == run
+        train.main(with_settings(args, "--resume"))
+    assert train.main(with_settings(args, "--overwrite")) == run
     assert latest_checkpoint(run).name == "step_000002"
 
 
@@ -226,7 +227,7 @@ def test_a_damaged_environment_record_is_set_aside_on_resume(world, capsys):
     run = train.main(args)
     text = (run / "environment.json").read_text()
     (run / "environment.json").write_text(text[: len(text) // 2])
-    train.main(args + ["--resume", "--set", "train.steps=3"])
+    train.main(with_settings(args, "--resume", "--set", "train.steps=3"))
     assert "environment.json was damaged" in capsys.readouterr().err
     assert (run / "environment.json.damaged").read_text() == text[: len(text) // 2]
     assert len(json.loads((run / "environment.json").read_text())) == 1
@@ -238,8 +239,8 @@ def test_a_damaged_environment_record_is_set_aside_on_resume(world, capsys):
 # ----------------------------------------------------------------------------------------------
 def test_a_full_disk_names_the_last_intact_checkpoint_and_resume_continues(world, monkeypatch):
     tmp, data, runs = world
-    args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r",
-            "--set", "train.steps=3", "--set", "train.checkpoint_every=1"]
+    args = with_settings(["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"],
+                         "--set", "train.steps=3", "--set", "train.checkpoint_every=1")
     real = train.save_checkpoint
 
     def save(run_dir, step, *rest, **kw):
@@ -252,7 +253,7 @@ def test_a_full_disk_names_the_last_intact_checkpoint_and_resume_continues(world
     message = str(stopped.value)
     assert "no space left on the device" in message and message.endswith("step_000001; continue with --resume")
     monkeypatch.setattr(train, "save_checkpoint", real)
-    run = train.main(args + ["--resume"])
+    run = train.main(with_settings(args, "--resume"))
     assert latest_checkpoint(run).name == "step_000003"
 
 
@@ -268,7 +269,7 @@ def test_a_view_deleted_while_the_run_trains_is_named(world, monkeypatch):
     monkeypatch.setattr(train, "make_loader", make_loader)
     monkeypatch.setattr(train, "build_data", lambda cfg, held_out=None: train_build_data_uncached(cfg, held_out))
     with pytest.raises(SystemExit) as stopped:
-        train.main(args + ["--set", "train.steps=20"])
+        train.main(with_settings(args, "--set", "train.steps=20"))
     message = str(stopped.value)
     assert message.startswith("error: ") and "chair_000/views/" in message, message
     assert "the last intact checkpoint is none yet" in message

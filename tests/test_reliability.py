@@ -23,6 +23,7 @@ from guided_concepts import generate
 from guided_concepts import train
 from guided_concepts.checkpointing import latest_checkpoint, load_checkpoint
 from guided_concepts.configs.schema import TrainConfig
+from tests.conftest import with_settings
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--set", "train.batch_size=6", "--set", "train.sample_every=0", "--set", "sample.steps=1",
@@ -30,7 +31,7 @@ QUICK = ["--set", "train.batch_size=6", "--set", "train.sample_every=0", "--set"
 
 
 def run_args(out: Path, name: str, *extra) -> list[str]:
-    return ["--name", name, "--set", f"run.output_dir={out}", *QUICK, *extra]
+    return with_settings(["--name", name, "--set", f"run.output_dir={out}", *QUICK], *extra)
 
 
 def metric_lines(run: Path) -> list[dict]:
@@ -167,7 +168,7 @@ def test_bad_input_stops_before_training_and_writes_nothing(case, tmp_path, chai
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as caught:
-        train.main(run_args(out, "bad", "--set", "train.steps=1", *extra))
+        train.main(with_settings(run_args(out, "bad", "--set", "train.steps=1"), *extra))
     import re
     assert re.search(message, str(caught.value)), str(caught.value)
     assert str(caught.value).startswith("error: ")

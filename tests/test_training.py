@@ -13,14 +13,14 @@ from guided_concepts import generate
 from guided_concepts import train
 from guided_concepts.metrics import attention_mask_metrics
 from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
-from tests.conftest import make_system
+from tests.conftest import make_system, with_settings
 
 QUICK = ["--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "train.log_every=2",
          "--set", "train.checkpoint_every=2", "--set", "train.sample_every=2", "--set", "sample.steps=2"]
 
 
 def args(out, name, *extra):
-    return ["--name", name, "--set", f"run.output_dir={out}", *QUICK, *extra]
+    return with_settings(["--name", name, "--set", f"run.output_dir={out}", *QUICK], *extra)
 
 
 @pytest.fixture(scope="module")

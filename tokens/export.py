@@ -13,9 +13,12 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -105,7 +108,8 @@ def save_a1111(path: str | Path, token: str, vectors: torch.Tensor, step: int | 
     - `.safetensors`: {"emb_params": [K, D]} (A1111 and ComfyUI name the word after the file;
       diffusers: pipe.load_textual_inversion(path, token=token)).
     - `.pt`: {"string_to_token": {"*": 265}, "string_to_param": {"*": [K, D]}, "name": token,
-      "step": step, "sd_checkpoint": None, "sd_checkpoint_name": base_model} (torch.save).
+      "step": step, "sd_checkpoint": None, "sd_checkpoint_name": base_model} (torch.save's zip,
+      keeping only the records A1111's safe unpickler accepts: `_a1111_pt_bytes`).
     """
     path = Path(path)
     vectors = _vectors(vectors)
@@ -118,10 +122,31 @@ def save_a1111(path: str | Path, token: str, vectors: torch.Tensor, step: int | 
         data = {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": token,
                 "step": None if step is None else int(step), "sd_checkpoint": None,
                 "sd_checkpoint_name": base_model}
-        atomic_write(path, lambda tmp: torch.save(data, tmp))
+        blob = _a1111_pt_bytes(data)
+        atomic_write(path, lambda tmp: tmp.write_bytes(blob))
     else:
         raise ValueError(f"{path}: an A1111 embedding file ends in .safetensors or .pt")
     return _shareable(path)
+
+
+# AUTOMATIC1111's modules/safe.py refuses a .pt zip holding any other record ("the file may be
+# malicious"); torch 2.x adds .format_version, .storage_alignment, byteorder, .data/serialization_id.
+# (Older A1111 releases allow only these three; v1.10 also byteorder and .data/serialization_id.)
+# torch.load reads the file without them (byteorder: little-endian is its default).
+_A1111_RECORDS = re.compile(r"^[^/]+/(data\.pkl|data/\d+|version)$")
+
+
+def _a1111_pt_bytes(data: dict) -> bytes:
+    """torch.save(data) as bytes, rewritten with only the zip records A1111 allows (same folder,
+    stored uncompressed as torch writes them, fixed timestamps so the same words give the same file)."""
+    saved, out = io.BytesIO(), io.BytesIO()
+    torch.save(data, saved)
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            # (a big-endian machine keeps byteorder, or loaders would read its floats as little-endian)
+            if _A1111_RECORDS.match(info.filename) or (sys.byteorder == "big" and info.filename.endswith("/byteorder")):
+                dst.writestr(zipfile.ZipInfo(info.filename), src.read(info))
+    return out.getvalue()
 
 
 def save_sdxl(path: str | Path, token: str, vectors: torch.Tensor, dims: list[int], step: int | None = None,
