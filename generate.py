@@ -217,11 +217,21 @@ def main(argv=None):
     except (ConfigError, DataError, TokenError, ValueError) as err:
         sys.exit(f"error: {err}")
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "generated.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
     names = [system.concepts[n].config.token for n in system.attention_concepts]
-    attention_grid(reference[None].repeat(len(images), 1, 1, 1), images, maps, names).save(out)
+    write_output(out, attention_grid(reference[None].repeat(len(images), 1, 1, 1), images, maps, names).save)
     print(f"wrote {out}")
     return out
+
+
+def write_output(out: Path, write) -> None:
+    """write(out), its folder made first; a folder that takes no files (a read-only checkout, a
+    full disk) is one line naming it and --out."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write(out)
+    except OSError as err:
+        sys.exit(f"error: {err.filename or out}: cannot write the samples ({err.strerror or err}); "
+                 "pass --out FILE to write them elsewhere")
 
 
 def sample_base_model(args) -> Path:
@@ -247,8 +257,7 @@ def sample_base_model(args) -> Path:
     images = pipe([args.prompt] * args.num, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   generator=generators, output_type="pt").images.float().cpu()
     out = Path(args.out) if args.out else Path("runs") / "generated.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, args.num, out, scale=max(1, 256 // images.shape[-1]))
+    write_output(out, lambda path: save_grid(images, args.num, path, scale=max(1, 256 // images.shape[-1])))
     print(f"wrote {out}")
     return out
 

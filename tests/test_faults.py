@@ -379,3 +379,43 @@ def test_every_entry_point_answers_bad_input_with_one_line_and_code_2(name, tmp_
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and message in lines[-1], done.stderr
     assert lines[-1].startswith("error: ") or "error:" in lines[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Names at the filesystem's edge, --overwrite in ToyWorld's pretraining, an unwritable output
+# ----------------------------------------------------------------------------------------------
+def test_a_run_with_the_longest_name_exports_words_whose_files_fit(world):
+    from guided_concepts import export
+    tmp, data, runs = world
+    run = train.main(["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "n" * 255])
+    manifest = export.main(["--run", str(run), "--shape-from", str(data / "chair_000"), "--pt"])
+    files = [p for p in Path(manifest).parent.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pt" for p in files) and any(p.suffix == ".safetensors" for p in files)
+    assert max(len(p.name.encode()) for p in files) <= 200
+
+
+def test_toyworld_pretrain_overwrite_refuses_a_folder_that_is_not_a_pretraining_run(world, capsys):
+    from guided_concepts.toyworld.__main__ import main as toyworld_main
+    tmp, data, runs = world
+    before = snapshot(tmp)
+    for out in (tmp / "photos", data, runs / "other"):
+        with pytest.raises(SystemExit) as stopped:
+            toyworld_main(["pretrain", "--out", str(out), "--overwrite"])
+        assert stopped.value.code == 2 and "--overwrite refused" in capsys.readouterr().err
+    assert snapshot(tmp) == before
+
+
+def test_generate_into_a_folder_that_takes_no_files_names_it_and_out(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from guided_concepts import generate
+    blocked = tmp_path / "readonly_checkout" / "runs"
+
+    def refuse(image, fp, *a, **kw):           # what a read-only mount answers (root ignores chmod)
+        raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(fp))
+    monkeypatch.setattr(Image.Image, "save", refuse)
+    with pytest.raises(SystemExit) as stopped:
+        generate.main(["--prompt", "a chair", "--model", "tiny", "--num", "1", "--steps", "1",
+                       "--out", str(blocked / "generated.png")])
+    assert str(stopped.value).startswith(f"error: {blocked / 'generated.png'}: cannot write the samples")
+    assert "pass --out FILE" in str(stopped.value)

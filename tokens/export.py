@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -92,7 +93,12 @@ def safe_token_name(run_name: str, concept: str) -> str:
     run, name = clean(run_name), clean(concept)
     if not name:
         raise ValueError(f"concept {concept!r} has no filesystem-safe characters")
+    if len(run) > MAX_RUN_PART:     # a file name holds 255 bytes: with the suffix and a temp file's, keep 200
+        run = f"{run[:MAX_RUN_PART - 9]}_{hashlib.sha256(run.encode()).hexdigest()[:8]}"
     return f"{run}_{name}" if run else name
+
+
+MAX_RUN_PART = 120      # the run's part of a word's name: shortened, with a hash that keeps it unique
 
 
 # -- formats ------------------------------------------------------------------------------------
