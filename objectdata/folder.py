@@ -169,15 +169,18 @@ def scan_objects(root: Path | str, require_masks: bool = True, require_cameras: 
     resolution, a DataWarning. Masks read by a special rule (a palette by index, 0/1 values)
     are reported in one DataWarning."""
     root = Path(root).expanduser()
-    if not root.exists():
-        raise data_error(root, "data folder does not exist")
-    if not root.is_dir():
-        raise data_error(root, "is not a folder")
-    if (root / "views").is_dir():
-        object_dirs = [root]  # the user pointed at a single object folder
-    else:
-        object_dirs = sorted((p for p in _list(root) if p.is_dir() and not p.name.startswith(".")),
-                             key=lambda p: p.name)
+    try:                   # a folder without search (x) permission fails on the first stat inside
+        if not root.exists():
+            raise data_error(root, "data folder does not exist")
+        if not root.is_dir():
+            raise data_error(root, "is not a folder")
+        if (root / "views").is_dir():
+            object_dirs = [root]  # the user pointed at a single object folder
+        else:
+            object_dirs = sorted((p for p in _list(root) if p.is_dir() and not p.name.startswith(".")),
+                                 key=lambda p: p.name)
+    except PermissionError as error:
+        raise data_error(root, f"cannot read the folder ({error.strerror}); check its permissions") from error
     if not object_dirs:
         raise data_error(root, "contains no object folders (expected <object>/views/000.png, ...)")
     notes: list[str] = []

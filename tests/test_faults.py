@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from guided_concepts import train
-from guided_concepts.checkpointing import RunLock, latest_checkpoint
+from guided_concepts.checkpointing import latest_checkpoint
 from guided_concepts.cli import entry_point
 from tests.conftest import with_settings
 
@@ -112,6 +112,7 @@ HOLD = "import sys; from guided_concepts.checkpointing import RunLock; RunLock(s
 
 
 def test_a_second_process_is_refused_by_name_and_a_stale_lock_is_taken_over(world, capsys):
+    from guided_concepts.checkpointing import RunLock
     tmp, data, runs = world
     args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"]
     run = train.main(args)
@@ -288,18 +289,18 @@ def train_build_data_uncached(cfg, held_out):
 # ----------------------------------------------------------------------------------------------
 # Folders that cannot be read or written
 # ----------------------------------------------------------------------------------------------
-def test_an_unlistable_data_root_is_named(world, monkeypatch):
+def test_a_data_root_without_search_permission_is_named(world, monkeypatch):
     tmp, data, runs = world
-    real = Path.iterdir
+    real = Path.stat
 
-    def iterdir(self):           # root ignores permissions: what a folder without read permission does
-        if self == data:
+    def stat(self, *a, **kw):   # root ignores permissions: what a folder without search (x) permission does
+        if self.parent == data:
             raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real(self)
-    monkeypatch.setattr(Path, "iterdir", iterdir)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(Path, "stat", stat)
     with pytest.raises(SystemExit) as stopped:
         train.main(["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "u"])
-    assert str(stopped.value).startswith(f"error: {data}") and "Permission denied" in str(stopped.value)
+    assert str(stopped.value) == f"error: {data}: cannot read the folder (Permission denied); check its permissions"
 
 
 def test_a_read_only_cache_names_the_folder_and_the_setting(tmp_path, monkeypatch):
