@@ -27,30 +27,17 @@ def _float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """A whole number >= 1 (counts: samples, steps, batch sizes)."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+def _checked(parse, ok, wanted: str):
+    """A `type=` function: parse the text, then refuse a value that is not `wanted`."""
+    def check(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    return check
 
 
-def finite_float(text: str) -> float:
-    """Any finite number (no nan, no inf)."""
-    return _float(text)
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (learning rates)."""
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+positive_int = _checked(_int, lambda v: v >= 1, "a whole number >= 1")          # counts: samples, steps, batches
+finite_float = _checked(_float, lambda v: True, "a finite number")               # no nan, no inf
+non_negative_float = _checked(_float, lambda v: v >= 0, "a finite number >= 0")
+positive_float = _checked(_float, lambda v: v > 0, "a finite number > 0")        # learning rates
