@@ -61,7 +61,8 @@ def export_tokens(system, datasets, run_dir: Path, device, batch_size: int = EXP
     system.concepts.eval()
     for data in datasets:
         dataset = ObjectViewsDataset(data.records, data.resolution, flip_prob=0.0, mask_set_size=data.mask_set_size,
-                                     mask_set_resolution=data.mask_set_resolution, set_shading=data.set_shading)
+                                     mask_set_resolution=data.mask_set_resolution, set_shading=data.set_shading,
+                                     cache_bytes=0)     # each object is read once: keeping it only grows memory
         count = len(dataset.records)
         for start in range(0, count, batch_size):
             views = [dataset[dataset.views_of(i)[0]] for i in range(start, min(start + batch_size, count))]
