@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from guided_concepts import generate
 from guided_concepts.argtypes import positive_float, positive_int
 from guided_concepts.concepts import CONCEPTS
-from guided_concepts.checkpointing import atomic_folder, atomic_write
+from guided_concepts.checkpointing import RunFolderError, atomic_folder, atomic_write, check_overwritable
 from guided_concepts.configs.schema import ConfigError, load_config, mask_set_options
 from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, scan_objects
 from guided_concepts.rundata import resolve_data_root, split_holdout
@@ -66,11 +66,34 @@ def shift_hue(images: torch.Tensor, amount: float, generator: torch.Generator) -
     return (turned * 2 - 1).to(images.dtype)
 
 
+ARTEFACT_ENTRIES = ("heads.safetensors", "adapters.safetensors", "tokens", "lora", "artefact.json", ".*.tmp", ".*.old")
+
+
+def check_artefact_folder(out_dir: Path, object_dir: Path) -> None:
+    """--out is replaced whole when the artefact is written: it may be a new folder or an earlier
+    artefact, never a folder of anything else, nor inside the object's own folder."""
+    if _inside(out_dir, object_dir):
+        raise ConfigError(f"--out {out_dir}: inside the object's folder {object_dir}; write the artefact elsewhere")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        try:
+            check_overwritable(out_dir, object_dir, ARTEFACT_ENTRIES, markers=("artefact.json",))
+        except RunFolderError as err:
+            raise ConfigError(str(err).replace("--overwrite refused: not a run folder",
+                                               "refused: not a tune.py artefact")) from None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.expanduser().resolve(), folder.expanduser().resolve()
+    return path == folder or folder in path.parents
+
+
 def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mode: str = "encoder",
                 overrides: dict | None = None, seed: int = 0) -> dict:
     """mode "encoder": tune the heads (+ adapters) from the run; "textual_inversion": the baseline,
     each word a free vector starting at its initializer word, same steps and lr."""
     _check_counts({"steps": steps, **{k: v for k, v in (overrides or {}).items() if k in ("batch_size", "grad_accum")}})
+    if out_dir is not None:
+        check_artefact_folder(Path(out_dir), Path(object_dir))
     system, cfg = generate.load_run(run_dir)
     tc = cfg.tune
     for key, value in (overrides or {}).items():

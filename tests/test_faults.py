@@ -420,3 +420,28 @@ def test_generate_into_a_folder_that_takes_no_files_names_it_and_out(tmp_path, m
                        "--out", str(blocked / "generated.png")])
     assert str(stopped.value).startswith(f"error: {blocked / 'generated.png'}: cannot write the samples")
     assert "pass --out FILE" in str(stopped.value)
+
+
+def test_tune_out_never_replaces_a_folder_that_is_not_an_artefact(world, capsys):
+    from guided_concepts import tune
+    tmp, data, runs = world
+    run = train.main(["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"])
+    obj = data / "chair_000"
+    before = snapshot(tmp)
+    for out, message in ((tmp / "photos", r"refused: not a tune.py artefact \(it holds IMG_0001.jpg\)"),
+                         (obj / "tuned", "inside the object's folder"), (data, "refused")):
+        with pytest.raises(SystemExit, match=message):
+            tune.main(["--run", str(run), "--object", str(obj), "--steps", "1", "--out", str(out)])
+    assert snapshot(tmp) == before
+    first = tune.main(["--run", str(run), "--object", str(obj), "--steps", "1", "--out", str(tmp / "art")])
+    again = tune.main(["--run", str(run), "--object", str(obj), "--steps", "1", "--out", str(tmp / "art")])
+    assert (tmp / "art" / "artefact.json").exists() and Path(again["path"]) == Path(first["path"])
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused(world):
+    tmp, data, runs = world
+    with pytest.raises(SystemExit, match=r"--set train.steps given twice \(train.steps=2, train.steps=5\); give it once"):
+        train.main(["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--set", "train.steps=5"])
+    with pytest.raises(SystemExit, match=r"--set run.name given twice .*\(--name sets run.name\)"):
+        train.main(["--set", f"run.output_dir={runs}", *QUICK, "--set", "run.name=a", "--name", "b"])
+    assert not runs.joinpath("a").exists() and not runs.joinpath("b").exists()
