@@ -41,3 +41,17 @@ positive_int = _checked(_int, lambda v: v >= 1, "a whole number >= 1")          
 finite_float = _checked(_float, lambda v: True, "a finite number")               # no nan, no inf
 non_negative_float = _checked(_float, lambda v: v >= 0, "a finite number >= 0")
 positive_float = _checked(_float, lambda v: v > 0, "a finite number > 0")        # learning rates
+
+
+def device(text: str) -> str:
+    """A torch device this machine has: cpu, cuda, cuda:N (when CUDA is there), mps."""
+    import torch
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:0, mps)") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such CUDA device on this machine (use cpu)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine (use cpu)")
+    return text

@@ -8,9 +8,11 @@ import platform
 import random
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -59,9 +61,11 @@ class RunFolderError(FileExistsError):
 
 # What a run writes in its folder: --overwrite removes these and nothing else. A folder holding
 # anything more (a user's photos, a data object, a checkout) is not a run and is never emptied.
-RUN_ENTRIES = ("config.yaml", "environment.json", "environment.json.damaged", "metrics.jsonl", "data.json", "checkpoints", "samples", "tokens",
-               "objects", "export", "wandb", "failure.json", "failure_rank*.json", ".lock", ".*.tmp")
-RUN_MARKERS = ("config.yaml", "checkpoints")     # a run has one of these (a new run's folder has checkpoints/)
+RUN_ENTRIES = ("config.yaml", "environment.json", "environment.json.damaged", "metrics.jsonl", "data.json",
+               "checkpoints", "samples", "tokens", "objects", "export", "wandb", "failure.json", "failure_rank*.json",
+               "fit_targets.json", "word_directions.json", ".lock", ".*.tmp")
+# What only this project writes (a folder with just config.yaml and checkpoints/ may be another tool's).
+RUN_MARKERS = ("environment.json", "data.json")
 LOCK_NAME = ".lock"
 
 
@@ -73,8 +77,9 @@ def check_run_name(name: str, key: str = "run.name") -> str:
     if name in (".", "..") or "/" in name or (os.sep != "/" and os.sep in name) or "\0" in name:
         raise RunFolderError(f"{key}: {name!r} is not a name but a path; a run name is one folder name "
                              "(move the runs with --set run.output_dir=DIR)")
-    if len(name.encode()) > 255:      # NAME_MAX on ext4, xfs, btrfs, APFS, NTFS
-        raise RunFolderError(f"{key}: {len(name.encode())} bytes long; a folder name takes at most 255")
+    size = len(os.fsencode(name))
+    if size > 255:                     # NAME_MAX on ext4, xfs, btrfs, APFS, NTFS
+        raise RunFolderError(f"{key}: {size} bytes long; a folder name takes at most 255")
     return name
 
 
@@ -105,7 +110,7 @@ def clear_run_folder(run_dir: Path, data_root: str | Path | None = None, entries
     folder itself, nor its lock, nor anything a run does not write)."""
     check_overwritable(run_dir, data_root, entries, markers)
     for entry in run_entries(run_dir, entries)[0]:
-        if entry.name != LOCK_NAME:
+        if entry.name != LOCK_NAME or entry.is_symlink() or not entry.is_file():    # a real lock file stays
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
@@ -119,7 +124,11 @@ def check_overwritable(run_dir: Path, data_root: str | Path | None = None, entri
             raise RunFolderError(f"{run_dir}: --overwrite refused: it {'is' if folder == resolved else 'holds'} "
                                  f"{what} ({folder}); choose another --name or run.output_dir")
     own, other = run_entries(run_dir, entries)
-    if other or not any(e.name in markers for e in own):
+    # A run killed before its first checkpoint leaves empty folders (checkpoints/, samples/, tokens/)
+    # and perhaps its config.
+    started_only = any(e.name == "checkpoints" for e in own) and all(
+        e.name in (LOCK_NAME, "config.yaml") or (e.is_dir() and not e.is_symlink() and not any(e.iterdir())) for e in own)
+    if other or not (any(e.name in markers for e in own) or started_only):
         listed = ", ".join(e.name for e in other[:5]) + (", ..." if len(other) > 5 else "")
         raise RunFolderError(f"{run_dir}: --overwrite refused: not a run folder "
                              f"({'it holds ' + listed if other else 'none of ' + ', '.join(markers)}); "
@@ -135,6 +144,8 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, data_root: str |
     resolved = run_dir.expanduser().resolve()
     for what, folder in protected_folders(data_root).items():
         inside_data = what.startswith("the data") and _is_within(resolved, folder)    # it would be scanned as data
+        if not what.startswith("the data") and not overwrite:
+            continue                     # only --overwrite removes anything (check_overwritable checks these)
         if _is_within(folder, resolved) or inside_data:
             relation = "be" if folder == resolved else "be inside" if inside_data else "hold"
             raise RunFolderError(f"{run_dir}: a run folder may not {relation} {what} ({folder}); "
@@ -199,6 +210,39 @@ def _lock_holder(lock_file: Path) -> str:
             if info else "another process")
 
 
+LOCK_TRIES = 20
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) must not keep the run's lock alive after its parent
+    dies: it closes its copies (the parent's own stay open, so the parent keeps the lock)."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
+def _open_lock(lock_file: Path, flags: int) -> int:
+    """Open the lock file itself, never what a link there points to (it would be emptied)."""
+    try:
+        fd = os.open(lock_file, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        if lock_file.is_symlink():
+            raise RunFolderError(f"{lock_file}: is a link, not this project's lock file; remove it") from err
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunFolderError(f"{lock_file}: is not a regular file; remove it")
+    return fd
+
+
 def _try_flock(fd: int) -> bool:
     import fcntl
     try:
@@ -214,8 +258,8 @@ def check_unlocked(run_dir: Path) -> None:
     if os.name != "posix" or not lock_file.is_file():
         return
     try:
-        fd = os.open(lock_file, os.O_RDONLY)
-    except OSError:
+        fd = _open_lock(lock_file, os.O_RDONLY)
+    except FileNotFoundError:
         return
     try:
         if not _try_flock(fd):
@@ -240,27 +284,32 @@ class RunLock:
         if os.name != "posix":           # no flock: no lock (said once in the README)
             return self
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-            if not _try_flock(fd):
-                os.close(fd)
-                raise RunFolderError(f"{self.file.parent}: another process is training in this run folder "
-                                     f"({_lock_holder(self.file)}); wait for it, stop it, or choose another --name")
-            try:                          # the file we locked must still be the one at the path
-                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+        for attempt in range(LOCK_TRIES):
+            fd = _open_lock(self.file, os.O_RDWR | os.O_CREAT)
+            if _try_flock(fd):
+                try:                      # the file we locked must still be the one at the path
+                    same = os.fstat(fd).st_ino == os.stat(self.file, follow_symlinks=False).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
             os.close(fd)
-        previous = os.read(fd, 4096)
-        if previous.strip():
-            self.stale = _lock_holder(self.file)
-        record = json.dumps({"pid": os.getpid(), "host": platform.node(),
-                             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode(), 0)
+            time.sleep(0.1)               # another process's probe (check_unlocked) holds it for an instant
+        else:
+            raise RunFolderError(f"{self.file.parent}: another process is training in this run folder "
+                                 f"({_lock_holder(self.file)}); wait for it, stop it, or choose another --name")
+        try:
+            if os.read(fd, 4096).strip():
+                self.stale = _lock_holder(self.file)
+            record = json.dumps({"pid": os.getpid(), "host": platform.node(),
+                                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+        except OSError:
+            os.close(fd)
+            raise
         self.fd = fd
+        _HELD_LOCKS.add(fd)
         return self
 
     def release(self) -> None:
@@ -270,6 +319,7 @@ class RunLock:
                 os.ftruncate(self.fd, 0)
             except OSError:
                 pass
+            _HELD_LOCKS.discard(self.fd)
             os.close(self.fd)
             self.fd = None
 

@@ -33,6 +33,7 @@ from guided_concepts.system import to_device
 from guided_concepts.objectdata import DataError
 from guided_concepts.tokens import TokenError
 from guided_concepts.tokens.export import SDXL_KEYS, safe_token_name, save_a1111, save_diffusers, save_sdxl, write_manifest
+from guided_concepts.argtypes import device as device_type
 from guided_concepts.cli import entry_point
 
 A1111_SUFFIX = ".a1111.safetensors"
@@ -169,7 +170,7 @@ def main(argv=None) -> Path:
     p.add_argument("--view", type=int, default=0, help="which view of each reference object")
     p.add_argument("--out", help="output folder (default: <run>/export)")
     p.add_argument("--pt", action="store_true", help="also write the legacy A1111 .pt embedding")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_type, default="cpu")
     args = p.parse_args(argv)
     try:
         sources = sources_from_args(args, CONCEPTS)

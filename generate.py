@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from guided_concepts.argtypes import finite_float, non_negative_float, positive_int
+from guided_concepts.argtypes import finite_float, non_negative_float, positive_int, device as device_type
 from guided_concepts.backbone import load_backbone
 from guided_concepts.backbone.adapters import UNetAdapters
 from guided_concepts.checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
@@ -204,8 +205,11 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
     p.add_argument("--artefact", help="a per-object artefact from tune.py (tuned heads + adapters)")
     p.add_argument("--out", help="output PNG (default: <run>/samples/generated.png)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.out and (Path(args.out).is_dir() or Path(args.out).suffix.lower() not in Image.registered_extensions()):
+        p.error(f"--out {args.out}: expected an image file name (.png, .jpg, ...), not "
+                + ("a folder" if Path(args.out).is_dir() else f"{Path(args.out).suffix or 'no extension'}"))
     if args.run is None:
         return sample_base_model(args)
     try:

@@ -51,6 +51,41 @@ def build_data(cfg: Config, held_out: list[str] | None = None):
     return train, val
 
 
+DATA_RECORD = "data.json"
+
+
+class DataRecordError(DataError):
+    """A run's data.json that cannot be read."""
+
+
+def read_data_record(run_dir) -> dict | None:
+    """The data a run was split on (None for a run from before data.json, or no run)."""
+    path = Path(run_dir) / DATA_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        held, objects = record.get("held_out"), record.get("objects")
+        if not (isinstance(held, list) and all(isinstance(n, str) for n in held)
+                and isinstance(objects, dict) and all(isinstance(v, dict) for v in objects.values())):
+            raise ValueError("expected held_out: [names], objects: {name: {view: sizes}}")
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise DataRecordError(f"{path}: damaged or unreadable ({err}); restore it, or delete it to split anew "
+                              "by data.holdout") from err
+    return record
+
+
+def run_split(records: list, holdout: int, root, run_dir=None) -> tuple[list, list]:
+    """A run's (training, held-out) records: as its data.json recorded them when it has one (so
+    evaluation and tuning see the split training used, whatever was added since), else the last
+    `holdout` objects."""
+    recorded = read_data_record(run_dir) if run_dir is not None else None
+    if recorded is None:
+        return split_holdout(records, holdout, root)
+    held = set(recorded["held_out"])
+    return [r for r in records if r.name not in held], [r for r in records if r.name in held]
+
+
 def split_holdout(records: list, holdout: int, root) -> tuple[list, list]:
     """-> (training, held-out) records: the last `holdout` objects are held out. Holding out every
     object is an error, not a silent holdout of 0 (validation would then show training objects)."""

@@ -62,13 +62,15 @@ def main(argv: list[str] | None = None):
     except ConfigError as err:
         sys.exit(f"error: {err}")
     base = configs[0]
-    name = base.run.name if "--name" in rest else f"sweep_{key.replace('.', '_')}"
+    unnamed = without_option(without_option(rest, "--name"), "--set", "run.name=")
+    named = unnamed != rest                       # --name NAME, --name=NAME or --set run.name=NAME
+    name = base.run.name if named else f"sweep_{key.replace('.', '_')}"
     try:
         check_run_name(name)
     except RunFolderError as err:
         sys.exit(f"error: {err}")
     sweep_dir = Path(base.run.output_dir) / name
-    rest = without_option(without_option(rest, "--name"), "--set", "run.output_dir=")   # each run's own below
+    rest = without_option(unnamed, "--set", "run.output_dir=")     # each run's own name and folder below
     run_dirs = []
     for value, cfg in zip(values, configs):
         run_name = f"{key}={value.replace('/', '_')}"       # one run per value, inside the sweep's folder

@@ -40,7 +40,8 @@ from guided_concepts.configs.schema import (Config, ConfigError, check_overrides
 from guided_concepts.metrics import RunningMeans
 from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
 from guided_concepts.cli import describe_os_error, entry_point
-from guided_concepts.rundata import build_data, data_changes, data_record, resolve_data_root
+from guided_concepts.rundata import (DATA_RECORD, build_data, data_changes, data_record, read_data_record,
+                                     resolve_data_root)
 from guided_concepts.system import GuidedConcepts
 from guided_concepts.tokens.targets import load_word_targets
 from guided_concepts.validation import export_tokens, validate
@@ -63,7 +64,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--report-to", choices=["none", "wandb"], help="also log to wandb (run.report_to)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the run's")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a config that differs from the run's, "
+                   "or a data folder that changed (the recorded held-out objects stay held out)")
     p.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms (train.deterministic)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in backward "
                    "(model.gradient_checkpointing)")
@@ -84,7 +86,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     given_config = any(a == "--config" or a.startswith("--config=") for a in (argv or sys.argv[1:]))
     if args.resume and not given_config:   # a resumed run keeps its own config; --set can change e.g. train.steps
         base = load_config(args.config, overrides)
-        run_dir = Path(base.run.output_dir) / check_run_name(base.run.name)
+        run_dir = Path(base.run.output_dir).expanduser() / check_run_name(base.run.name)
         config_path = run_dir / "config.yaml"
         if run_dir.is_dir() and not config_path.is_file():
             raise CheckpointError(f"{run_dir}: --resume given but the run has no config.yaml (it was stopped before "
@@ -107,7 +109,7 @@ def main(argv=None):
         if args.help_config:          # nothing is loaded or written
             print(args.explained)
             return None
-        run_dir = Path(cfg.run.output_dir) / check_run_name(cfg.run.name)
+        run_dir = Path(cfg.run.output_dir).expanduser() / check_run_name(cfg.run.name)
         recorded = read_data_record(run_dir) if args.resume else None
         # A resumed run keeps the held-out objects it was split on.
         train_set, val_set = build_data(cfg, recorded["held_out"] if recorded else None)
@@ -124,7 +126,7 @@ def main(argv=None):
                                       + "; ".join(args.damaged))
             check_resume(cfg, run_dir, args.force, args.resume_from)
             check_resume_point(cfg, args.resume_from)
-            args.data_note = check_resume_data(recorded, args.data, run_dir, args.force)
+            args.data_note = check_resume_data(recorded, args.data, run_dir, args.force, cfg.data.holdout)
     except (ConfigError, DataError, FileExistsError, CheckpointError) as err:
         sys.exit(f"error: {err}")
     except OSError as err:             # a data root, cache or home that cannot be read or written
@@ -150,29 +152,15 @@ def main(argv=None):
         GradientState._reset_state()
 
 
-DATA_RECORD = "data.json"
-
-
-def read_data_record(run_dir: Path) -> dict | None:
-    """The data a run was split on (None for a run from before data.json, or no run)."""
-    path = Path(run_dir) / DATA_RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not isinstance(record.get("held_out"), list):
-            raise ValueError("no held_out list")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: damaged or unreadable ({err}); restore it, or pass --set data.holdout and "
-                              "delete it to split anew") from err
-    return record
-
-
-def check_resume_data(recorded: dict | None, current: dict, run_dir: Path, force: bool) -> str | None:
+def check_resume_data(recorded: dict | None, current: dict, run_dir: Path, force: bool, holdout: int) -> str | None:
     """A resumed run trains on the data it was split on: a changed data folder is refused, or with
     --force resumed on the new data with the recorded held-out objects still held out. -> a note."""
     if recorded is None:
         return f"note: {run_dir} has no {DATA_RECORD} (a run from an older version): its data is recorded from now on"
+    if holdout != len(recorded["held_out"]) and len(recorded["held_out"]) > 0:
+        raise ConfigError(f"data.holdout={holdout}: the run holds out {len(recorded['held_out'])} recorded object(s) "
+                          f"({run_dir / DATA_RECORD}); a resumed run keeps its split, even with --force: start a "
+                          "new run (--name) for another one")
     changes = data_changes(recorded, current)
     if not changes:
         return None

@@ -37,7 +37,7 @@ from guided_concepts.concepts import CONCEPTS
 from guided_concepts.checkpointing import RunFolderError, atomic_folder, atomic_write, check_overwritable
 from guided_concepts.configs.schema import ConfigError, load_config, mask_set_options
 from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, scan_objects
-from guided_concepts.rundata import resolve_data_root, split_holdout
+from guided_concepts.rundata import resolve_data_root, run_split
 from guided_concepts.tokens.export import load_token, save_word
 from guided_concepts.losses import word_target_loss
 from guided_concepts.tokens.targets import load_word_targets, save_word_targets
@@ -72,14 +72,15 @@ ARTEFACT_ENTRIES = ("heads.safetensors", "adapters.safetensors", "tokens", "lora
 def check_artefact_folder(out_dir: Path, object_dir: Path) -> None:
     """--out is replaced whole when the artefact is written: it may be a new folder or an earlier
     artefact, never a folder of anything else, nor inside the object's own folder."""
-    if _inside(out_dir, object_dir):
-        raise ConfigError(f"--out {out_dir}: inside the object's folder {object_dir}; write the artefact elsewhere")
+    if _inside(out_dir, object_dir.parent):      # it would be read as an object of that data set next time
+        raise ConfigError(f"--out {out_dir}: inside the object's data folder {object_dir.parent}; write the artefact "
+                          "elsewhere (default: <run>/objects/<object>)")
     if out_dir.exists() and any(out_dir.iterdir()):
         try:
             check_overwritable(out_dir, object_dir, ARTEFACT_ENTRIES, markers=("artefact.json",))
         except RunFolderError as err:
-            raise ConfigError(str(err).replace("--overwrite refused: not a run folder",
-                                               "refused: not a tune.py artefact")) from None
+            raise ConfigError(str(err).replace("--overwrite refused: not a run folder", "refused: not a tune.py "
+                                               "artefact").replace("--name or run.output_dir", "--out")) from None
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -198,7 +199,7 @@ def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, pro
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     root = resolve_data_root(cfg.data.root)
-    training = split_holdout(scan_objects(root), cfg.data.holdout, root)[0]      # the run's own split
+    training = run_split(scan_objects(root), cfg.data.holdout, root, run_dir)[0]      # the run's own split
     names = [n for n in cfg.tokens if CONCEPTS[n].concept.object_level]
     if not names:
         raise ConfigError(f"{run_dir}: none of its words ({', '.join(cfg.tokens)}) is one word per object")
@@ -235,7 +236,7 @@ def fit_heads_to_targets(run_dir, targets_path, out_dir, steps: int = 100, lr: f
     shapes = {n: (system.concepts[n].config.num_vectors, system.table.embedding_dim) for n in names}
     targets = load_word_targets(targets_path, names, shapes)
     root = resolve_data_root(cfg.data.root)
-    records = [r for r in split_holdout(scan_objects(root), cfg.data.holdout, root)[0]
+    records = [r for r in run_split(scan_objects(root), cfg.data.holdout, root, run_dir)[0]
                if all(r.name in targets[n] for n in names)]
     if not records:
         raise ConfigError(f"{targets_path}: no target words for this run's training objects")

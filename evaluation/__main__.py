@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from guided_concepts.argtypes import positive_int
+from guided_concepts.argtypes import positive_int, device as device_type
 from guided_concepts.configs.schema import ConfigError
 from guided_concepts.evaluation.image_metrics import ClipScorer
 from guided_concepts.evaluation.report import write_report
@@ -34,7 +34,7 @@ def main(argv=None):
     p.add_argument("--segmenter", help="segmenter 'module:function' (images -> masks); default: plain background")
     p.add_argument("--clip", help="CLIP model path or hub id for editability (CLIP-T); skipped when absent")
     p.add_argument("--out", default="runs/evaluation", help="output folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     prompts = dict(DEFAULT_PROMPTS)
     for item in args.prompt or []:

@@ -105,7 +105,10 @@ def load_callable(spec: str | None, default: Callable) -> Callable:
     module, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"{spec!r}: expected 'module:function'")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{spec!r}: cannot load it ({type(err).__name__}: {err})") from err
 
 
 class ClipScorer:

@@ -17,7 +17,7 @@ from guided_concepts.evaluation.image_metrics import (ClipScorer, inspiration_tr
 from guided_concepts.configs.schema import mask_set_options
 from guided_concepts.metrics import attention_mask_metrics
 from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
-from guided_concepts.rundata import resolve_data_root
+from guided_concepts.rundata import read_data_record, resolve_data_root, run_split
 from guided_concepts.system import render_prompt, to_device
 from guided_concepts.toyworld.evaluate import ground_truth_scores
 from guided_concepts.toyworld.scorer import load_scorer
@@ -49,9 +49,13 @@ class EvalSettings:
         generate.check_sampling(self.num_samples, self.steps, self.guidance_scale)
 
 
-def held_out_objects(cfg) -> list[Path]:
-    """The run's held-out objects; with a single-object data set (nothing held out), that object."""
-    records = scan_objects(resolve_data_root(cfg.data.root))
+def held_out_objects(cfg, run_dir=None) -> list[Path]:
+    """The run's held-out objects (as its data.json recorded them, when `run_dir` has one); with a
+    single-object data set (nothing held out), that object."""
+    root = resolve_data_root(cfg.data.root)
+    records = scan_objects(root)
+    if run_dir is not None and read_data_record(run_dir) is not None:
+        return [r.root for r in run_split(records, cfg.data.holdout, root, run_dir)[1]] or [r.root for r in records]
     holdout = min(cfg.data.holdout, len(records) - 1)
     return [r.root for r in (records[len(records) - holdout:] if holdout > 0 else records)]
 
@@ -79,7 +83,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
     segment_fn = load_callable(settings.segmenter, segment_plain_background)
     clip = clip or ClipScorer(settings.clip)
     notes = [] if clip.available else [f"editability (CLIP-T) skipped: {clip.reason}"]
-    objects = [Path(o) for o in (settings.objects if settings.objects is not None else held_out_objects(cfg))]
+    objects = [Path(o) for o in (settings.objects if settings.objects is not None else held_out_objects(cfg, run_dir))]
     if not objects:
         raise ValueError("no reference objects to evaluate (pass object folders)")
     rows, samples, token_features = [], {}, {}

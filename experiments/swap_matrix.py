@@ -292,7 +292,7 @@ def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, s
     steps (E4T stage 2), textual inversion with the same few steps, textual inversion with
     ti_steps (the ceiling), the attributes in words."""
     system, cfg = generate.load_run(run)
-    objects = held_out_objects(cfg)
+    objects = held_out_objects(cfg, run)
     truths = [truth_of(f) for f in objects]
     scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
     rows = {}
@@ -369,7 +369,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
     """tuned_names: the words the "tuned" row takes from tune.py (default: every object-level word);
     the others stay the encoder's."""
     system, cfg = generate.load_run(run)
-    objects = held_out_objects(cfg)
+    objects = held_out_objects(cfg, run)
     truths = [truth_of(f) for f in objects]
     scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
     active = [n for n in system.tokens if n in OWNS]

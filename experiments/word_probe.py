@@ -75,7 +75,7 @@ def mean_and_se(per_chair: list[list[bool]]) -> tuple[float, float]:
 @torch.no_grad()
 def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> dict:
     system, cfg = generate.load_run(run)
-    objects = held_out_objects(cfg)
+    objects = held_out_objects(cfg, run)
     if extra:
         objects = objects + extra_chairs(cfg, extra, run.parent)
     scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")

@@ -68,7 +68,7 @@ BAD_PLACES = {
     "a folder holding the data": (["--set", "run.output_dir={tmp}", "--name", "data"],
                                   r"a run folder may not be the data \(data.root\)"),
     "the current folder's parent": (["--set", "run.output_dir={tmp}", "--name", "runs"],
-                                    r"a run folder may not hold the current folder"),
+                                    r"a run folder may not hold the current folder|runs already exists"),
 }
 
 
@@ -429,7 +429,8 @@ def test_tune_out_never_replaces_a_folder_that_is_not_an_artefact(world, capsys)
     obj = data / "chair_000"
     before = snapshot(tmp)
     for out, message in ((tmp / "photos", r"refused: not a tune.py artefact \(it holds IMG_0001.jpg\)"),
-                         (obj / "tuned", "inside the object's folder"), (data, "refused")):
+                         (obj / "tuned", "inside the object's data folder"),
+                         (data / "new_object", "inside the object's data folder"), (data, "inside the object's data")):
         with pytest.raises(SystemExit, match=message):
             tune.main(["--run", str(run), "--object", str(obj), "--steps", "1", "--out", str(out)])
     assert snapshot(tmp) == before
@@ -445,3 +446,96 @@ def test_a_key_given_twice_on_the_command_line_is_refused(world):
     with pytest.raises(SystemExit, match=r"--set run.name given twice .*\(--name sets run.name\)"):
         train.main(["--set", f"run.output_dir={runs}", *QUICK, "--set", "run.name=a", "--name", "b"])
     assert not runs.joinpath("a").exists() and not runs.joinpath("b").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A second look (review): links, the split everywhere, forks, edges
+# ----------------------------------------------------------------------------------------------
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(world):
+    tmp, data, runs = world
+    args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"]
+    run = train.main(args)
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(runs / "notes.txt")
+    with pytest.raises(SystemExit, match=r"\.lock: is a link, not this project's lock file; remove it"):
+        train.main(with_settings(args, "--resume", "--set", "train.steps=3"))
+    assert (runs / "notes.txt").read_text() == "my notes"
+
+
+def test_forked_workers_do_not_hold_the_lock(tmp_path):
+    from guided_concepts.checkpointing import RunLock
+    lock = RunLock(tmp_path).acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:                              # the child: its copy of the lock fd is closed
+            try:
+                os.fstat(lock.fd)
+                os._exit(1)
+            except OSError:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        os.fstat(lock.fd)                         # the parent's stays open
+    finally:
+        lock.release()
+
+
+def test_resume_keeps_data_holdout_and_evaluation_sees_the_recorded_split(world, chairs_dir):
+    from guided_concepts.configs.schema import load_config
+    from guided_concepts.evaluation.runner import held_out_objects
+    tmp, data, runs = world
+    args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"]
+    run = train.main(args)
+    with pytest.raises(SystemExit, match=r"data.holdout=2: the run holds out 1 recorded object\(s\)"):
+        train.main(with_settings(args, "--resume", "--set", "data.holdout=2", "--force"))
+    shutil.copytree(sorted(chairs_dir.iterdir())[5], data / "chair_zzz")      # now last, but it was never held out
+    cfg = load_config(run / "config.yaml")
+    assert [p.name for p in held_out_objects(cfg, run)] == ["chair_003"]
+    assert [p.name for p in held_out_objects(cfg)] == ["chair_zzz"]           # without the run: by data.holdout
+
+
+def test_resume_from_inside_the_run_folder_still_works(world, monkeypatch):
+    tmp, data, runs = world
+    args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"]
+    run = train.main(args)
+    monkeypatch.chdir(run / "samples")
+    assert latest_checkpoint(train.main(with_settings(args, "--resume", "--set", "train.steps=3"))).name == "step_000003"
+
+
+def test_a_damaged_data_record_is_named(world):
+    tmp, data, runs = world
+    args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"]
+    run = train.main(args)
+    (run / "data.json").write_text('{"held_out": ["chair_003"], "objects": 5}')
+    with pytest.raises(SystemExit, match=r"data.json: damaged or unreadable"):
+        train.main(with_settings(args, "--resume", "--set", "train.steps=3"))
+
+
+EDGE_FLAGS = {   # entry point, arguments -> the message (argparse or one line; never a traceback)
+    "a name that is not UTF-8": (lambda t: train.main(["--name", "\udcff" * 300, "--set", f"run.output_dir={t}"]),
+                                 "300 bytes long"),
+    "generate --out without an image suffix": (lambda t: __import__("guided_concepts.generate").generate.main(
+        ["--prompt", "a chair", "--model", "tiny", "--out", str(t / "x.unknownext")]), "expected an image file name"),
+    "generate --device bogus": (lambda t: __import__("guided_concepts.generate").generate.main(
+        ["--prompt", "a chair", "--model", "tiny", "--device", "bogus"]), "is not a device"),
+    "toyworld evaluate --seeds 0": (lambda t: __import__("guided_concepts.toyworld.__main__").toyworld.__main__.main(
+        ["evaluate", "--seeds", "0"]), "must be a whole number >= 1"),
+    "toyworld evaluate --model missing": (lambda t: __import__("guided_concepts.toyworld.__main__").toyworld.__main__
+                                          .main(["evaluate", "--model", str(t / "nope")]), "--model"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_FLAGS))
+def test_edge_flags_are_one_line(case, tmp_path, capsys):
+    call, message = EDGE_FLAGS[case]
+    with pytest.raises(SystemExit) as stopped:
+        call(tmp_path)
+    said = str(stopped.value) + capsys.readouterr().err
+    assert stopped.value.code != 0 and message in said and "Traceback" not in said
+
+
+def test_load_callable_names_a_plugin_that_does_not_load():
+    from guided_concepts.evaluation.image_metrics import load_callable
+    with pytest.raises(ValueError, match=r"'nonexist:fn': cannot load it \(ModuleNotFoundError"):
+        load_callable("nonexist:fn", None)
+    with pytest.raises(ValueError, match=r"'json:nothing': cannot load it \(AttributeError"):
+        load_callable("json:nothing", None)

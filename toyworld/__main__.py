@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from guided_concepts.argtypes import positive_int
 from guided_concepts.cli import entry_point
 from guided_concepts.toyworld.pretrain import STAGES
 
-PRETRAIN_ENTRIES = ("config.json", "stages", "checkpoints", "model", "timings.json", ".lock", ".*.tmp")
+PRETRAIN_ENTRIES = ("config.json", "stages", "checkpoints", "model", "timings.json", ".lock", ".*.tmp", ".*.old")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a PretrainConfig key (sizes.KEY for model sizes)")
     pre.add_argument("--stop-after", choices=STAGES, help="stop after this stage")
-    pre.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    pre.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     ev = sub.add_parser("evaluate", help="score a ToyWorld model's samples on held-out attribute prompts")
     ev.add_argument("--model", default="toyworld", help="'toyworld' (the shipped weights) or a model folder")
-    ev.add_argument("--seeds", type=int, default=2)
+    ev.add_argument("--seeds", type=positive_int, default=2)
     ev.add_argument("--grid", type=Path, default=None, help="write the held-out samples as a PNG grid")
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from guided_concepts.backbone.load import resolve_model_path
     from guided_concepts.toyworld.evaluate import evaluate_base_model
-    metrics = evaluate_base_model(resolve_model_path(args.model), seeds=args.seeds, grid=args.grid)
+    try:
+        model = resolve_model_path(args.model)
+    except (ValueError, OSError) as error:
+        parser.error(f"--model {args.model}: {error}")
+    metrics = evaluate_base_model(model, seeds=args.seeds, grid=args.grid)
     print(json.dumps(metrics, indent=1))
     return 0
 
