@@ -72,8 +72,10 @@ def test_renders_are_deterministic_and_the_background_stays_out_of_the_mask():
 
 
 def test_an_object_round_trips_through_meta_json():
+    from guided_concepts.objectdata.meta import TOP_LEVEL_KEYS
     obj = WorldObject("table", CORNERS["drawn"], COLOUR)
     assert WorldObject.from_meta(json.loads(json.dumps(obj.to_meta()))) == obj
+    assert set(obj.to_meta()) <= set(TOP_LEVEL_KEYS)           # a meta.json the data checks accept
 
 
 @pytest.mark.parametrize("make, message", [

@@ -72,11 +72,16 @@ class WorldObject:
             raise ValueError(f"category: {self.category!r} is not one of {', '.join(CATEGORIES)}")
 
     def to_meta(self) -> dict:
-        return {"category": self.category, "shape": asdict(self.shape), "colour": [float(c) for c in self.colour]}
+        """meta.json's keys (objectdata.meta.TOP_LEVEL_KEYS): the category, and the ground truth
+        under shape.toyworld2, as ToyWorld 1 keeps its own under shape.toyworld."""
+        return {"category": self.category,
+                "shape": {"toyworld2": {**asdict(self.shape), "colour": [float(c) for c in self.colour]}}}
 
     @staticmethod
     def from_meta(meta: dict) -> "WorldObject":
-        return WorldObject(meta["category"], Shape(**meta["shape"]), tuple(meta["colour"]))
+        truth = dict(meta["shape"]["toyworld2"])
+        colour = tuple(truth.pop("colour"))
+        return WorldObject(meta["category"], Shape(**truth), colour)
 
 
 def _box(centre, size, colour) -> Box:

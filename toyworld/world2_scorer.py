@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guided_concepts.toyworld.scorer import augment
+from guided_concepts.toyworld.scorer import Scorer, augment
 from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES, DIRECTIONS, ELEVATION_RANGE, DISTANCE_RANGE, direction_bin
 from guided_concepts.toyworld.world2 import BACKGROUNDS, CATEGORIES, SHAPE_PARAMS, Shape, WorldObject, render
 
@@ -51,25 +51,20 @@ def render_set(objects: int, views: int, resolution: int, seed: int = 0) -> dict
 
 
 class Scorer2(nn.Module):
-    """images [B,3,H,W] in [0,1] at `size` -> class logits per CLASSES name, and shape [B,6] in [0,1]."""
+    """images [B,3,H,W] in [0,1] at `size` -> class logits per CLASSES name, and shape [B,6] in [0,1].
+    ToyWorld 1's scorer trunk and class heads, read at `size` instead of 32 px, plus a shape head."""
 
     def __init__(self, size: int, width: int = 32):
         super().__init__()
         self.size = size
-
-        def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.MaxPool2d(2))
-        self.features = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
-                                      nn.AdaptiveAvgPool2d(2), nn.Flatten())        # [B, 16 * width]
-        self.classes = nn.ModuleDict({n: nn.Linear(16 * width, k) for n, k in CLASSES.items()})
+        self.trunk = Scorer(width, CLASSES)                    # .features [B, 16 * width], .heads per class
         self.shape = nn.Linear(16 * width, len(SHAPE_PARAMS))
 
     def forward(self, images: torch.Tensor):
         x = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True,
                           align_corners=False)
-        features = self.features(x * 2 - 1)
-        return {n: head(features) for n, head in self.classes.items()}, torch.sigmoid(self.shape(features))
+        features = self.trunk.features(x * 2 - 1)
+        return {n: head(features) for n, head in self.trunk.heads.items()}, torch.sigmoid(self.shape(features))
 
 
 def train_and_measure(data: dict, steps: int, batch: int = 96, seed: int = 0) -> dict:
