@@ -10,11 +10,14 @@ from pathlib import Path
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.configs.schema import Config, mask_set_options
 from guided_concepts.objectdata import DataError, ObjectViewsDataset, ensure_default_data, scan_objects
+from guided_concepts.toyworld import world2_data
 from guided_concepts.toyworld.world import ensure_toyworld_data
 
 # Data sets `data.root` may name instead of a folder (generated on first use). The generic data
 # package knows none of them.
-NAMED_DATASETS = {"toyworld": ensure_toyworld_data}
+NAMED_DATASETS = {"toyworld": ensure_toyworld_data,
+                  **{name: (lambda level=level: world2_data.ensure_world2_data(level))
+                     for name, level in world2_data.NAMED_SETS.items()}}
 
 
 def resolve_data_root(root: str | None) -> Path:
@@ -43,8 +46,16 @@ def build_data(cfg: Config, held_out: list[str] | None = None):
         train_records = [r for r in records if r.name not in held_out]
         val_records = [r for r in records if r.name in held_out]
     mask_set = mask_set_options(cfg)
-    train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
-                               random_set_size=True, **mask_set)
+    if cfg.data.rendered_objects:        # new objects every epoch; the folders' held-out objects evaluate
+        try:
+            train = world2_data.rendered_training_set(cfg.data.root, cfg.data.rendered_objects, cfg.data.decouple,
+                                                      cfg.data.resolution, cfg.train.seed, flip_prob=cfg.data.flip_prob,
+                                                      random_set_size=True, **mask_set)
+        except ValueError as error:
+            raise DataError(str(error)) from None
+    else:
+        train = ObjectViewsDataset(train_records, cfg.data.resolution, cfg.data.flip_prob, seed=cfg.train.seed,
+                                   random_set_size=True, **mask_set)
     val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, **mask_set)
     check_data_fits(cfg, train)
     cfg.train.samples_per_step = samples_per_step(cfg, train)     # in config.yaml, and said by train.py

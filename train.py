@@ -543,7 +543,7 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
         finish()
         sys.exit(128 + stop)
     if accelerator.is_main_process:
-        export_tokens(system, [train_set, val_set], run_dir, accelerator.device)
+        export_tokens(system, [d for d in (train_set, val_set) if d.on_disk], run_dir, accelerator.device)
         accelerator.print(f"done: {run_dir} (checkpoints/, samples/, tokens/, metrics.jsonl)")
     finish()
     return run_dir

@@ -86,6 +86,7 @@ class Backbone:
 # Models that ship inside this repository: name -> folder (a diffusers SD folder).
 SHIPPED_MODELS = {
     "toyworld": Path(__file__).resolve().parent.parent / "toyworld" / "weights",   # python -m toyworld pretrain
+    "toyworld2": Path(__file__).resolve().parent.parent / "toyworld" / "weights2",  # ... --world toyworld2
 }
 
 
@@ -97,7 +98,7 @@ def resolve_model_path(name: str) -> str:
     if name in SHIPPED_MODELS:
         if not (SHIPPED_MODELS[name] / "model_index.json").exists():
             raise ValueError(f"model.name {name!r}: its weights are missing from {SHIPPED_MODELS[name]} "
-                             "(a partial checkout?); `python -m toyworld pretrain` rebuilds them")
+                             f"(a partial checkout?); `python -m toyworld pretrain --world {name}` rebuilds them")
         return str(SHIPPED_MODELS[name])
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())

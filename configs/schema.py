@@ -39,13 +39,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str | None = field(default=None, metadata={"help": "object folders; null = the bundled synthetic chairs; 'toyworld' = ToyWorld chairs with ground truth (generated on first use)"})
+    root: str | None = field(default=None, metadata={"help": "object folders; null = the bundled synthetic chairs; 'toyworld' = ToyWorld chairs with ground truth (generated on first use); 'toyworld2', 'toyworld2-floor', 'toyworld2-clutter' = ToyWorld 2's four categories at a background level"})
     resolution: int = field(default=64, metadata={"help": "training image size (512 for SD 1.5)"})
     flip_prob: float = field(default=0.5, metadata={"help": "horizontal flip probability (image and mask together)"})
     holdout: int = field(default=2, metadata={"help": "objects held out for validation samples and metrics"})
     triplets: bool = field(default=True, metadata={"help": "batches of (view, same object other view, other object same camera) for the consistency losses"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers (started each epoch; pinned memory on CUDA)"})
     cache_latents: bool = field(default=False, metadata={"help": "encode each (view, flip) with the VAE once and keep its latent mean/std; the same samples are drawn as without the cache"})
+    rendered_objects: int = field(default=0, metadata={"help": "ToyWorld 2 roots only: train on this many objects drawn afresh each epoch and rendered on demand (0 = data.root's folders); the root's held-out objects stay the evaluation set"})
+    decouple: list[str] = field(default_factory=list, metadata={"help": "with rendered_objects: what the shape word's mask set differs in from the target view (same shape): any of category, colour, background, camera"})
 
     def __post_init__(self):
         if self.root is not None and not self.root.strip():     # "" would silently mean the bundled chairs
@@ -54,6 +56,13 @@ class DataConfig:
             raise ValueError(f"data.resolution: must be at least 8 pixels, got {self.resolution}")
         if self.holdout < 0:
             raise ValueError(f"data.holdout: must be >= 0, got {self.holdout}")
+        if self.rendered_objects < 0:
+            raise ValueError(f"data.rendered_objects: must be >= 0, got {self.rendered_objects}")
+        if self.decouple and not self.rendered_objects:
+            raise ValueError("data.decouple: only with data.rendered_objects > 0 (pairs are rendered on demand)")
+        if self.rendered_objects and self.cache_latents:
+            raise ValueError("data.cache_latents: rendered objects change every epoch; set one of "
+                             "data.cache_latents=false or data.rendered_objects=0")
 
 
 @dataclass

@@ -47,6 +47,7 @@ class ObjectViewsDataset(Dataset):
     every time it is read within an epoch, on any worker. Call set_epoch(e) before each
     epoch for fresh flips (with persistent DataLoader workers, the workers keep the old epoch).
     """
+    on_disk = True      # its objects are files (a word can be exported per object), not drawn per epoch
 
     def __init__(self, records: Sequence[ObjectRecord], resolution: int = 64,
                  flip_prob: float = 0.5, seed: int = 0, mask_set_size: int = 0,
@@ -98,9 +99,10 @@ class ObjectViewsDataset(Dataset):
             self.cached_bytes += size
         return value
 
-    def _view_pixels(self, view: ViewRecord):
+    def _view_pixels(self, object_index: int, view_index: int):
         """-> image [3,R,R], mask [1,R,R] (centre square, resized), the square's side in pixels, its
         corner (left, top) and the file's size (height, width)."""
+        view = self.records[object_index].views[view_index]
         image = load_rgb(view.image_path)  # [3,H,W] in [0,1]
         mask = load_mask(view.mask_path) if view.mask_path else torch.ones_like(image[:1])  # [1,H,W]
         if mask.shape[-2:] != image.shape[-2:]:  # records may be hand-built, not scanned
@@ -154,7 +156,8 @@ class ObjectViewsDataset(Dataset):
         record = self.records[object_index]
         view = record.views[view_index]
 
-        image, mask, side, corner, original = self._cached(("view", object_index, view_index), lambda: self._view_pixels(view))
+        image, mask, side, corner, original = self._cached(("view", object_index, view_index),
+                                                           lambda: self._view_pixels(object_index, view_index))
         keypoints, valid = self._padded_keypoints(view)  # [K,2] pixels, [K]
         keypoints = (keypoints - torch.tensor(corner, dtype=keypoints.dtype)) / side  # into the square, [0,1]
         valid &= ((keypoints >= 0) & (keypoints <= 1)).all(dim=-1)  # cropped-away points are unusable
@@ -195,10 +198,14 @@ class ObjectViewsDataset(Dataset):
             item.update(self._mask_set(record, index, flipped, object_index))
         return item
 
-    @staticmethod
-    def _set_mask(path, res: int) -> torch.Tensor:
+    def _set_record(self, object_index: int) -> ObjectRecord:
+        """The views the mask set is drawn from: the object's own (a subclass may give another
+        rendering of the same shape)."""
+        return self.records[object_index]
+
+    def _set_mask(self, object_index: int, view_index: int, res: int) -> torch.Tensor:
         """A mask of the set: centre square, area-resized to res [1,res,res]."""
-        mask = load_mask(path)
+        mask = load_mask(self._set_record(object_index).views[view_index].mask_path)
         side = min(mask.shape[-2:])
         top, left = (mask.shape[-2] - side) // 2, (mask.shape[-1] - side) // 2
         mask = mask[:, top:top + side, left:left + side]
@@ -209,6 +216,7 @@ class ObjectViewsDataset(Dataset):
         size, res = self.mask_set_size, self.mask_set_resolution
         seed = int(np.random.SeedSequence([self.seed, self.epoch, index, 1]).generate_state(1, np.uint64)[0])
         generator = torch.Generator().manual_seed(seed)
+        record = self._set_record(object_index)
         order = torch.randperm(len(record.views), generator=generator).tolist()
         count = min(size, len(order))
         if self.random_set_size:
@@ -221,12 +229,11 @@ class ObjectViewsDataset(Dataset):
             view = record.views[v]
             if view.mask_path is None:
                 continue
-            mask = self._cached(("set", object_index, v, res), lambda: (self._set_mask(view.mask_path, res),))[0]
+            mask = self._cached(("set", object_index, v, res), lambda: (self._set_mask(object_index, v, res),))[0]
             azimuth = view.azimuth or 0.0
             if shading is not None:
                 shade = self._cached(("shading", object_index, v, res),
-                                     lambda: (self._set_shading(self._cached(("view", object_index, v),
-                                                                             lambda: self._view_pixels(view))[0], mask),))[0]
+                                     lambda: (self._set_shading(self._set_pixels(object_index, v), mask),))[0]
                 shading[slot] = hflip(shade) if flipped else shade
             if flipped:          # the whole object is mirrored with the item
                 mask, azimuth = hflip(mask), -azimuth
@@ -236,6 +243,10 @@ class ObjectViewsDataset(Dataset):
         if shading is not None:
             out["mask_set_shading"] = shading
         return out
+
+    def _set_pixels(self, object_index: int, view_index: int) -> torch.Tensor:
+        """A set view's image [3,R,R] in [0,1]."""
+        return self._cached(("view", object_index, view_index), lambda: self._view_pixels(object_index, view_index))[0]
 
     @staticmethod
     def _set_shading(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -90,13 +90,14 @@ def test_bad_identities_are_named(make, message):
 
 
 def test_the_scorer_set_labels_what_it_rendered_and_the_scorer_trains_at_toy_size():
-    from guided_concepts.toyworld.world2_scorer import CLASSES, render_set, train_and_measure
-    data = render_set(objects=8, views=2, resolution=32, seed=1)
+    from guided_concepts.toyworld.world2_pretraining import render_set
+    from guided_concepts.toyworld.world2_scorer import CLASSES, train_and_measure
+    data = render_set(objects=8, views=2, resolution=32, seed=1, held_out=None)
     assert data["images"].shape == (16, 32, 32, 3) and data["shape"].shape == (16, len(SHAPE_PARAMS))
     assert set(data["classes"][:, 0].tolist()) == set(range(len(CATEGORIES)))      # every category drawn
     assert (data["shape"][::2] == data["shape"][1::2]).all()                       # one object's views share it
     assert ((0 <= data["shape"]) & (data["shape"] <= 1)).all()
-    report = train_and_measure({k: np.concatenate([v] * 2) if k != "object" else np.concatenate([v, v + 9])
+    _, report = train_and_measure({k: np.concatenate([v] * 2) if k != "object" else np.concatenate([v, v + 9])
                                 for k, v in data.items()}, steps=2, batch=4)
     assert set(report["held_out"]) == {"all", *BACKGROUNDS}
     assert all(0 <= report["held_out"]["all"][n] <= 1 for n in CLASSES)

@@ -1,6 +1,6 @@
 """ToyWorld command line.
 
-    python -m toyworld pretrain --out runs/toyworld [--resume | --overwrite] [--set key=value ...]
+    python -m toyworld pretrain --out runs/toyworld [--world toyworld2] [--resume | --overwrite] [--set key=value ...]
     python -m toyworld evaluate --model toyworld/weights        # base-model attribute accuracy
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from guided_concepts.argtypes import positive_int
 from guided_concepts.cli import entry_point
 from guided_concepts.toyworld.pretrain import STAGES
+from guided_concepts.toyworld.worlds import WORLDS
 
 PRETRAIN_ENTRIES = ("config.json", "stages", "checkpoints", "model", "timings.json", ".lock", ".*.tmp", ".*.old")
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--out", type=Path, required=True, help="run folder (model/ is the result)")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out with its own config")
     pre.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    pre.add_argument("--world", choices=WORLDS, default="toyworld",
+                     help="the world to render and pretrain on (its defaults, then --set)")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a PretrainConfig key (sizes.KEY for model sizes)")
     pre.add_argument("--stop-after", choices=STAGES, help="stop after this stage")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError("--resume continues with the run's own config.json; --set is not allowed")
                 config = config_from_overrides([], json.loads(config_file.read_text()))
             else:
-                config = config_from_overrides(args.set)
+                config = config_from_overrides(args.set, world=args.world)
                 if args.out.exists() and any(args.out.iterdir()):
                     if not args.overwrite:
                         raise RunFolderError(f"{args.out} already exists; pass --resume to continue it or "
@@ -66,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from guided_concepts.backbone.load import resolve_model_path
-    from guided_concepts.toyworld.evaluate import evaluate_base_model
     try:
         model = resolve_model_path(args.model)
+        world = json.loads((Path(model) / "pretrain_config.json").read_text()).get("world", "toyworld")
     except (ValueError, OSError) as error:
         parser.error(f"--model {args.model}: {error}")
-    metrics = evaluate_base_model(model, seeds=args.seeds, grid=args.grid)
+    metrics = WORLDS[world].evaluate(model, seeds=args.seeds, grid=args.grid)
     print(json.dumps(metrics, indent=1))
     return 0
 

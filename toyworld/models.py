@@ -23,14 +23,15 @@ class ToyWorldSizes:
     unet_head_dim: int = field(default=16, metadata={"help": "UNet attention head dim"})
 
 
-def toyworld_vocab():
-    """Whole-word tokens: ToyWorld's caption words plus the tiny model's (framework templates)."""
-    return tiny_vocab_and_merges(list(dict.fromkeys(caption_words() + TINY_WORDS)))
+def toyworld_vocab(words: list[str] | None = None):
+    """Whole-word tokens: a world's caption words (ToyWorld 1's by default) plus the tiny model's
+    (framework templates)."""
+    return tiny_vocab_and_merges(list(dict.fromkeys((caption_words() if words is None else words) + TINY_WORDS)))
 
 
-def build_tokenizer(sizes: ToyWorldSizes):
+def build_tokenizer(sizes: ToyWorldSizes, words: list[str] | None = None):
     from transformers import CLIPTokenizer
-    vocab, merges = toyworld_vocab()
+    vocab, merges = toyworld_vocab(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=sizes.max_tokens)
 
 

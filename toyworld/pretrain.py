@@ -1,6 +1,7 @@
 """Pretrain ToyWorld: a small Stable Diffusion (VAE, CLIP text model, UNet) on rendered chairs.
 
     python -m toyworld pretrain --out runs/toyworld            # ~50 min on 2 CPU cores
+    python -m toyworld pretrain --out runs/toyworld2 --world toyworld2
     python -m toyworld pretrain --out runs/toyworld --resume   # continue after an interruption
 
 Stages, each resumable, run in order:
@@ -31,19 +32,20 @@ from tqdm.auto import tqdm
 
 from guided_concepts.checkpointing import atomic_folder, atomic_write, remove_stale_temporaries
 from guided_concepts.configs.schema import apply_override, build_dataclass, parse_override
-from guided_concepts.toyworld import models, scorer as scoring
+from guided_concepts.toyworld import models
 from guided_concepts.toyworld.models import ToyWorldSizes
-from guided_concepts.toyworld.world import random_caption, render_set
+from guided_concepts.toyworld.worlds import WORLDS
 
 STAGES = ("data", "vae", "unet", "scorer", "export", "evaluate")
 
 
 @dataclass
 class PretrainConfig:
+    world: str = field(default="toyworld", metadata={"help": "toyworld (chairs) or toyworld2 (four categories, one shape space)"})
     seed: int = field(default=0, metadata={"help": "every draw derives from (seed, stage, step)"})
-    chairs: int = field(default=3000, metadata={"help": "training chairs (each a new geometry)"})
+    chairs: int = field(default=3000, metadata={"help": "training objects (each a new geometry)"})
     views: int = field(default=8, metadata={"help": "random cameras per training chair"})
-    scorer_chairs: int = field(default=1200, metadata={"help": "chairs rendered to train the scorer (all combinations)"})
+    scorer_chairs: int = field(default=1200, metadata={"help": "objects rendered to train the scorer (all combinations)"})
     vae_steps: int = field(default=800, metadata={"help": "VAE optimizer steps"})
     vae_batch: int = field(default=32, metadata={"help": "VAE batch size"})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE peak lr (cosine decay)"})
@@ -82,6 +84,7 @@ class Pretraining:
     def __init__(self, out: Path, config: PretrainConfig, log=print):
         self.out, self.config, self.log = Path(out), config, log
         self.sizes = config.sizes
+        self.world = WORLDS[config.world]
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def done(self, stage: str) -> bool:
@@ -138,14 +141,8 @@ class Pretraining:
     # -- stages -------------------------------------------------------------------------------------
     def stage_data(self):
         c = self.config
-        bar = tqdm(total=c.chairs + c.scorer_chairs, desc="render", unit="chair")
-        train = render_set(c.chairs, c.views, self.sizes.resolution, c.seed, held_out=False, progress=bar.update)
-        # Scorer chairs: other geometries, every attribute combination (held-out ones included).
-        scorer_set = render_set(c.scorer_chairs, 8, self.sizes.resolution, c.seed + 10_000, held_out=False,
-                                progress=bar.update)
-        extra = render_set(max(1, c.scorer_chairs // 5), 8, self.sizes.resolution, c.seed + 20_000, held_out=True)
-        extra["chair"] += c.scorer_chairs          # chair ids stay unique across the two sets
-        scorer_set = {k: np.concatenate([scorer_set[k], extra[k]]) for k in scorer_set}
+        bar = tqdm(total=c.chairs + c.scorer_chairs, desc="render", unit="object")
+        train, scorer_set = self.world.data(c, self.sizes.resolution, bar.update)
         bar.close()
         self.finish("data", lambda tmp: (np.savez_compressed(tmp / "train.npz", **train),
                                          np.savez_compressed(tmp / "scorer.npz", **scorer_set)),
@@ -199,15 +196,16 @@ class Pretraining:
         from diffusers.training_utils import EMAModel
         c = self.config
         torch.manual_seed(c.seed + 1)
-        tokenizer = models.build_tokenizer(self.sizes)
+        tokenizer = models.build_tokenizer(self.sizes, self.world.caption_words())
         text_encoder = models.build_text_encoder(self.sizes, len(tokenizer))
         unet = models.build_unet(self.sizes)
         scheduler = models.build_scheduler()
         from diffusers import AutoencoderKL
         scaling = AutoencoderKL.load_config(self.stage_dir("vae") / "vae")["scaling_factor"]
         latents = load_file(str(self.stage_dir("vae") / "latents.safetensors"))
-        labels = self.load_data("train")["labels"]
-        names = ("colour", "arms", "back", "direction")
+        data = self.load_data("train")
+        count = len(data["images"])
+        del data["images"], data["masks"]         # captions need the labels only
         params = list(unet.parameters()) + list(text_encoder.parameters())
         optimizer = torch.optim.AdamW(params, lr=c.unet_lr, weight_decay=1e-2)
         ema = EMAModel(params, decay=c.ema_decay, use_ema_warmup=True)
@@ -217,9 +215,9 @@ class Pretraining:
         bar = tqdm(range(start, c.unet_steps), initial=start, total=c.unet_steps, desc="unet")
         for step in bar:
             rng, gen = step_rng(c.seed, "unet", step), step_generator(c.seed, "unet", step)
-            index = rng.choice(len(labels), c.unet_batch, replace=False)
+            index = rng.choice(count, c.unet_batch, replace=False)
             captions = ["" if rng.random() < c.caption_dropout else
-                        random_caption(rng, dict(zip(names, labels[i])), keep=c.caption_keep) for i in index]
+                        self.world.caption(rng, data, i, c.caption_keep) for i in index]
             index = torch.from_numpy(index)
             mean, std = latents["mean"][index], latents["std"][index]
             z = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling       # [B,4,h,w]
@@ -255,9 +253,8 @@ class Pretraining:
 
     def stage_scorer(self):
         c = self.config
-        data = self.load_data("scorer")
-        model, summary = scoring.train_scorer(data, steps=c.scorer_steps, seed=c.seed, log=self.log)
-        self.finish("scorer", lambda tmp: scoring.save_scorer(model, tmp / "scorer"), summary)
+        write, summary = self.world.train_scorer(self.load_data("scorer"), c, self.log)
+        self.finish("scorer", lambda tmp: write(tmp / "scorer"), summary)
 
     def stage_export(self):
         """fp16 StableDiffusionPipeline folder (+ scorer/, pretrain config); DDIM for sampling."""
@@ -286,9 +283,8 @@ class Pretraining:
         self.finish("export", lambda tmp: None, {"model": str(self.out / "model")})
 
     def stage_evaluate(self):
-        from guided_concepts.toyworld.evaluate import evaluate_base_model
         c = self.config
-        metrics = evaluate_base_model(self.out / "model", seeds=c.eval_seeds, steps=c.eval_steps,
+        metrics = self.world.evaluate(self.out / "model", seeds=c.eval_seeds, steps=c.eval_steps,
                                       guidance_scale=c.guidance_scale, grid=self.out / "model" / "samples.png")
         timings = json.loads((self.out / "timings.json").read_text()) if (self.out / "timings.json").exists() else {}
         metrics["pretrain_seconds"] = timings
@@ -311,10 +307,19 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def config_from_overrides(overrides: list[str], saved: dict | None = None) -> PretrainConfig:
+def config_from_overrides(overrides: list[str], saved: dict | None = None, world: str | None = None) -> PretrainConfig:
     """`key=value` (sizes.key=value for model sizes) over `saved` (a run's config.json) or the
-    defaults, typed and checked like train.py's --set: an unknown key lists the valid ones."""
-    raw = saved or {}
+    defaults of `world`, typed and checked like train.py's --set: an unknown key lists the valid ones."""
+    if saved is not None:
+        raw = saved
+    else:
+        world = world or PretrainConfig.world
+        if world not in WORLDS:
+            raise ValueError(f"world: {world!r} is not one of {', '.join(WORLDS)}")
+        raw = {**json.loads(json.dumps(WORLDS[world].defaults)), "world": world}
     for item in overrides:
         apply_override(raw, *parse_override(item))
-    return build_dataclass(PretrainConfig, raw, "")
+    config = build_dataclass(PretrainConfig, raw, "")
+    if config.world not in WORLDS:
+        raise ValueError(f"world: {config.world!r} is not one of {', '.join(WORLDS)}")
+    return config

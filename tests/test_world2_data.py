@@ -1,0 +1,208 @@
+"""ToyWorld 2 as data: pretraining captions and held-out combinations, the pretraining command on
+the world (resumable, exact), the scorer's accuracy file, the fixed object folders, and the
+training set rendered on demand with decoupled pairs (a pair shares exactly what it should)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from guided_concepts.toyworld.world2 import BACKGROUNDS, CATEGORIES, SHAPE_PARAMS, WorldObject, render
+from guided_concepts.toyworld.world2_data import DECOUPLE, RenderedViewsDataset, write_world2_objects
+from guided_concepts.toyworld.world2_pretraining import (COARSE_WORDS, HELD_OUT_COMBOS, caption, coarse_bits,
+                                                         coarse_clear, render_set, training_caption)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_PRETRAIN2 = ["chairs=8", "views=2", "scorer_chairs=10", "vae_steps=4", "vae_batch=8", "unet_steps=4",
+                  "unet_batch=8", "scorer_steps=3", "checkpoint_every=2", "eval_seeds=1", "eval_steps=2",
+                  "warmup_steps=1", "sizes.resolution=32", "sizes.vae_channels=[16,16,16]",
+                  "sizes.unet_channels=[16,32,32]", "sizes.text_width=16", "sizes.text_layers=1",
+                  "sizes.unet_head_dim=8"]
+
+
+# -- captions and held-out combinations ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def training_set():
+    return render_set(objects=160, views=1, resolution=16, seed=0, held_out=False)
+
+
+def test_training_renders_never_show_a_held_out_combination_but_every_value_with_every_category(training_set):
+    bits = coarse_bits(training_set["shape"])                                    # [N, 3]
+    combos = {(CATEGORIES[c], *map(int, b)) for c, b in zip(training_set["classes"][:, 0], bits)}
+    assert not combos & set(HELD_OUT_COMBOS)
+    for category in CATEGORIES:                                                  # composition is still possible
+        rows = bits[training_set["classes"][:, 0] == CATEGORIES.index(category)]
+        assert all(set(rows[:, i].tolist()) == {0, 1} for i in range(len(COARSE_WORDS)))
+    held = render_set(objects=8, views=1, resolution=16, seed=0, held_out=True)
+    assert all((CATEGORIES[c], *map(int, b)) in HELD_OUT_COMBOS
+               for c, b in zip(held["classes"][:, 0], coarse_bits(held["shape"])))
+
+
+def test_captions_name_the_category_always_and_a_coarse_word_only_when_it_is_clear(training_set):
+    rng = np.random.default_rng(0)
+    for index in range(len(training_set["images"])):
+        text = training_caption(rng, training_set, index, keep=1.0, decoy=0.0)
+        assert CATEGORIES[training_set["classes"][index, 0]] in text.split()
+        values = training_set["shape"][index]
+        for (name, (_, words)), bit, clear in zip(COARSE_WORDS.items(), coarse_bits(values), coarse_clear(values)):
+            said = [w for w in words if re.search(rf"(with|,|and) {w}\b", text)]
+            assert said == ([words[bit]] if clear else []), (text, name, values)
+    assert caption(1, 0, (1, 0, None), 2, 0) == "a red table with long legs and a low back on white, seen from the right"
+
+
+# -- pretraining on the world (toy sizes) ---------------------------------------------------------
+def pretrain(out: Path, *extra: str, overrides=TINY_PRETRAIN2) -> int:
+    from guided_concepts.toyworld.__main__ import main
+    return main(["pretrain", "--out", str(out), *[x for o in overrides for x in ("--set", o)], *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrained2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toyworld2") / "run"
+    assert pretrain(out, "--world", "toyworld2") == 0
+    return out
+
+
+def test_pretraining_on_world2_writes_a_model_with_its_scorer_and_accuracy_file(pretrained2):
+    model = pretrained2 / "model"
+    assert json.loads((model / "pretrain_config.json").read_text())["world"] == "toyworld2"
+    accuracy = json.loads((model / "scorer" / "accuracy.json").read_text())
+    assert set(accuracy["held_out"]) == {"all", *BACKGROUNDS}
+    assert {"category", "colour", "direction", *(f"{n} MAE" for n in SHAPE_PARAMS)} <= set(accuracy["held_out"]["all"])
+    assert set(accuracy["cross_category_renders"]) == {f"{a}->{b}" for a in CATEGORIES for b in CATEGORIES}
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert set(metrics["held_out_by_category"]) == set(CATEGORIES)
+    assert {"category", "legs", "back", "arms"} <= set(metrics["held_out_accuracy"])
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
+    assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1       # the world's words are tokens
+               for w in ("sofa", "stool", "legs", "floor"))
+
+
+def test_pretraining_on_world2_resumed_mid_stage_equals_a_run_never_stopped(pretrained2, tmp_path, monkeypatch):
+    from guided_concepts.toyworld import pretrain as module
+    original = module.Pretraining.save_training
+
+    def save_then_die(self, stage, step, *args, **kwargs):
+        original(self, stage, step, *args, **kwargs)
+        if stage == "unet":
+            raise KeyboardInterrupt("killed after the unet checkpoint at step 2")
+    monkeypatch.setattr(module.Pretraining, "save_training", save_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(out, "--world", "toyworld2")
+    monkeypatch.setattr(module.Pretraining, "save_training", original)
+    assert pretrain(out, "--resume", "--stop-after", "unet", overrides=[]) == 0
+    for part in ("unet/unet/diffusion_pytorch_model.safetensors", "unet/text_encoder/model.safetensors",
+                 "vae/vae/diffusion_pytorch_model.safetensors"):
+        resumed = load_file(str(out / "stages" / part))
+        straight = load_file(str(pretrained2 / "stages" / part))
+        assert resumed.keys() == straight.keys()
+        assert all(torch.equal(resumed[k], straight[k]) for k in straight), part
+
+
+def test_an_unknown_world_is_refused_before_anything_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pretrain(tmp_path / "run", overrides=["world=toyworld3"])
+    assert "world: 'toyworld3' is not one of toyworld, toyworld2" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+# -- object folders -------------------------------------------------------------------------------
+def test_object_folders_record_ground_truth_that_renders_their_views(tmp_path):
+    from PIL import Image
+
+    from guided_concepts.objectdata import scan_objects
+    out = write_world2_objects(tmp_path / "objects", num_objects=4, views=2, resolution=32, background=2)
+    records = scan_objects(out, require_masks=True, require_cameras=True, require_keypoints=True, resolution=32)
+    assert [r.category for r in records] == list(CATEGORIES)
+    for record in records:
+        meta = json.loads((record.root / "meta.json").read_text())
+        obj = WorldObject.from_meta(meta)
+        view = record.views[0]
+        assert meta["views"][view.view_id]["extra"]["background"] == "clutter"
+        _, mask = render(obj, view.azimuth, view.elevation, view.distance, 32)
+        assert (np.asarray(Image.open(view.mask_path)) > 127).tolist() == mask.tolist()
+    with pytest.raises(FileExistsError):
+        write_world2_objects(out, num_objects=1)
+
+
+# -- renders on demand, decoupled pairs -------------------------------------------------------------
+def shape_of(obj: WorldObject) -> list[float]:
+    return [getattr(obj.shape, n) for n in SHAPE_PARAMS]
+
+
+@pytest.mark.parametrize("decouple", [(), ("category",), ("colour",), ("camera",), ("background",), DECOUPLE])
+def test_a_pair_shares_exactly_the_parameters_it_should(decouple):
+    data = RenderedViewsDataset(8, views=3, resolution=32, decouple=decouple, mask_set_size=3, mask_set_resolution=32)
+    for slot in range(8):
+        pair = data.pair(slot)
+        target, partner = pair["target"], pair["partner"]
+        assert shape_of(partner) == shape_of(target)                        # the shape, always
+        assert (partner.category != target.category) == ("category" in decouple)
+        assert (partner.colour != target.colour) == ("colour" in decouple)
+        own = [(v.azimuth, v.elevation, v.distance) for v in data.records[slot].views]
+        assert (not set(own) & set(pair["partner_cameras"])) == ("camera" in decouple)
+        assert (pair["levels"] != pair["partner_levels"]) == ("background" in decouple)
+        assert target.category == data.records[slot].category
+
+
+def test_the_mask_set_is_the_partner_and_the_target_view_the_object():
+    data = RenderedViewsDataset(4, views=3, resolution=32, decouple=("category", "camera"), mask_set_size=3,
+                                mask_set_resolution=32, flip_prob=0.0)
+    item = data[0]
+    pair = data.pair(0)
+    view = data.records[0].views[0]
+    image, mask = render(pair["target"], view.azimuth, view.elevation, view.distance, 32)
+    assert torch.equal(item["mask"][0], torch.from_numpy(mask).float())
+    assert torch.allclose((item["image"] + 1) / 2, torch.from_numpy(image).permute(2, 0, 1).float() / 255, atol=1e-6)
+    partner_masks = [torch.from_numpy(render(pair["partner"], *camera, 32)[1]).float() for camera in pair["partner_cameras"]]
+    for slot in range(int(item["mask_set_valid"].sum())):
+        assert any(torch.equal(item["mask_set"][slot, 0], m) for m in partner_masks)
+        assert tuple(item["mask_set_camera"][slot].tolist()) in [tuple(map(float, c)) for c in pair["partner_cameras"]]
+    assert item["category"] == pair["target"].category != pair["partner"].category
+
+
+def test_every_epoch_draws_new_objects_and_an_epoch_reads_the_same_twice():
+    data = RenderedViewsDataset(4, views=2, resolution=32)
+    first = [shape_of(data.pair(i)["target"]) for i in range(4)]
+    assert torch.equal(data[1]["image"], data[1]["image"])
+    data.set_epoch(1)
+    second = [shape_of(data.pair(i)["target"]) for i in range(4)]
+    assert all(a != b for a, b in zip(first, second))
+    data.set_epoch(0)
+    assert [shape_of(data.pair(i)["target"]) for i in range(4)] == first
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["data.root=toyworld", "data.rendered_objects=8"], "data.root must be one of toyworld2"),
+    (["data.decouple=[category]"], "data.decouple: only with data.rendered_objects"),
+    (["data.root=toyworld2", "data.rendered_objects=8", "data.decouple=[shape]"], "data.decouple: shape not among"),
+    (["data.rendered_objects=8", "data.cache_latents=true"], "data.cache_latents: rendered objects change"),
+])
+def test_bad_rendered_settings_are_one_line_errors_before_a_run_folder(tmp_path, capsys, settings, message):
+    from guided_concepts import train
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--name", "r", "--set", f"run.output_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as stop:
+        train.main(args + [x for s in settings for x in ("--set", s)])
+    said = f"{stop.value.code}\n{capsys.readouterr().err}"
+    assert message in said and said.strip().count("\n") == 0, said
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_framework_trains_on_objects_rendered_on_demand(tmp_path):
+    from guided_concepts import train
+    train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--name", "r", "--set", f"run.output_dir={tmp_path}",
+                "--set", "data.root=toyworld2", "--set", "data.resolution=32", "--set", "data.rendered_objects=8",
+                "--set", "data.decouple=[category]", "--set", "train.steps=3", "--set", "train.sample_every=0",
+                "--set", "train.log_every=1"])
+    record = json.loads((tmp_path / "r" / "data.json").read_text())
+    assert all(name.startswith("rendered_") for name in record["objects"] if name not in record["held_out"])
+    assert record["held_out"] and all(name.startswith("object_") for name in record["held_out"])
+    lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("loss" in line for line in lines) >= 3

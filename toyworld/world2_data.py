@@ -1,0 +1,188 @@
+"""ToyWorld 2 data for the framework: fixed object folders (what users have; the held-out
+evaluation objects) and a training set rendered on demand, with decoupled pairs.
+
+    data.root: toyworld2 | toyworld2-floor | toyworld2-clutter    (the background level of the views)
+    data.rendered_objects: 40                                      train on objects drawn afresh each epoch
+    data.decouple: [category]                                      the shape word's masks from another rendering
+
+Decoupled pairs (ShapeWords, Compass Control): the shape head's input (the mask set) is rendered
+from the same shape parameters as the target view, but in another category, colour or background,
+and from other cameras, as `data.decouple` says; so the only thing the mask set and the target
+share is the shape, and the shape word can carry nothing else.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from guided_concepts.objectdata.dataset import ObjectViewsDataset
+from guided_concepts.objectdata.records import ObjectRecord, ViewRecord
+from guided_concepts.objectdata.synthetic import KEYPOINT_FLIP, KEYPOINT_NAMES, default_data_dir, ensure_generated, render_view
+from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES, TOY_CAMERA_POOL
+from guided_concepts.toyworld.world2 import BACKGROUNDS, CATEGORIES, WorldObject, build, render
+from guided_concepts.toyworld.world2_pretraining import sample_shape
+
+RESOLUTION = 48                       # the world's resolution (docs/toyworld2/README.md)
+OBJECT_SEED_OFFSET = 9_000_000        # folder objects' draws: never a pretraining object's
+DECOUPLE = ("category", "colour", "background", "camera")
+
+
+def draw_object(rng: np.random.Generator, category: int) -> WorldObject:
+    colour = COLOUR_NAMES[int(rng.integers(len(COLOURS)))]
+    return WorldObject(CATEGORIES[category], sample_shape(rng), COLOURS[colour])
+
+
+def write_world2_objects(out_dir, num_objects: int = 48, views: int = 8, resolution: int = RESOLUTION,
+                         background: int = 0, seed: int = 0) -> Path:
+    """object_000/ ... in the folder format (views/, masks/, meta.json with category, cameras,
+    keypoints, the ground truth under shape.toyworld2 and each view's background level under
+    views.<id>.extra); categories in turn, `views` distinct cameras of TOY_CAMERA_POOL each."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty; refusing to mix a new set with old files")
+    if not 1 <= views <= len(TOY_CAMERA_POOL):
+        raise ValueError(f"views must be 1..{len(TOY_CAMERA_POOL)}, got {views}")
+    for index in range(num_objects):
+        rng = np.random.default_rng([OBJECT_SEED_OFFSET, seed, index])
+        obj = draw_object(rng, index % len(CATEGORIES))
+        cameras = [TOY_CAMERA_POOL[int(i)] for i in np.sort(rng.choice(len(TOY_CAMERA_POOL), views, replace=False))]
+        folder = out_dir / f"object_{index:03d}"
+        (folder / "views").mkdir(parents=True)
+        (folder / "masks").mkdir()
+        geometry, views_meta = build(obj), {}
+        for v, camera in enumerate(cameras):
+            view_id = f"{v:03d}"
+            image, mask = render(obj, *camera, resolution, background, background_seed=1000 * index + v)
+            keypoints = render_view(geometry, *camera, resolution)[2]
+            Image.fromarray(image).save(folder / "views" / f"{view_id}.png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"{view_id}.png")
+            views_meta[view_id] = {"azimuth": camera[0], "elevation": camera[1], "distance": camera[2],
+                                   "keypoints": [[round(float(x), 3), round(float(y), 3)] for x, y in keypoints],
+                                   "extra": {"background": BACKGROUNDS[background]}}
+        meta = {**obj.to_meta(), "keypoint_names": list(KEYPOINT_NAMES), "keypoint_flip": list(KEYPOINT_FLIP),
+                "views": views_meta}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def ensure_world2_data(background: int = 0) -> Path:
+    """ToyWorld 2's objects (48 x 8 views at 48 px, ground truth in meta.json), in the cache."""
+    folder = default_data_dir().parent / f"toyworld2_{BACKGROUNDS[background]}_v1"   # bump when the output changes
+    return ensure_generated(folder, lambda out: write_world2_objects(out, background=background))
+
+
+# data.root names of ToyWorld 2's folders -> their background level.
+NAMED_SETS = {"toyworld2": 0, "toyworld2-floor": 1, "toyworld2-clutter": 2}
+
+
+def rendered_training_set(root: str, num_objects: int, decouple, resolution: int, seed: int, **options):
+    """data.rendered_objects > 0: the training set rendered on demand for a ToyWorld 2 data.root."""
+    if root not in NAMED_SETS:
+        raise ValueError(f"data.rendered_objects: renders ToyWorld 2 objects; data.root must be one of "
+                         f"{', '.join(NAMED_SETS)}, got {root!r}")
+    unknown = sorted(set(decouple) - set(DECOUPLE))
+    if unknown:
+        raise ValueError(f"data.decouple: {', '.join(unknown)} not among {', '.join(DECOUPLE)}")
+    return RenderedViewsDataset(num_objects, resolution=resolution, seed=seed, decouple=decouple,
+                                background=NAMED_SETS[root], **options)
+
+
+class RenderedViewsDataset(ObjectViewsDataset):
+    """ToyWorld 2 objects drawn afresh each epoch and rendered on demand, in ObjectViewsDataset's
+    item format. Object slot i keeps its category and cameras (TOY_CAMERA_POOL, so triplet batches
+    find the same camera on another object); its shape and colour are drawn from (seed, epoch, i),
+    so every epoch trains on new objects; views have background level `background`. The mask set (the shape head's
+    input) comes from the slot's partner: the same shape, rendered as `decouple` says."""
+    on_disk = False
+
+    def __init__(self, num_objects: int, views: int = 8, resolution: int = RESOLUTION, seed: int = 0,
+                 decouple=(), background: int = 0, **options):
+        unknown = sorted(set(decouple) - set(DECOUPLE))
+        if unknown:
+            raise ValueError(f"data.decouple: {unknown} not among {', '.join(DECOUPLE)}")
+        if not 1 <= views <= len(TOY_CAMERA_POOL):
+            raise ValueError(f"views must be 1..{len(TOY_CAMERA_POOL)}, got {views}")
+        if background not in range(len(BACKGROUNDS)):
+            raise ValueError(f"background: {background!r} is not a level 0..{len(BACKGROUNDS) - 1}")
+        self.decouple, self.background, self.views_per_object = tuple(decouple), background, views
+        layout = np.random.default_rng([seed, 41])
+        records = []
+        for index in range(num_objects):
+            cameras = [TOY_CAMERA_POOL[int(i)] for i in np.sort(layout.choice(len(TOY_CAMERA_POOL), views, replace=False))]
+            records.append(self._record(f"rendered_{index:05d}", CATEGORIES[index % len(CATEGORIES)], cameras))
+        options.setdefault("cache_bytes", 256 << 20)
+        super().__init__(records, resolution, seed=seed, **options)
+        self._drawn_epoch = 0
+
+    @staticmethod
+    def _record(name: str, category: str, cameras) -> ObjectRecord:
+        views = [ViewRecord(image_path=Path(f"<rendered>/{name}/{v:03d}.png"), mask_path=Path(f"<rendered>/{name}/{v:03d}.png"),
+                            azimuth=a, elevation=e, distance=d, view_id=f"{v:03d}")
+                 for v, (a, e, d) in enumerate(cameras)]
+        return ObjectRecord(name=name, root=Path("<rendered>"), category=category, views=views)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if epoch != self._drawn_epoch:       # new objects: nothing cached belongs to them
+            self.cache, self.cached_bytes, self._drawn_epoch = {}, 0, epoch
+
+    def pair(self, object_index: int) -> dict:
+        """This epoch's draw for a slot: the target object, its partner (the same shape), the
+        partner's cameras, and both views' background levels and seeds."""
+        rng = np.random.default_rng([self.seed, self.epoch, object_index, 43])
+        record = self.records[object_index]
+        target = draw_object(rng, CATEGORIES.index(record.category))
+        category = target.category
+        if "category" in self.decouple:
+            category = CATEGORIES[(CATEGORIES.index(category) + 1 + int(rng.integers(len(CATEGORIES) - 1))) % len(CATEGORIES)]
+        colour = target.colour
+        if "colour" in self.decouple:
+            others = [COLOURS[n] for n in COLOUR_NAMES if COLOURS[n] != target.colour]
+            colour = others[int(rng.integers(len(others)))]
+        cameras = [(v.azimuth, v.elevation, v.distance) for v in record.views]
+        if "camera" in self.decouple:        # other cameras of the pool than the target's
+            free = [c for c in TOY_CAMERA_POOL if c not in cameras] or list(TOY_CAMERA_POOL)
+            cameras = [free[int(i)] for i in rng.choice(len(free), len(cameras), replace=len(free) < len(cameras))]
+        levels = [self.background] * len(record.views)
+        partner_levels = list(levels)
+        if "background" in self.decouple:     # another level than the target's
+            partner_levels = [(lv + 1 + int(rng.integers(len(BACKGROUNDS) - 1))) % len(BACKGROUNDS) for lv in levels]
+        return {"target": target, "partner": WorldObject(category, target.shape, colour), "partner_cameras": cameras,
+                "levels": levels, "partner_levels": partner_levels,
+                "seeds": [int(s) for s in rng.integers(1 << 30, size=2 * len(levels))]}
+
+    def _set_record(self, object_index: int) -> ObjectRecord:
+        record = self.records[object_index]
+        if "camera" not in self.decouple:
+            return record
+        return self._record(record.name + "_partner", record.category, self.pair(object_index)["partner_cameras"])
+
+    def _render(self, obj: WorldObject, camera, level: int, seed: int):
+        image, mask = render(obj, *camera, self.resolution, level, seed)
+        image = torch.from_numpy(image).permute(2, 0, 1).float() / 255              # [3,R,R]
+        mask = torch.from_numpy(mask)[None].float()                                # [1,R,R]
+        return image, mask
+
+    def _view_pixels(self, object_index: int, view_index: int):
+        pair, view = self.pair(object_index), self.records[object_index].views[view_index]
+        image, mask = self._render(pair["target"], (view.azimuth, view.elevation, view.distance),
+                                   pair["levels"][view_index], pair["seeds"][view_index])
+        size = self.resolution
+        return image, mask, size, (0, 0), (size, size)
+
+    def _partner_view(self, object_index: int, view_index: int):
+        pair = self.pair(object_index)
+        return self._render(pair["partner"], pair["partner_cameras"][view_index], pair["partner_levels"][view_index],
+                            pair["seeds"][len(pair["levels"]) + view_index])
+
+    def _set_mask(self, object_index: int, view_index: int, res: int) -> torch.Tensor:
+        mask = self._partner_view(object_index, view_index)[1]
+        return (torch.nn.functional.interpolate(mask[None], size=(res, res), mode="area")[0] > 0.5).float()
+
+    def _set_pixels(self, object_index: int, view_index: int) -> torch.Tensor:
+        return self._partner_view(object_index, view_index)[0]
+
