@@ -30,6 +30,9 @@ import torch
 from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, proportion, sample_batch, true_mask, truth_of
+from guided_concepts.toyworld.truth import ToyWorld1Truth
+
+TOYWORLD = ToyWorld1Truth()          # this experiment reads ToyWorld 1's arms and back
 from guided_concepts.system import render_prompt
 from guided_concepts.toyworld.scorer import load_scorer, mask_iou, silhouette
 from guided_concepts.toyworld.world import COLOUR_NAMES, direction_azimuth
@@ -52,7 +55,7 @@ def train_run(out: Path, weight: float, steps: int, extra: list[str]) -> Path:
 def silhouette_fidelity(shapes: torch.Tensor, own: int, truths, resolution: int) -> torch.Tensor:
     """[N] IoU with the own chair's best-matching render minus the mean over the others'."""
     def best(chair):
-        renders = torch.stack([true_mask(chair, direction_azimuth(d), resolution) for d in range(8)])   # [8, H, W]
+        renders = torch.stack([true_mask(TOYWORLD, chair, direction_azimuth(d), resolution) for d in range(8)])   # [8, H, W]
         return torch.stack([mask_iou(shapes, r[None].expand_as(shapes)) for r in renders]).amax(0)    # [N]
     others = torch.stack([best(t) for i, t in enumerate(truths) if i != own]).mean(0)
     return best(truths[own]) - others

@@ -36,34 +36,46 @@ from guided_concepts import generate
 from guided_concepts.concepts.pose import camera_batch
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.concepts import CONCEPTS
-from guided_concepts.objectdata import scan_objects
-from guided_concepts.rundata import resolve_data_root
+from guided_concepts.evaluation.runner import held_out_objects
 from guided_concepts.system import render_prompt, to_device
-from guided_concepts.toyworld.scorer import load_scorer, mask_iou, silhouette
-from guided_concepts.toyworld.world import COLOUR_NAMES, DIRECTIONS, caption, direction_azimuth, render, toy_chair_from_meta
+from guided_concepts.toyworld.scorer import mask_iou, silhouette
+from guided_concepts.toyworld.truth import WorldTruth, truth_of_folder
+from guided_concepts.toyworld.world import DIRECTIONS, direction_azimuth
 
-FACTORS = ("arms", "back", "silhouette", "direction", "colour")
-# What each word is meant to carry; everything else it changes is leakage.
-OWNS = {"shape": ("arms", "back", "silhouette"), "pose": ("direction", "silhouette"), "appearance": ("colour",)}
 ELEVATION, DISTANCE = 20.0, 2.5
+
+
+def factors_of(world: WorldTruth) -> tuple[str, ...]:
+    """The matrix's columns: the world's shape factors, silhouette, direction, colour."""
+    return (*world.shape_factors, "silhouette", "direction", "colour")
+
+
+def owns_of(world: WorldTruth) -> dict:
+    """What each word is meant to carry; everything else it changes is leakage."""
+    return {"shape": (*world.shape_factors, "silhouette"), "pose": ("direction", "silhouette"), "appearance": ("colour",)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Words from objects
 # ----------------------------------------------------------------------------------------------
-def held_out_objects(cfg) -> list[Path]:
-    records = scan_objects(resolve_data_root(cfg.data.root))
-    return [r.root for r in records[len(records) - cfg.data.holdout:]]
-
-
 def truth_of(folder: Path):
-    return toy_chair_from_meta(json.loads((Path(folder) / "meta.json").read_text()))
+    return truth_of_folder(folder)[1]
+
+
+def world_of(objects: list[Path]) -> WorldTruth:
+    return truth_of_folder(objects[0])[0]
 
 
 @functools.lru_cache(maxsize=None)
-def true_mask(chair, azimuth: float, resolution: int) -> torch.Tensor:
-    """The chair's true silhouette at a sample camera (bool [H, W]); renders are cached."""
-    return torch.from_numpy(render(chair, azimuth, ELEVATION, DISTANCE, resolution)[1])
+def true_mask(world: WorldTruth, truth, azimuth: float, resolution: int) -> torch.Tensor:
+    """The object's true silhouette at a sample camera (bool [H, W]); renders are cached."""
+    return torch.from_numpy(world.render(truth, azimuth, ELEVATION, DISTANCE, resolution)[1])
+
+
+def pairs_of(world: WorldTruth, truths: list, same_category: bool) -> list[tuple[int, int]]:
+    """Ordered (donor, recipient) pairs of distinct objects; of one category with same_category."""
+    return [(a, b) for a in range(len(truths)) for b in range(len(truths))
+            if a != b and (not same_category or world.noun(truths[a]) == world.noun(truths[b]))]
 
 
 def camera_of(direction: int) -> dict:
@@ -83,30 +95,31 @@ def encode_word(system, cfg, name: str, source) -> torch.Tensor:
     return concept.encode(to_device(batch, device)).embeds[0].detach()
 
 
-def words_clause(name: str, truth, direction: int) -> str:
-    """The factor a word owns, written in ToyWorld's caption words."""
+def words_clause(world: WorldTruth, name: str, truth, direction: int) -> str:
+    """The factor a word owns, written in the world's caption words."""
     if name == "shape":
-        return caption(arms=truth.arms, back=truth.back, prefix="").replace(" chair ", "").strip()
+        return world.shape_words(truth)
     if name == "pose":
         return f"seen from the {DIRECTIONS[direction]}"
     if name == "appearance":
-        return COLOUR_NAMES[truth.colour]
+        return world.colour_word(truth)
     raise ValueError(f"no words for {name}")
 
 
-def build_prompt(system, words: list[str], mode: dict[str, str], donor, direction: int) -> str:
+def build_prompt(system, world: WorldTruth, words: list[str], mode: dict[str, str], donor, direction: int,
+                 noun: str) -> str:
     """mode: word -> "word" (the learned word), "ti" (an inverted word in its place), "text" (the
-    donor's factor in words) or "none"."""
+    donor's factor in words) or "none". noun: the recipient's category."""
     clauses, colour = {}, ""
     for name in words:
         if mode[name] in ("word", "ti", "tuned"):  # the learned, inverted or tuned word: same clause
             clauses[name] = system.clause(name)
         elif mode[name] == "text":
             if name == "appearance":
-                colour = words_clause(name, donor, direction) + " "
+                colour = words_clause(world, name, donor, direction) + " "
             else:
-                clauses[name] = words_clause(name, donor, direction)
-    return render_prompt("a {category} {phrases}", colour + "chair", clauses)
+                clauses[name] = words_clause(world, name, donor, direction)
+    return render_prompt("a {category} {phrases}", colour + noun, clauses)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,26 +143,27 @@ def proportion(flags: list, key: str = "follows") -> dict:
     return {key: p, "n": len(flags), "se": float(np.sqrt(p * (1 - p) / len(flags)))}
 
 
-def attribute_accuracy(images, scorer, truths: list) -> dict:
-    """Arms and back read back from each image against its chair's truth."""
-    predicted = scorer.predict(images)
-    return {f: proportion([int(predicted[f][k]) == getattr(t, f) for k, t in enumerate(truths)], "accuracy")
-            for f in ("arms", "back")}
+def attribute_accuracy(world: WorldTruth, images, scorer, truths: list) -> dict:
+    """The shape factors read back from each image against its object's truth."""
+    read = world.read(scorer, images)
+    return {f: proportion([world.correct(f, read[f][k], t) for k, t in enumerate(truths)], "accuracy")
+            for f in world.shape_factors}
 
 
-def score(images, scorer, items: list[dict]) -> dict:
+def score(world: WorldTruth, images, scorer, items: list[dict]) -> dict:
     """Per factor: follows-donor flags where donor and recipient differ, and IoU differences."""
-    predicted = scorer.predict(images)
+    read = world.read(scorer, images)
     shapes = silhouette(images)
-    follows = {f: [] for f in FACTORS}
+    follows = {f: [] for f in factors_of(world)}
     iou_diff = []
     for i, item in enumerate(items):
         a, b = item["donor_truth"], item["sample_truth"]           # the factors the sample could follow
-        for factor in ("arms", "back", "colour"):
-            if getattr(a, factor) != getattr(b, factor):
-                follows[factor].append(int(predicted[factor][i]) == getattr(a, factor))
+        for factor in world.factors:
+            flag = world.follows(factor, read[factor][i], a, b)
+            if flag is not None:
+                follows[factor].append(bool(flag))
         if item["donor_direction"] != item["sample_direction"]:
-            follows["direction"].append(int(predicted["direction"][i]) == item["donor_direction"])
+            follows["direction"].append(read["direction"][i] == item["donor_direction"])
         iou_a = float(mask_iou(shapes[i:i + 1], item["donor_mask"][None]))
         iou_b = float(mask_iou(shapes[i:i + 1], item["sample_mask"][None]))
         if not torch.equal(item["donor_mask"], item["sample_mask"]):
@@ -162,29 +176,27 @@ def score(images, scorer, items: list[dict]) -> dict:
     return out
 
 
-def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words: dict, ti: dict | None,
-                   seeds: int, steps: int, guidance: float, scorer) -> tuple[dict, torch.Tensor, list]:
+def swap_condition(system, cfg, world: WorldTruth, pairs, swapped: str, mode: str, objects, truths, words: dict,
+                   ti: dict | None, seeds: int, steps: int, guidance: float, scorer) -> tuple[dict, torch.Tensor, list]:
     """mode: "word" (A's word), "text" (A's factor in words), "none" (no word), "ti" (A's inverted
     word), "tuned" (E4T's stage 2: every chair's object-level words tuned on that chair with
     tune.py's few steps from the encoder, given in `ti`; A's for the swapped word, B's for the rest;
     the pose word stays the encoder's)."""
-    active = [n for n in system.tokens if n in OWNS]
+    active = [n for n in system.tokens if n in owns_of(world)]
     prompts, embeds, items = [], {n: [] for n in active}, []
     res = cfg.data.resolution
-    for a in range(len(objects)):
-        for b in range(len(objects)):
-            if a == b:
-                continue
+    for a, b in pairs:
+        if True:
             dir_a, dir_b = (a + 2 * b) % 8, (a + 2 * b + 3) % 8        # two cameras 135 degrees apart
             cam_a, cam_b = camera_of(dir_a)["azimuth"], camera_of(dir_b)["azimuth"]
             if swapped == "pose":     # B's chair, seen from A's camera instead of B's
-                donor_truth, donor_dir, donor_mask = truths[b], dir_a, true_mask(truths[b], cam_a, res)
+                donor_truth, donor_dir, donor_mask = truths[b], dir_a, true_mask(world, truths[b], cam_a, res)
             else:                     # A's chair (shape, appearance) at B's camera
-                donor_truth, donor_dir, donor_mask = truths[a], dir_b, true_mask(truths[a], cam_b, res)
-            sample_mask = true_mask(truths[b], cam_b, res)
+                donor_truth, donor_dir, donor_mask = truths[a], dir_b, true_mask(world, truths[a], cam_b, res)
+            sample_mask = true_mask(world, truths[b], cam_b, res)
             mode_of = {n: ("word" if n != swapped else mode) for n in active}
             for s in range(seeds):
-                prompts.append(build_prompt(system, active, mode_of, truths[a], dir_a))
+                prompts.append(build_prompt(system, world, active, mode_of, truths[a], dir_a, world.noun(truths[b])))
                 for n in active:
                     index = (dir_a if n == "pose" else a) if n == swapped else (dir_b if n == "pose" else b)
                     if mode == "tuned" and n in ti:         # E4T: every object's words tuned on it
@@ -196,7 +208,7 @@ def swap_condition(system, cfg, swapped: str, mode: str, objects, truths, words:
                               "sample_direction": dir_b, "donor_mask": donor_mask, "sample_mask": sample_mask})
     stacked = {n: torch.stack(v) for n, v in embeds.items()}
     images = sample_batch(system, prompts, stacked, seed=1000, steps=steps, guidance=guidance)
-    return score(images, scorer, items), images, prompts
+    return score(world, images, scorer, items), images, prompts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,35 +267,37 @@ def load_token(path: Path) -> torch.Tensor:
 
 
 def write_camera_object(folder: Path, objects: list[Path], direction: int) -> None:
-    """One 'object' whose views are different chairs seen from one camera (for a pose inversion)."""
+    """One 'object' whose views are different objects seen from one camera (for a pose inversion)."""
     from PIL import Image
     (folder / "views").mkdir(parents=True)
     (folder / "masks").mkdir()
     views = {}
     for i, source in enumerate(objects):
-        truth = truth_of(source)
+        world, truth = truth_of_folder(source)
         elevation = 10.0 + 5 * (i % 4)
-        image, mask = render(truth, direction_azimuth(direction), elevation, DISTANCE, 32)
+        image, mask = world.render(truth, direction_azimuth(direction), elevation, DISTANCE, world.resolution)
         Image.fromarray(image).save(folder / "views" / f"{i:03d}.png")
         Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"{i:03d}.png")
         views[f"{i:03d}"] = {"azimuth": direction_azimuth(direction), "elevation": elevation, "distance": DISTANCE}
-    (folder / "meta.json").write_text(json.dumps({"category": "chair", "views": views}))
+    (folder / "meta.json").write_text(json.dumps({"category": world.noun(truth), "views": views}))
 
 
 # ----------------------------------------------------------------------------------------------
 # The ladder: how much of the inversion ceiling the encoder reaches, at what cost
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def own_word_accuracy(system, cfg, objects, truths, word_of, seeds: int, steps: int, guidance: float, scorer) -> dict:
-    """"a chair in the shape of *s" with each chair's own word: arms/back read back = the chair's."""
+def own_word_accuracy(system, cfg, world, objects, truths, word_of, seeds: int, steps: int, guidance: float,
+                      scorer) -> dict:
+    """"a chair in the shape of *s" with each object's own word: the shape factors read back = the object's."""
     prompts, embeds, items = [], [], []
     for i in range(len(objects)):
         for _ in range(seeds):
-            prompts.append(render_prompt("a {category} {phrases}", "chair", {"shape": system.clause("shape")}))
+            prompts.append(render_prompt("a {category} {phrases}", world.noun(truths[i]),
+                                         {"shape": system.clause("shape")}))
             embeds.append(word_of(i))
             items.append(truths[i])
     images = sample_batch(system, prompts, {"shape": torch.stack(embeds)}, seed=2000, steps=steps, guidance=guidance)
-    return attribute_accuracy(images, scorer, items)
+    return attribute_accuracy(world, images, scorer, items)
 
 
 def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, seeds: int = 8, steps: int = 20,
@@ -294,12 +308,13 @@ def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, s
     system, cfg = generate.load_run(run)
     objects = held_out_objects(cfg, run)
     truths = [truth_of(f) for f in objects]
-    scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
+    world = world_of(objects)
+    scorer = world.load_scorer(resolve_model_path(cfg.model.name))
     rows = {}
     t0 = time.time()
     encoded = [encode_word(system, cfg, "shape", f) for f in objects]
-    rows["encoder alone"] = {**own_word_accuracy(system, cfg, objects, truths, lambda i: encoded[i], seeds, steps,
-                                                 guidance, scorer), "steps": 0,
+    rows["encoder alone"] = {**own_word_accuracy(system, cfg, world, objects, truths, lambda i: encoded[i], seeds,
+                                                 steps, guidance, scorer), "steps": 0,
                              "seconds_per_object": (time.time() - t0) / len(objects)}
     for label, mode, count in ((f"encoder + {few_steps} tuning steps", "encoder", few_steps),
                                (f"textual inversion, {few_steps} steps", "textual_inversion", few_steps),
@@ -313,22 +328,23 @@ def run_ladder(run: Path, out: Path, few_steps: int = 15, ti_steps: int = 300, s
             info = tuned(run, folder, count, path, mode)
             seconds.append(info["seconds"])
             words.append(load_token(Path(info["path"]) / "tokens" / "shape.safetensors"))
-        rows[label] = {**own_word_accuracy(system, cfg, objects, truths, lambda i: words[i], seeds, steps, guidance,
-                                           scorer), "steps": count, "seconds_per_object": float(np.mean(seconds))}
+        rows[label] = {**own_word_accuracy(system, cfg, world, objects, truths, lambda i: words[i], seeds, steps,
+                                           guidance, scorer), "steps": count, "seconds_per_object": float(np.mean(seconds))}
         log(f"ladder: {label}: {rows[label]}")
     # The references: no word, and the attributes written in words.
-    for label, clause in (("without *s", None), ("arms and back in words", "text")):
+    for label, clause in (("without *s", None), ("the shape in words", "text")):
         prompts, items = [], []
         for i, t in enumerate(truths):
             for _ in range(seeds):
-                clauses = {"shape": words_clause("shape", t, 0)} if clause else {}
-                prompts.append(render_prompt("a {category} {phrases}", "chair", clauses))
+                clauses = {"shape": words_clause(world, "shape", t, 0)} if clause else {}
+                prompts.append(render_prompt("a {category} {phrases}", world.noun(t), clauses))
                 items.append(t)
         images = sample_batch(system, prompts, {}, seed=2000, steps=steps, guidance=guidance)
-        rows[label] = attribute_accuracy(images, scorer, items)
-    lines = ["| row | arms | back | steps | s / object |", "|---|---|---|---|---|"]
+        rows[label] = attribute_accuracy(world, images, scorer, items)
+    factors = world.shape_factors
+    lines = ["| row | " + " | ".join(factors) + " | steps | s / object |", "|---" * (len(factors) + 3) + "|"]
     for label, row in rows.items():
-        cells = [f"{row[f]['accuracy']:.2f} ± {row[f]['se']:.2f}" for f in ("arms", "back")]
+        cells = [f"{row[f]['accuracy']:.2f} ± {row[f]['se']:.2f}" for f in factors]
         cost = [str(row.get("steps", "–")), f"{row['seconds_per_object']:.1f}" if "seconds_per_object" in row else "–"]
         lines.append(f"| {label} | " + " | ".join(cells + cost) + " |")
     table = "\n".join(lines) + "\n"
@@ -347,16 +363,17 @@ ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, {which} tune
              ("ti", "{token} inverted on A (textual inversion)"))
 
 
-def markdown_table(rows: dict) -> str:
-    lines = ["| swapped | row | " + " | ".join(FACTORS) + " |", "|---" * (len(FACTORS) + 2) + "|"]
+def markdown_table(world: WorldTruth, rows: dict) -> str:
+    factors, owns = factors_of(world), owns_of(world)
+    lines = ["| swapped | row | " + " | ".join(factors) + " |", "|---" * (len(factors) + 2) + "|"]
     for (word, label), cells in rows.items():
         text = []
-        for factor in FACTORS:
+        for factor in factors:
             cell = cells.get(factor)
             if cell is None:
                 text.append("–")
                 continue
-            mark = "**" if factor in OWNS[word] else ""
+            mark = "**" if factor in owns[word] else ""
             extra = f", ΔIoU {cell['iou_difference']:+.3f}" if "iou_difference" in cell else ""
             text.append(f"{mark}{cell['follows']:.2f}{mark} ± {cell['se']:.2f} (n={cell['n']}{extra})")
         lines.append(f"| {word} | {label} | " + " | ".join(text) + " |")
@@ -365,14 +382,19 @@ def markdown_table(rows: dict) -> str:
 
 def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: float = 4.0, ti_steps: int = 300,
                modes=("word", "tuned", "text", "none", "ti"), tuned_steps: int = 15, tuned_names=None,
-               hue_jitter: float = 0.0, log=print) -> dict:
+               hue_jitter: float = 0.0, same_category: bool = True, log=print) -> dict:
     """tuned_names: the words the "tuned" row takes from tune.py (default: every object-level word);
-    the others stay the encoder's."""
+    the others stay the encoder's. same_category: pairs of one category only (ToyWorld 1 has one)."""
     system, cfg = generate.load_run(run)
     objects = held_out_objects(cfg, run)
     truths = [truth_of(f) for f in objects]
-    scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
-    active = [n for n in system.tokens if n in OWNS]
+    world = world_of(objects)
+    pairs = pairs_of(world, truths, same_category)
+    if not pairs:
+        raise ValueError(f"{run}: no two held-out objects share a category; hold out more (data.holdout) "
+                         "or pass --all-pairs")
+    scorer = world.load_scorer(resolve_model_path(cfg.model.name))
+    active = [n for n in system.tokens if n in owns_of(world)]
     started = time.time()
     words = {n: ({d: encode_word(system, cfg, n, camera_of(d)) for d in range(8)} if n == "pose" else
                  {i: encode_word(system, cfg, n, f) for i, f in enumerate(objects)}) for n in active}
@@ -401,7 +423,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
             if mode not in modes or (mode == "ti" and ti is None) or (mode == "tuned" and not tuned_by):
                 continue
             t0 = time.time()
-            cells, images, prompts = swap_condition(system, cfg, swapped, mode, objects, truths, words,
+            cells, images, prompts = swap_condition(system, cfg, world, pairs, swapped, mode, objects, truths, words,
                                                     tuned_by if mode == "tuned" else ti, seeds, steps, guidance, scorer)
             rows[(swapped, label.format(token=token, tuned=tuned_steps, which=which,
                                                    jitter=f", hue jitter {hue_jitter:g}" if hue_jitter else ""))] = cells
@@ -410,14 +432,14 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
                 grids.append(images[: 2 * seeds * 7: seeds][:8])
     stds = {n: float(torch.stack(list(words[n].values())).std(0).norm()) for n in active}
     norms = {n: float(torch.stack(list(words[n].values())).norm(dim=-1).mean()) for n in active}
-    result = {"run": str(run), "held_out_objects": [o.name for o in objects], "seeds": seeds,
+    result = {"run": str(run), "held_out_objects": [o.name for o in objects], "pairs": len(pairs), "seeds": seeds,
               "sample_steps": steps, "guidance_scale": guidance, "ti_steps": ti_steps if ti else 0,
               "tuned_steps": tuned_steps if tuned_by else 0, "tuned_words": sorted(tuned_by), "hue_jitter": hue_jitter,
               "word_std_across_sources": stds, "word_norm": norms, "seconds": round(time.time() - started, 1),
-              "rows": [{"swapped": w, "row": label, **{f: cells.get(f) for f in FACTORS}} for (w, label), cells in rows.items()]}
+              "rows": [{"swapped": w, "row": label, **{f: cells.get(f) for f in factors_of(world)}} for (w, label), cells in rows.items()]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    table = markdown_table(rows)
+    table = markdown_table(world, rows)
     (out / "table.md").write_text(table)
     if grids:
         from guided_concepts.toyworld.evaluate import save_grid
@@ -449,13 +471,17 @@ def main(argv=None):
     p.add_argument("--ladder", action="store_true", help="also the ladder: encoder, encoder + few tuning steps, "
                    "textual inversion with as few and with --ti-steps steps (shape)")
     p.add_argument("--few-steps", type=int, default=15, help="the ladder's few tuning steps (tune.py's default)")
+    p.add_argument("--all-pairs", action="store_true", help="every ordered pair of held-out objects, not only "
+                   "pairs of one category (ToyWorld 2)")
+    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "base.yaml",
+                   help="the config --train trains with (configs/toyworld2.yaml: ToyWorld 2)")
     args = p.parse_args(argv)
     run = args.run
     if args.train:
         from guided_concepts import train
         run = args.out / "run"
         if not (run / "checkpoints").exists():
-            train.main(["--config", str(Path(__file__).resolve().parent.parent / "configs" / "base.yaml"),
+            train.main(["--config", str(args.config),
                         "--tokens", args.tokens, "--name", "run", "--set", f"run.output_dir={args.out}",
                         "--set", f"train.steps={args.steps}", "--set", "train.sample_every=0",
                         *[x for item in args.set for x in ("--set", item)]])
@@ -464,7 +490,7 @@ def main(argv=None):
     result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
                         modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps,
                         tuned_names=args.tuned_words.split(",") if args.tuned_words else None,
-                        hue_jitter=args.tuned_hue_jitter)
+                        hue_jitter=args.tuned_hue_jitter, same_category=not args.all_pairs)
     if args.ladder:
         result["ladder"] = run_ladder(run, args.out, args.few_steps, args.ti_steps, steps=args.sample_steps,
                                       guidance=args.guidance_scale)

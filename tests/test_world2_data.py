@@ -206,3 +206,37 @@ def test_the_framework_trains_on_objects_rendered_on_demand(tmp_path):
     assert record["held_out"] and all(name.startswith("object_") for name in record["held_out"])
     lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in line for line in lines) >= 3
+
+
+# -- experiments read ToyWorld 2's factors ------------------------------------------------------------
+def test_world2_truth_writes_the_shape_in_caption_words_and_follows_the_nearer_value():
+    from guided_concepts.toyworld.truth import ToyWorld2Truth, truth_for
+    from guided_concepts.toyworld.world2 import Shape
+    world = ToyWorld2Truth()
+    low = WorldObject("sofa", Shape(leg_length=0.1, back_height=0.9, arm_height=0.0, width=0.2), (0.8, 0.12, 0.1))
+    high = WorldObject("sofa", Shape(leg_length=0.9, back_height=0.1, arm_height=0.9, width=0.25), (0.12, 0.25, 0.8))
+    assert world.shape_words(low) == "with short legs, a tall back and no arms"
+    assert world.colour_word(low) == "red" and world.noun(high) == "sofa"
+    assert world.follows("leg_length", 0.2, low, high) is True and world.follows("leg_length", 0.7, low, high) is False
+    assert world.follows("width", 0.2, low, high) is None                  # 0.05 apart: nothing to follow
+    assert world.follows("legs", 0, low, high) is True and world.follows("colour", "blue", low, high) is False
+    assert isinstance(truth_for(low.to_meta()), ToyWorld2Truth)
+    with pytest.raises(ValueError, match="no ToyWorld ground truth"):
+        truth_for({"category": "chair"})
+
+
+def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tmp_path):
+    from guided_concepts import train
+    from guided_concepts.experiments.swap_matrix import run_matrix
+    train.main(["--config", str(ROOT / "configs" / "toyworld2.yaml"), "--tokens", "shape,pose", "--name", "r",
+                "--set", f"run.output_dir={tmp_path}", "--set", f"model.name={pretrained2 / 'model'}",
+                "--set", "data.resolution=32", "--set", "train.steps=2", "--set", "train.sample_every=0"])
+    result = run_matrix(tmp_path / "r", tmp_path / "swap", seeds=1, steps=2, ti_steps=0, tuned_steps=0,
+                        modes=("word", "text", "none"), log=lambda *_: None)
+    assert result["pairs"] == 48                                            # 4 held out per category: 4 x 4 x 3
+    rows = {(r["swapped"], r["row"]): r for r in result["rows"]}
+    assert {("shape", "*s from A"), ("shape", "A's factor in words"), ("pose", "without *p")} <= set(rows)
+    shape_row = rows[("shape", "*s from A")]
+    assert 0 <= shape_row["leg_length"]["follows"] <= 1 and shape_row["leg_length"]["n"] > 0
+    table = (tmp_path / "swap" / "table.md").read_text()
+    assert "| swapped | row | legs | back | arms | width |" in table

@@ -277,17 +277,29 @@ def shape_overlap(num_shapes: int = 16, azimuths=(30.0, 90.0), resolution: int =
     return out
 
 
-def shape_grid(path, shapes: int = 4, resolution: int = 64, background: int = 0, seed: int = 0):
-    """A PNG: row i is shape i rendered in every category (columns: CATEGORIES order)."""
-    from PIL import Image
+def shape_grid(path, shapes: int = 4, resolution: int = 48, background: int = 0, seed: int = 0, scale: int = 2):
+    """A labelled PNG: row i is one shape (its six values at the left) rendered in every category
+    (columns: CATEGORIES order), at azimuth 30, elevation 20."""
+    from PIL import Image, ImageDraw
     rng = np.random.default_rng(seed)
     colours = [(0.8, 0.15, 0.1), (0.15, 0.6, 0.2), (0.12, 0.25, 0.8), (0.55, 0.15, 0.65)]
-    rows = []
+    cell, label_width = resolution * scale + 4, 250
+    canvas = Image.new("RGB", (label_width + cell * len(CATEGORIES), 16 + cell * shapes), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, category in enumerate(CATEGORIES):
+        draw.text((label_width + j * cell + 4, 2), category, fill="black")
     for i in range(shapes):
         shape = Shape.sample(rng)
-        rows.append(np.concatenate([render(WorldObject(c, shape, colours[i % 4]), 30.0, 20.0, 2.5, resolution,
-                                           background, i)[0] for c in CATEGORIES], 1))
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+        short = dict(zip(SHAPE_PARAMS, ("width", "depth", "legs", "thick", "back", "arms")))
+        values = [f"{short[n]} {getattr(shape, n):.2f}" for n in SHAPE_PARAMS]
+        draw.text((4, 16 + i * cell + cell // 2 - 18), f"shape {i}:\n" + "  ".join(values[:3]) + "\n"
+                  + "  ".join(values[3:]), fill="black")
+        for j, category in enumerate(CATEGORIES):
+            image, _ = render(WorldObject(category, shape, colours[i % 4]), 30.0, 20.0, CAMERA_DISTANCE, resolution,
+                              background, i)
+            canvas.paste(Image.fromarray(image).resize((resolution * scale,) * 2, Image.NEAREST),
+                         (label_width + j * cell + 2, 16 + i * cell + 2))
+    canvas.save(path)
     return path
 
 

@@ -36,7 +36,7 @@ def draw_object(rng: np.random.Generator, category: int) -> WorldObject:
     return WorldObject(CATEGORIES[category], sample_shape(rng), COLOURS[colour])
 
 
-def write_world2_objects(out_dir, num_objects: int = 48, views: int = 8, resolution: int = RESOLUTION,
+def write_world2_objects(out_dir, num_objects: int = 64, views: int = 8, resolution: int = RESOLUTION,
                          background: int = 0, seed: int = 0) -> Path:
     """object_000/ ... in the folder format (views/, masks/, meta.json with category, cameras,
     keypoints, the ground truth under shape.toyworld2 and each view's background level under
@@ -70,7 +70,7 @@ def write_world2_objects(out_dir, num_objects: int = 48, views: int = 8, resolut
 
 
 def ensure_world2_data(background: int = 0) -> Path:
-    """ToyWorld 2's objects (48 x 8 views at 48 px, ground truth in meta.json), in the cache."""
+    """ToyWorld 2's objects (64, 16 per category, x 8 views at 48 px; ground truth in meta.json), in the cache."""
     folder = default_data_dir().parent / f"toyworld2_{BACKGROUNDS[background]}_v1"   # bump when the output changes
     return ensure_generated(folder, lambda out: write_world2_objects(out, background=background))
 

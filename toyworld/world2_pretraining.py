@@ -176,16 +176,21 @@ def evaluate_base_model(model_dir: str | Path, seeds: int = 2, steps: int = 20, 
                         grid: str | Path | None = None) -> dict:
     """Generate from prompts naming held-out and seen (category, shape) combinations at every
     direction; read category, colour, direction and the coarse words back with the scorer."""
-    from guided_concepts.toyworld.evaluate import generate, load_pipeline, save_grid
+    from guided_concepts.toyworld.evaluate import generate, load_pipeline
     from guided_concepts.toyworld.world2_scorer import load_scorer2
     pipe = load_pipeline(model_dir)
     scorer = load_scorer2(Path(model_dir) / "scorer")
     metrics = {"world": "toyworld2", "guidance_scale": guidance_scale, "sample_steps": steps,
                "chance": {"category": 0.25, "colour": round(1 / len(COLOURS), 4), "direction": 0.125,
                           **{name: 0.5 for name in COARSE_NAMES}}}
+    rows = []
     for split, combos in (("held_out", HELD_OUT_COMBOS), ("seen", SEEN_COMBOS)):
         prompts, seed_list, truth = combo_prompts(combos, seeds)
         images = generate(pipe, prompts, seed_list, steps, guidance_scale)
+        for c, (category, *bits) in enumerate(combos):       # one row per combination: its 8 directions
+            first = c * len(DIRECTIONS) * seeds
+            label = f"{'held out' if split == 'held_out' else 'seen'}: {caption(CATEGORIES.index(category), None, bits)}"
+            rows.append((label, images[first:first + len(DIRECTIONS) * seeds:seeds]))
         metrics[f"{split}_accuracy"] = score_against(scorer, images, truth)
         per_category = {}
         for c, (category, *_) in enumerate(combos):
@@ -193,10 +198,29 @@ def evaluate_base_model(model_dir: str | Path, seeds: int = 2, steps: int = 20, 
             per_category[category] = score_against(scorer, images[torch.from_numpy(keep)],
                                                    {k: v[keep] for k, v in truth.items()})
         metrics[f"{split}_by_category"] = per_category
-        if split == "held_out" and grid is not None:
-            save_grid(images[::seeds], len(DIRECTIONS), grid)
+    if grid is not None:
+        labelled_grid(rows, grid, columns=[f"from the {d}" for d in DIRECTIONS])
     metrics["held_out_prompts"] = [caption(CATEGORIES.index(c), None, bits) for c, *bits in HELD_OUT_COMBOS]
     return metrics
+
+
+def labelled_grid(rows: list, path, columns: list[str], scale: int = 2, label_width: int = 330) -> None:
+    """rows: (label, images [N,3,H,W] in [0,1]) -> a PNG: each row's label at its left, the column
+    names on top, images upscaled `scale` times (nearest)."""
+    from PIL import Image, ImageDraw
+    h, w = rows[0][1].shape[-2:]
+    cell_h, cell_w = h * scale + 4, w * scale + 4
+    canvas = Image.new("RGB", (label_width + cell_w * len(columns), 16 + cell_h * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(columns):
+        draw.text((label_width + j * cell_w + 2, 2), name.replace("from the ", ""), fill="black")
+    for i, (label, images) in enumerate(rows):
+        draw.text((4, 16 + i * cell_h + cell_h // 2 - 6), label, fill="black")
+        for j, image in enumerate(images):
+            array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            picture = Image.fromarray(array).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(picture, (label_width + j * cell_w + 2, 16 + i * cell_h + 2))
+    canvas.save(path)
 
 
 def cross_category_renders(scorer, shapes_per_pair: int = 24, resolution: int = 48, seed: int = 0) -> dict:

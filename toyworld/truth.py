@@ -1,0 +1,184 @@
+"""Ground truth for experiments, per world: what an object folder's meta.json says it is, how to
+render it, how its factors are written in caption words, and how the world's scorer reads each
+factor back from a generated image. Experiments (swap matrix, ladder) take a `WorldTruth` from
+`truth_for(meta)` and never ask which world they are in.
+
+A factor is "followed" by a sample when the scorer reads the donor's value (classes), or a value
+nearer the donor's than the recipient's (ToyWorld 2's continuous shape parameters).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class WorldTruth:
+    factors: tuple[str, ...]              # what the scorer reads, besides silhouette and direction
+    shape_factors: tuple[str, ...]        # the factors the shape word owns (besides silhouette)
+    distance: float = 2.5
+    resolution: int = 32
+
+    def truth_of(self, meta: dict):
+        raise NotImplementedError
+
+    def render(self, truth, azimuth: float, elevation: float, distance: float, resolution: int):
+        raise NotImplementedError
+
+    def noun(self, truth) -> str:
+        raise NotImplementedError
+
+    def shape_words(self, truth) -> str:
+        """The shape written in caption words ('with arms and a tall back')."""
+        raise NotImplementedError
+
+    def colour_word(self, truth) -> str:
+        raise NotImplementedError
+
+    def load_scorer(self, model_dir: Path):
+        raise NotImplementedError
+
+    def read(self, scorer, images: torch.Tensor) -> dict:
+        """images [N,3,H,W] in [0,1] -> factor -> per-image values (and "direction")."""
+        raise NotImplementedError
+
+    def value(self, truth, factor: str):
+        return getattr(truth, factor)
+
+    def follows(self, factor: str, read, donor, recipient) -> bool | None:
+        """None when donor and recipient agree on the factor (nothing to follow)."""
+        a, b = self.value(donor, factor), self.value(recipient, factor)
+        if a == b:
+            return None
+        return read == a
+
+    def correct(self, factor: str, read, truth) -> bool:
+        return read == self.value(truth, factor)
+
+
+class ToyWorld1Truth(WorldTruth):
+    factors = ("arms", "back", "colour")
+    shape_factors = ("arms", "back")
+    resolution = 32
+
+    def truth_of(self, meta):
+        from guided_concepts.toyworld.world import toy_chair_from_meta
+        return toy_chair_from_meta(meta)
+
+    def render(self, truth, azimuth, elevation, distance, resolution):
+        from guided_concepts.toyworld.world import render
+        return render(truth, azimuth, elevation, distance, resolution)
+
+    def noun(self, truth):
+        return "chair"
+
+    def shape_words(self, truth):
+        from guided_concepts.toyworld.world import caption
+        return caption(arms=truth.arms, back=truth.back, prefix="").replace(" chair ", "").strip()
+
+    def colour_word(self, truth):
+        from guided_concepts.toyworld.world import COLOUR_NAMES
+        return COLOUR_NAMES[truth.colour]
+
+    def load_scorer(self, model_dir):
+        from guided_concepts.toyworld.scorer import load_scorer
+        return load_scorer(Path(model_dir) / "scorer")
+
+    def read(self, scorer, images):
+        predicted = scorer.predict(images)
+        return {k: [int(v) for v in predicted[k]] for k in ("arms", "back", "colour", "direction")}
+
+
+class ToyWorld2Truth(WorldTruth):
+    """Shape factors: the three coarse words (read by threshold) and the six continuous parameters
+    (followed when the read value is nearer the donor's)."""
+    resolution = 48
+
+    def __init__(self):
+        from guided_concepts.toyworld.world2 import SHAPE_PARAMS
+        from guided_concepts.toyworld.world2_pretraining import COARSE_NAMES
+        self.params = SHAPE_PARAMS
+        self.coarse = COARSE_NAMES
+        self.shape_factors = (*COARSE_NAMES, *SHAPE_PARAMS)
+        self.factors = (*self.shape_factors, "colour")
+
+    def truth_of(self, meta):
+        from guided_concepts.toyworld.world2 import WorldObject
+        return WorldObject.from_meta(meta)
+
+    def render(self, truth, azimuth, elevation, distance, resolution):
+        from guided_concepts.toyworld.world2 import render
+        return render(truth, azimuth, elevation, distance, resolution)
+
+    def noun(self, truth):
+        return truth.category
+
+    def _bits(self, truth):
+        from guided_concepts.toyworld.world2_pretraining import coarse_bits
+        return coarse_bits(np.array([getattr(truth.shape, n) for n in self.params]))
+
+    def shape_words(self, truth):
+        from guided_concepts.toyworld.world2_pretraining import caption
+        return caption(0, bits=tuple(int(b) for b in self._bits(truth)), prefix="").split(" ", 2)[-1]
+
+    def colour_word(self, truth):
+        from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES
+        return next(n for n in COLOUR_NAMES if tuple(COLOURS[n]) == tuple(truth.colour))
+
+    def load_scorer(self, model_dir):
+        from guided_concepts.toyworld.world2_scorer import load_scorer2
+        return load_scorer2(Path(model_dir) / "scorer")
+
+    def read(self, scorer, images):
+        from guided_concepts.toyworld.world import COLOUR_NAMES
+        from guided_concepts.toyworld.world2_pretraining import coarse_bits
+        predicted = scorer.predict(images)
+        shape = predicted["shape"].numpy()                                        # [N, 6]
+        out = {n: shape[:, i].tolist() for i, n in enumerate(self.params)}
+        out.update({n: coarse_bits(shape)[:, i].tolist() for i, n in enumerate(self.coarse)})
+        out["colour"] = [COLOUR_NAMES[int(c)] for c in predicted["colour"]]
+        out["direction"] = [int(d) for d in predicted["direction"]]
+        out["category"] = [int(c) for c in predicted["category"]]
+        return out
+
+    def value(self, truth, factor):
+        if factor in self.params:
+            return float(getattr(truth.shape, factor))
+        if factor in self.coarse:
+            return int(self._bits(truth)[self.coarse.index(factor)])
+        if factor == "colour":
+            return self.colour_word(truth)
+        raise KeyError(factor)
+
+    def follows(self, factor, read, donor, recipient):
+        a, b = self.value(donor, factor), self.value(recipient, factor)
+        if factor in self.params:
+            if abs(a - b) < 0.2:              # too close to tell apart with the scorer's error (MAE ~0.05-0.15)
+                return None
+            return abs(read - a) < abs(read - b)
+        return None if a == b else read == a
+
+    def correct(self, factor, read, truth):
+        if factor in self.params:
+            return abs(read - self.value(truth, factor)) < 0.2
+        return read == self.value(truth, factor)
+
+
+def truth_for(meta: dict) -> WorldTruth:
+    """The world an object folder's meta.json comes from (its ground-truth key under shape)."""
+    shape = meta.get("shape", {})
+    if "toyworld2" in shape:
+        return ToyWorld2Truth()
+    if "toyworld" in shape:
+        return ToyWorld1Truth()
+    raise ValueError("meta.json: no ToyWorld ground truth (shape.toyworld or shape.toyworld2); "
+                     "experiments that read factors back need ToyWorld objects")
+
+
+def truth_of_folder(folder: Path):
+    """-> (WorldTruth, the object's truth)."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    world = truth_for(meta)
+    return world, world.truth_of(meta)
