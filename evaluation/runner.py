@@ -19,9 +19,8 @@ from guided_concepts.metrics import attention_mask_metrics
 from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
 from guided_concepts.rundata import read_data_record, resolve_data_root, run_split
 from guided_concepts.system import render_prompt, to_device
-from guided_concepts.toyworld.evaluate import ground_truth_scores
-from guided_concepts.toyworld.scorer import load_scorer
-from guided_concepts.toyworld.world import toy_chair_from_meta
+from guided_concepts.toyworld import truth
+from guided_concepts.toyworld.truth import ground_truth_scores
 
 # The seeds' prompts: base, two edits, and the words alone ("what did *s learn").
 DEFAULT_PROMPTS = {
@@ -91,7 +90,7 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
     for obj in objects:
         records = scan_objects(obj)
         category = records[0].category
-        truth = toyworld_truth(obj) if scorer is not None else None
+        truth = toyworld_truth(obj, scorer[0]) if scorer is not None else None
         sources = {n: obj for n in system.tokens}
         views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, **mask_set_options(cfg))
         reference_masks = torch.stack([views[i]["mask"] for i in range(len(views))])       # [V, 1, H, W]
@@ -107,10 +106,10 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
                    "silhouette_iou": sil["centroid_iou"].mean().item(),
                    "silhouette_iou_max_view": sil["max_view_iou"].mean().item(),
                    "diversity": mean_pairwise_distance(feats)}
-            if truth is not None:      # ToyWorld: attributes and silhouette against the true chair
+            if truth is not None:      # ToyWorld: attributes and silhouette against the true object
                 camera_word = any(CONCEPTS[n].concept.reads_view_camera for n in system.tokens)
                 camera_view = views[0] if camera_word else None
-                row.update(ground_truth_scores(scorer, images, truth, prompt,
+                row.update(ground_truth_scores(*scorer, images, truth, prompt,
                                                None if camera_view is None else camera_view["camera"].tolist(),
                                                None if camera_view is None else camera_view["mask"][0] > 0.5))
             if clip.available:
@@ -144,17 +143,20 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
 
 
 def ground_truth_scorer(cfg):
-    """The ToyWorld scorer when the run's backbone ships one (model folder's scorer/), else None."""
+    """(WorldTruth, scorer) when the run's backbone ships a ToyWorld scorer (scorer/), else None."""
     from guided_concepts.backbone.load import resolve_model_path
-    folder = Path(resolve_model_path(cfg.model.name)) / "scorer"
-    return load_scorer(folder) if (folder / "model.safetensors").exists() else None
+    return truth.ground_truth_scorer(resolve_model_path(cfg.model.name))
 
 
-def toyworld_truth(obj: Path):
-    """The object's ToyWorld ground truth (meta.json shape.toyworld), or None for other data."""
+def toyworld_truth(obj: Path, world):
+    """The object's ground truth in the scorer's world (meta.json shape.<world>), or None for other data."""
     meta_path = Path(obj) / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return toy_chair_from_meta(meta) if "toyworld" in meta.get("shape", {}) else None
+    try:
+        found = truth.truth_for(meta)
+    except ValueError:
+        return None
+    return found.truth_of(meta) if type(found) is type(world) else None
 
 
 def write_results(results: list[dict], out_dir: Path) -> tuple[Path, Path]:

@@ -1,24 +1,29 @@
 """Swap matrix: does each word control its own factor in what is generated?
 
-For ordered pairs of held-out ToyWorld chairs (A = donor, B = recipient), one word comes from A and
-every other word from B (pose: A's camera instead of B's), and the sample is read back with
-ToyWorld's scorer and the true renders. For every swapped word and every factor the matrix says how
-often the factor follows A, over the samples where A and B differ in it:
+For ordered pairs of held-out ToyWorld objects (A = donor, B = recipient; on ToyWorld 2 pairs of one
+category unless --all-pairs), one word comes from A and every other word from B (pose: A's camera
+instead of B's), and the sample is read back with the world's scorer and the true renders. For
+every swapped word and every factor the matrix says how often the factor follows A, over the
+samples where A and B differ in it:
 
-    rows: words; columns: arms, back, silhouette, direction, colour
+    rows: words; columns: the world's shape factors (ToyWorld: arms, back; ToyWorld 2: legs,
+    back, arms and the six shape parameters), silhouette, direction, colour
     diagonal (a factor the word owns): control;  off-diagonal: leakage
 
-Reference rows, scored the same way: the donor's factor written in words instead of the word, the
-prompt without the word (what the other words and the class word give), and per-object textual
-inversion of the word (the ceiling an encoder is judged against; --ti-steps 0 skips it).
+A continuous parameter follows A when the scorer reads it nearer A's value than B's (pairs less
+than 0.2 apart are not counted). Reference rows, scored the same way: the donor's factor written
+in words instead of the word, the prompt without the word (what the other words and the class
+word give), and per-object textual inversion of the word (the ceiling an encoder is judged
+against; --ti-steps 0 skips it).
 
     python -m experiments.swap_matrix --run runs/words --out runs/words/swap     # ~5 min on 2 cores
     python -m experiments.swap_matrix --train --out runs/swap                     # trains the run first
+    python -m experiments.swap_matrix --train --config configs/toyworld2.yaml --out runs/swap2
 
-Silhouette: the sample's silhouette IoU against the donor-side truth (shape/appearance: A's chair at
-the sample's camera; pose: B's chair at A's camera) minus against the recipient-side truth; "follows
-A" when that difference is positive, and the mean difference is reported too. Writes results.json,
-table.md and samples.png (rows: words; columns: donor, recipient, samples).
+Silhouette: the sample's silhouette IoU against the donor-side truth (shape/appearance: A's object
+at the sample's camera; pose: B's object at A's camera) minus against the recipient-side truth;
+"follows A" when that difference is positive, and the mean difference is reported too. Writes
+results.json, table.md and samples.png (rows: words; columns: donor, recipient, samples).
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.evaluation.runner import held_out_objects
 from guided_concepts.system import render_prompt, to_device
-from guided_concepts.toyworld.scorer import mask_iou, silhouette
+from guided_concepts.toyworld.scorer import mask_iou
 from guided_concepts.toyworld.truth import WorldTruth, truth_of_folder
 from guided_concepts.toyworld.world import DIRECTIONS, direction_azimuth
 
@@ -153,7 +158,7 @@ def attribute_accuracy(world: WorldTruth, images, scorer, truths: list) -> dict:
 def score(world: WorldTruth, images, scorer, items: list[dict]) -> dict:
     """Per factor: follows-donor flags where donor and recipient differ, and IoU differences."""
     read = world.read(scorer, images)
-    shapes = silhouette(images)
+    shapes = world.silhouette(scorer, images)
     follows = {f: [] for f in factors_of(world)}
     iou_diff = []
     for i, item in enumerate(items):

@@ -100,4 +100,4 @@ def test_the_scorer_set_labels_what_it_rendered_and_the_scorer_trains_at_toy_siz
     _, report = train_and_measure({k: np.concatenate([v] * 2) if k != "object" else np.concatenate([v, v + 9])
                                 for k, v in data.items()}, steps=2, batch=4)
     assert set(report["held_out"]) == {"all", *BACKGROUNDS}
-    assert all(0 <= report["held_out"]["all"][n] <= 1 for n in CLASSES)
+    assert all(0 <= report["held_out"]["all"][n] <= 1 for n in (*CLASSES, "silhouette IoU"))

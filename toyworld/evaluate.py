@@ -89,27 +89,3 @@ def save_grid(images: torch.Tensor, columns: int, path: str | Path, scale: int =
     array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     picture = Image.fromarray(array)
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
-
-
-def ground_truth_scores(scorer, images: torch.Tensor, truth, prompt: str, camera=None, true_mask=None) -> dict:
-    """Per-sample ground-truth scores of framework samples of one ToyWorld object.
-
-    images [N,3,H,W] in [0,1]; truth a world.ToyChair (the reference object's meta.json);
-    camera (azimuth, ...) and true_mask [H,W] bool of the view the pose word came from, if any.
-    -> {"gt/arms", "gt/back"} (carried by the shape word), "gt/colour" when the prompt names a
-    palette colour, "gt/direction" and "gt/silhouette_iou" when a camera is given; each a mean.
-    """
-    from guided_concepts.toyworld.scorer import mask_iou
-    from guided_concepts.toyworld.world import COLOUR_NAMES, direction_bin
-    predicted = scorer.predict(images.float())
-    out = {"gt/arms": float((predicted["arms"] == truth.arms).float().mean()),
-           "gt/back": float((predicted["back"] == truth.back).float().mean())}
-    named = [i for i, name in enumerate(COLOUR_NAMES) if f" {name} " in f" {prompt} "]
-    if len(named) == 1:
-        out["gt/colour"] = float((predicted["colour"] == named[0]).float().mean())
-    if camera is not None:
-        out["gt/direction"] = float((predicted["direction"] == direction_bin(float(camera[0]))).float().mean())
-    if true_mask is not None:
-        masks = torch.as_tensor(true_mask, dtype=torch.bool)[None].expand(len(images), -1, -1)
-        out["gt/silhouette_iou"] = float(mask_iou(silhouette(images.float()), masks).mean())
-    return out

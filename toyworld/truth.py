@@ -47,6 +47,11 @@ class WorldTruth:
     def value(self, truth, factor: str):
         return getattr(truth, factor)
 
+    def silhouette(self, scorer, images: torch.Tensor) -> torch.Tensor:
+        """images [N,3,H,W] in [0,1] -> the object's pixels bool [N,H,W]: far from white (plain backgrounds)."""
+        from guided_concepts.toyworld.scorer import silhouette
+        return silhouette(images)
+
     def follows(self, factor: str, read, donor, recipient) -> bool | None:
         """None when donor and recipient agree on the factor (nothing to follow)."""
         a, b = self.value(donor, factor), self.value(recipient, factor)
@@ -87,8 +92,14 @@ class ToyWorld1Truth(WorldTruth):
         return load_scorer(Path(model_dir) / "scorer")
 
     def read(self, scorer, images):
+        from guided_concepts.toyworld.world import COLOUR_NAMES
         predicted = scorer.predict(images)
-        return {k: [int(v) for v in predicted[k]] for k in ("arms", "back", "colour", "direction")}
+        out = {k: [int(v) for v in predicted[k]] for k in ("arms", "back", "direction")}
+        out["colour"] = [COLOUR_NAMES[int(c)] for c in predicted["colour"]]
+        return out
+
+    def value(self, truth, factor):
+        return self.colour_word(truth) if factor == "colour" else getattr(truth, factor)
 
 
 class ToyWorld2Truth(WorldTruth):
@@ -143,6 +154,10 @@ class ToyWorld2Truth(WorldTruth):
         out["category"] = [int(c) for c in predicted["category"]]
         return out
 
+    def silhouette(self, scorer, images):
+        """The scorer's mask head: on a floor or among blocks "not white" is no silhouette."""
+        return scorer.predict(images.float())["mask"]
+
     def value(self, truth, factor):
         if factor in self.params:
             return float(getattr(truth.shape, factor))
@@ -166,13 +181,47 @@ class ToyWorld2Truth(WorldTruth):
         return read == self.value(truth, factor)
 
 
+WORLD_TRUTHS = {"toyworld": ToyWorld1Truth, "toyworld2": ToyWorld2Truth}    # meta.json shape.<key> -> its world
+
+
+def ground_truth_scorer(model_dir: str | Path):
+    """(WorldTruth, scorer) when a model folder ships a ToyWorld scorer (scorer/), else None."""
+    folder = Path(model_dir) / "scorer"
+    if not (folder / "model.safetensors").exists():
+        return None
+    world = WORLD_TRUTHS[json.loads((folder / "config.json").read_text()).get("world", "toyworld")]()
+    return world, world.load_scorer(model_dir)
+
+
+def ground_truth_scores(world: WorldTruth, scorer, images: torch.Tensor, truth, prompt: str, camera=None,
+                        true_mask=None) -> dict:
+    """Per-sample ground-truth scores of framework samples of one ToyWorld object, as means.
+
+    images [N,3,H,W] in [0,1]; truth the reference object's (its meta.json); camera (azimuth, ...)
+    and true_mask [H,W] bool of the view the pose word came from, if any. -> "gt/<factor>" for each
+    shape factor (carried by the shape word), "gt/colour" when the prompt names one palette colour,
+    "gt/direction" and "gt/silhouette_iou" when a camera is given."""
+    from guided_concepts.toyworld.scorer import mask_iou
+    from guided_concepts.toyworld.world import COLOUR_NAMES, direction_bin
+    read = world.read(scorer, images.float())
+    out = {f"gt/{f}": float(np.mean([world.correct(f, v, truth) for v in read[f]])) for f in world.shape_factors}
+    named = [name for name in COLOUR_NAMES if f" {name} " in f" {prompt} "]
+    if len(named) == 1:
+        out["gt/colour"] = float(np.mean([c == named[0] for c in read["colour"]]))
+    if camera is not None:
+        out["gt/direction"] = float(np.mean([d == direction_bin(float(camera[0])) for d in read["direction"]]))
+    if true_mask is not None:
+        masks = torch.as_tensor(true_mask, dtype=torch.bool)[None].expand(len(images), -1, -1)
+        out["gt/silhouette_iou"] = float(mask_iou(world.silhouette(scorer, images.float()), masks).mean())
+    return out
+
+
 def truth_for(meta: dict) -> WorldTruth:
     """The world an object folder's meta.json comes from (its ground-truth key under shape)."""
     shape = meta.get("shape", {})
-    if "toyworld2" in shape:
-        return ToyWorld2Truth()
-    if "toyworld" in shape:
-        return ToyWorld1Truth()
+    for key, world in WORLD_TRUTHS.items():
+        if key in shape:
+            return world()
     raise ValueError("meta.json: no ToyWorld ground truth (shape.toyworld or shape.toyworld2); "
                      "experiments that read factors back need ToyWorld objects")
 

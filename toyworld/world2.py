@@ -1,5 +1,6 @@
-"""ToyWorld 2's world (groundwork): several categories built from one shared shape space, and a
-background-complexity axis. Deterministic from its parameters; nothing here is trained yet.
+"""ToyWorld 2's world: several categories built from one shared shape space, and a
+background-complexity axis. Deterministic from its parameters. Pretraining on it:
+toyworld/world2_pretraining.py; its scorer: world2_scorer.py; data for the framework: world2_data.py.
 
 Every object is (category, shape, colour): any category renders with any shape, so "a table with
 this chair's shape" has a true render. The shape is six numbers in [0, 1] (SHAPE_PARAMS), mapped

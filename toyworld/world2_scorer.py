@@ -1,4 +1,4 @@
-"""ToyWorld 2's scorer (groundwork): a small CNN that reads category, colour, viewing direction and
+"""ToyWorld 2's scorer: a small CNN that reads category, colour, viewing direction and
 every shape parameter back from an image, and the measurement that chooses the world's resolution.
 
     python -m toyworld.world2_scorer --resolutions 32 48 64 --objects 600 --steps 1500
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from guided_concepts.toyworld.scorer import Scorer, augment
+from guided_concepts.toyworld.scorer import Scorer, augment, mask_iou
 from guided_concepts.toyworld.world import COLOURS, DIRECTIONS
 from guided_concepts.toyworld.world2 import BACKGROUNDS, CATEGORIES, SHAPE_PARAMS
 from guided_concepts.toyworld.world2_pretraining import render_set
@@ -29,8 +29,10 @@ CLASSES = {"category": len(CATEGORIES), "colour": len(COLOURS), "direction": len
 
 
 class Scorer2(nn.Module):
-    """images [B,3,H,W] in [0,1] at `size` -> class logits per CLASSES name, and shape [B,6] in [0,1].
-    ToyWorld 1's scorer trunk and class heads, read at `size` instead of 32 px, plus a shape head."""
+    """images [B,3,H,W] in [0,1] at `size` -> class logits per CLASSES name, shape [B,6] in [0,1] and
+    the object's mask logits [B,1,size,size]. ToyWorld 1's scorer trunk and class heads, read at
+    `size` instead of 32 px, plus a shape head and a mask head (on a floor or among blocks,
+    "not white" is no silhouette)."""
 
     def __init__(self, size: int, width: int = 32):
         super().__init__()
@@ -42,20 +44,28 @@ class Scorer2(nn.Module):
         cells = (size // 8) ** 2
         self.shape = nn.Sequential(nn.Conv2d(4 * width, 16, 1), nn.SiLU(), nn.Flatten(),
                                    nn.Linear(16 * cells, 128), nn.SiLU(), nn.Linear(128, len(SHAPE_PARAMS)))
+        self.mask = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in (width, 2 * width, 4 * width))   # per trunk block
 
     def forward(self, images: torch.Tensor):
         x = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True,
                           align_corners=False)
-        maps = self.trunk.features[:3](x * 2 - 1)              # [B, 4 * width, size/8, size/8]
+        maps, mask = x * 2 - 1, 0
+        for block, head in zip(self.trunk.features[:3], self.mask):   # [B, w, s/2], [B, 2w, s/4], [B, 4w, s/8]
+            maps = block(maps)
+            mask = mask + F.interpolate(head(maps), size=(self.size, self.size), mode="bilinear", align_corners=False)
         features = self.trunk.features[3:](maps)               # [B, 16 * width]
-        return {n: head(features) for n, head in self.trunk.heads.items()}, torch.sigmoid(self.shape(maps))
+        return ({n: head(features) for n, head in self.trunk.heads.items()}, torch.sigmoid(self.shape(maps)),
+                mask)                                          # ..., [B, 6], [B, 1, size, size]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
-        """images [B,3,H,W] in [0,1] -> category, colour, direction class indices [B]; shape [B,6]."""
+        """images [B,3,H,W] in [0,1] -> category, colour, direction class indices [B]; shape [B,6];
+        mask bool [B,H,W] (the object's pixels, at the images' size)."""
         outs = [self(images[s:s + batch]) for s in range(0, len(images), batch)]
         predicted = {n: torch.cat([o[0][n].argmax(-1) for o in outs]) for n in CLASSES}
         predicted["shape"] = torch.cat([o[1] for o in outs])
+        mask = torch.cat([o[2] for o in outs])
+        predicted["mask"] = F.interpolate(mask, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > 0
         return predicted
 
 
@@ -64,6 +74,7 @@ def train_and_measure(data: dict, steps: int, batch: int = 96, seed: int = 0, pr
     -> (scorer, report)."""
     torch.manual_seed(seed)
     images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 255
+    masks = torch.from_numpy(data["masks"])[:, None].float()                       # [N,1,H,W]
     classes, shapes = torch.from_numpy(data["classes"]), torch.from_numpy(data["shape"])
     held = torch.from_numpy(data["object"] % 10 == 9)
     model = Scorer2(images.shape[-1])
@@ -74,9 +85,11 @@ def train_and_measure(data: dict, steps: int, batch: int = 96, seed: int = 0, pr
     started = time.time()
     for _ in (progress or (lambda r: r))(range(steps)):
         index = train_index[torch.randint(0, len(train_index), (batch,), generator=generator)]
-        logits, shape = model(augment(images[index], generator))
+        seen = augment(torch.cat([images[index], masks[index]], 1), generator)     # the mask moves with the image
+        logits, shape, mask = model(seen[:, :3])
         loss = sum(F.cross_entropy(logits[n], classes[index, i]) for i, n in enumerate(CLASSES))
         loss = loss + 10 * F.l1_loss(shape, shapes[index])
+        loss = loss + F.binary_cross_entropy_with_logits(mask, (seen[:, 3:] > 0.5).float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -94,6 +107,7 @@ def train_and_measure(data: dict, steps: int, batch: int = 96, seed: int = 0, pr
                for i, n in enumerate(CLASSES)}
         errors = (shape_pred[keep] - shapes[test][keep]).abs().mean(0)
         row.update({f"{n} MAE": round(float(e), 3) for n, e in zip(SHAPE_PARAMS, errors)})
+        row["silhouette IoU"] = round(float(mask_iou(predicted["mask"][keep], masks[test][keep, 0] > 0.5).mean()), 3)
         row["images"] = int(keep.sum())
         report[level_name] = row
     return model, {"train_seconds": round(seconds, 1), "test_images": len(test), "held_out": report}
