@@ -98,7 +98,8 @@ def resolve_model_path(name: str) -> str:
     if name in SHIPPED_MODELS:
         if not (SHIPPED_MODELS[name] / "model_index.json").exists():
             raise ValueError(f"model.name {name!r}: its weights are missing from {SHIPPED_MODELS[name]} "
-                             f"(a partial checkout?); `python -m toyworld pretrain --world {name}` rebuilds them")
+                             f"(a partial checkout?); `python -m toyworld pretrain --world {name} --out runs/{name}` rebuilds "
+                             f"them in runs/{name}/model: copy that folder there, or pass --set model.name=runs/{name}/model")
         return str(SHIPPED_MODELS[name])
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())

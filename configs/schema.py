@@ -47,7 +47,7 @@ class DataConfig:
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers (started each epoch; pinned memory on CUDA)"})
     cache_latents: bool = field(default=False, metadata={"help": "encode each (view, flip) with the VAE once and keep its latent mean/std; the same samples are drawn as without the cache"})
     rendered_objects: int = field(default=0, metadata={"help": "ToyWorld 2 roots only: train on this many objects drawn afresh each epoch and rendered on demand (0 = data.root's folders); the root's held-out objects stay the evaluation set"})
-    decouple: list[str] = field(default_factory=list, metadata={"help": "with rendered_objects: what the shape word's mask set differs in from the target view (same shape): any of category, colour, background, camera"})
+    decouple: list[str] = field(default_factory=list, metadata={"help": "with rendered_objects: what the shape word's mask set differs in from the target view (the same shape): category (another category's masks), camera (other cameras)"})
 
     def __post_init__(self):
         if self.root is not None and not self.root.strip():     # "" would silently mean the bundled chairs

@@ -29,33 +29,31 @@ import torch
 
 from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
-from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, proportion, sample_batch, true_mask, truth_of
-from guided_concepts.toyworld.truth import ToyWorld1Truth
-
-TOYWORLD = ToyWorld1Truth()          # this experiment reads ToyWorld 1's arms and back
+from guided_concepts.experiments.swap_matrix import (encode_word, held_out_objects, proportion, sample_batch, true_mask,
+                                                     truth_of, world_of)
 from guided_concepts.system import render_prompt
-from guided_concepts.toyworld.scorer import load_scorer, mask_iou, silhouette
-from guided_concepts.toyworld.world import COLOUR_NAMES, direction_azimuth
+from guided_concepts.toyworld.scorer import mask_iou
+from guided_concepts.toyworld.world import direction_azimuth
 
 COLOURS = (None, "red", "blue")
 
 
-def train_run(out: Path, weight: float, steps: int, extra: list[str]) -> Path:
+def train_run(out: Path, weight: float, steps: int, extra: list[str], config: Path) -> Path:
     from guided_concepts import train
     run = out / f"mask_{weight:g}"
     if (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()):
         return run
-    train.main(["--config", str(Path(__file__).resolve().parent.parent / "configs" / "base.yaml"), "--tokens", "shape",
+    train.main(["--config", str(config), "--tokens", "shape",
                 "--name", run.name, "--set", f"run.output_dir={out}", "--set", f"train.steps={steps}",
                 "--set", "train.sample_every=0", "--set", f"losses.shape.mask_weight={weight}",
                 "--set", "losses.shape.mask_variant=mse_maxnorm", *extra])
     return run
 
 
-def silhouette_fidelity(shapes: torch.Tensor, own: int, truths, resolution: int) -> torch.Tensor:
-    """[N] IoU with the own chair's best-matching render minus the mean over the others'."""
+def silhouette_fidelity(world, shapes: torch.Tensor, own: int, truths, resolution: int) -> torch.Tensor:
+    """[N] IoU with the own object's best-matching render minus the mean over the others'."""
     def best(chair):
-        renders = torch.stack([true_mask(TOYWORLD, chair, direction_azimuth(d), resolution) for d in range(8)])   # [8, H, W]
+        renders = torch.stack([true_mask(world, chair, direction_azimuth(d), resolution) for d in range(8)])   # [8, H, W]
         return torch.stack([mask_iou(shapes, r[None].expand_as(shapes)) for r in renders]).amax(0)    # [N]
     others = torch.stack([best(t) for i, t in enumerate(truths) if i != own]).mean(0)
     return best(truths[own]) - others
@@ -72,11 +70,13 @@ def diversity(shapes: torch.Tensor) -> float:
 def score(system, cfg, seeds: int, steps: int, guidance: float, scorer, tau: float = 0.0) -> dict:
     objects = held_out_objects(cfg)
     truths = [truth_of(f) for f in objects]
-    hits = {"arms": [], "back": [], "colour": []}
+    world = world_of(objects)
+    hits = {**{f: [] for f in world.shape_factors}, "colour": []}
     fidelity, spread = [], []
     for o, folder in enumerate(objects):
+        noun = world.noun(truths[o])
         for colour in COLOURS:
-            prompt = render_prompt("a {category} {phrases}", f"{colour} chair" if colour else "chair",
+            prompt = render_prompt("a {category} {phrases}", f"{colour} {noun}" if colour else noun,
                                    {"shape": system.clause("shape")})
             if tau == 0:
                 word = encode_word(system, cfg, "shape", folder)
@@ -85,31 +85,34 @@ def score(system, cfg, seeds: int, steps: int, guidance: float, scorer, tau: flo
             else:       # each sample draws its own code
                 images = generate.generate(system, cfg, prompt, {"shape": folder}, seeds, seed=3000 + 10 * o,
                                            steps=steps, guidance_scale=guidance, diversity=tau)[1]
-            predicted = scorer.predict(images)
-            shapes = silhouette(images)
+            read = world.read(scorer, images)
+            shapes = world.silhouette(scorer, images)
             if colour is None:
-                hits["arms"] += (predicted["arms"] == truths[o].arms).tolist()
-                hits["back"] += (predicted["back"] == truths[o].back).tolist()
-                fidelity += silhouette_fidelity(shapes, o, truths, cfg.data.resolution).tolist()
+                for factor in world.shape_factors:
+                    hits[factor] += world.flags(factor, read[factor], truths[o])
+                fidelity += silhouette_fidelity(world, shapes, o, truths, cfg.data.resolution).tolist()
                 spread.append(diversity(shapes))
             else:
-                hits["colour"] += (predicted["colour"] == COLOUR_NAMES.index(colour)).tolist()
+                hits["colour"] += [c == colour for c in read["colour"]]
     out = {}
     for k, v in hits.items():
+        if not v:             # nothing judgeable (e.g. a coarse word on its threshold for every object)
+            continue
         rate = proportion(v, "p")
         out[k], out[f"{k}_se"] = rate["p"], rate["se"]
     out["silhouette_own_minus_other"] = float(np.mean(fidelity))
     out["silhouette_own_minus_other_se"] = float(np.std(fidelity) / np.sqrt(len(fidelity)))
     out["diversity"] = float(np.mean(spread))
-    out["samples_per_cell"] = len(hits["arms"])
+    out["samples_per_cell"] = len(fidelity)
     return out
 
 
-def table(rows: dict, key: str) -> str:
-    columns = ("arms", "back", "silhouette_own_minus_other", "colour", "diversity")
+def table(rows: dict, key: str, factors) -> str:
+    columns = (*factors, "silhouette_own_minus_other", "colour", "diversity")
     lines = [f"| {key} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
-        cells = [f"{row[c]:.3f}" + (f" ± {row[c + '_se']:.3f}" if c + "_se" in row else "") for c in columns]
+        cells = [f"{row[c]:.3f}" + (f" ± {row[c + '_se']:.3f}" if c + "_se" in row else "") if c in row else "–"
+                 for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -124,16 +127,19 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--set", action="append", default=[], help="extra train.py --set for every run")
+    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "base.yaml",
+                   help="the runs' config (configs/toyworld2.yaml: ToyWorld 2)")
     args = p.parse_args(argv)
     extra = [x for item in args.set for x in ("--set", item)]
     weights = [float(w) for w in args.weights.split(",")]
     started = time.time()
-    runs = {w: train_run(args.out, w, args.steps, extra) for w in weights}
-    scorer = None
+    runs = {w: train_run(args.out, w, args.steps, extra, args.config) for w in weights}
+    scorer = world = None
     rows, curve = {}, {}
     for w, run in runs.items():
         system, cfg = generate.load_run(run)
-        scorer = scorer or load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
+        world = world or world_of(held_out_objects(cfg))
+        scorer = scorer or world.load_scorer(resolve_model_path(cfg.model.name))
         rows[f"mask weight {w:g}"] = score(system, cfg, args.seeds, args.sample_steps, args.guidance_scale, scorer)
         print(f"mask weight {w:g}: {rows[f'mask weight {w:g}']}", flush=True)
         if w == weights[0]:
@@ -145,7 +151,7 @@ def main(argv=None):
               "seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    text = table(rows, "mask weight") + "\n" + table(curve, "diversity tau")
+    text = table(rows, "mask weight", world.binary_factors) + "\n" + table(curve, "diversity tau", world.binary_factors)
     (args.out / "table.md").write_text(text)
     print(text)
     return result

@@ -151,8 +151,9 @@ def proportion(flags: list, key: str = "follows") -> dict:
 def attribute_accuracy(world: WorldTruth, images, scorer, truths: list) -> dict:
     """The shape factors read back from each image against its object's truth."""
     read = world.read(scorer, images)
-    return {f: proportion([world.correct(f, read[f][k], t) for k, t in enumerate(truths)], "accuracy")
-            for f in world.shape_factors}
+    flags = {f: [flag for k, t in enumerate(truths) for flag in world.flags(f, [read[f][k]], t)]
+             for f in world.shape_factors}
+    return {f: proportion(v, "accuracy") for f, v in flags.items() if v}
 
 
 def score(world: WorldTruth, images, scorer, items: list[dict]) -> dict:
@@ -492,10 +493,13 @@ def main(argv=None):
                         *[x for item in args.set for x in ("--set", item)]])
     if run is None:
         p.error("give --run or --train")
-    result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
-                        modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps,
-                        tuned_names=args.tuned_words.split(",") if args.tuned_words else None,
-                        hue_jitter=args.tuned_hue_jitter, same_category=not args.all_pairs)
+    try:
+        result = run_matrix(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
+                            modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps,
+                            tuned_names=args.tuned_words.split(",") if args.tuned_words else None,
+                            hue_jitter=args.tuned_hue_jitter, same_category=not args.all_pairs)
+    except ValueError as error:       # no pairs, an unknown --tuned-words: one line, no traceback
+        p.error(str(error))
     if args.ladder:
         result["ladder"] = run_ladder(run, args.out, args.few_steps, args.ti_steps, steps=args.sample_steps,
                                       guidance=args.guidance_scale)

@@ -26,17 +26,16 @@ import torch
 from guided_concepts import generate
 from guided_concepts import train
 from guided_concepts.backbone.load import resolve_model_path
-from guided_concepts.objectdata import scan_objects
-from guided_concepts.rundata import resolve_data_root
-from guided_concepts.toyworld.evaluate import CHANCE
-from guided_concepts.toyworld.scorer import load_scorer, mask_iou, silhouette
-from guided_concepts.toyworld.world import COLOUR_NAMES, caption, direction_bin, render, toy_chair_from_meta
+from guided_concepts.evaluation.runner import held_out_objects
+from guided_concepts.toyworld.scorer import mask_iou
+from guided_concepts.toyworld.truth import truth_of_folder
+from guided_concepts.toyworld.world import direction_bin
 
 TARGET_CAMERAS = ((0.0, 20.0), (90.0, 20.0), (180.0, 20.0), (-90.0, 20.0), (45.0, 30.0), (-135.0, 10.0))
 COLOURS = (None, "red", "blue")
 
 
-def train_runs(out: Path, weights, variant: str, steps: int, overwrite: bool, extra: list[str]) -> dict:
+def train_runs(out: Path, weights, variant: str, steps: int, overwrite: bool, extra: list[str], config: Path) -> dict:
     runs = {}
     for weight in weights:
         name = f"mask_{weight:g}"
@@ -44,46 +43,41 @@ def train_runs(out: Path, weights, variant: str, steps: int, overwrite: bool, ex
         if (runs[weight] / "checkpoints").exists() and not overwrite and any((runs[weight] / "checkpoints").iterdir()):
             print(f"{name}: reusing the trained run in {runs[weight]}")
             continue
-        train.main(["--config", str(Path(__file__).resolve().parent.parent / "configs" / "base.yaml"), "--tokens", "shape,pose", "--name", name,
+        train.main(["--config", str(config), "--tokens", "shape,pose", "--name", name,
                     "--set", f"run.output_dir={out}", "--set", f"train.steps={steps}",
                     "--set", "train.sample_every=0", "--set", f"losses.shape.mask_weight={weight}",
                     "--set", f"losses.shape.mask_variant={variant}", *extra] + (["--overwrite"] if overwrite else []))
     return runs
 
 
-def object_truth(folder: Path):
-    meta = json.loads((folder / "meta.json").read_text())
-    return toy_chair_from_meta(meta)
-
-
 @torch.no_grad()
 def score_run(run: Path, loaded: tuple, objects: list[Path], scorer, samples: int, steps: int, guidance: float,
               shape: str = "word", colours=COLOURS) -> dict:
     """shape: how the prompt gives the shape: "word" (*s from the object's masks), "none", or
-    "attributes" (the true arms and back in words: what *s would have to carry)."""
+    "attributes" (the true shape in words: what *s would have to carry)."""
     system, cfg = loaded             # generate.load_run(run)
     resolution = cfg.data.resolution
-    ious, hits = [], {"arms": [], "back": [], "direction": [], "colour": []}
+    ious, hits = [], {"direction": [], "colour": []}
     grid = []
     for o, folder in enumerate(objects):
-        truth = object_truth(folder)
+        world, truth = truth_of_folder(folder)
         for c, (azimuth, elevation) in enumerate(TARGET_CAMERAS):
-            _, true_mask = render(truth, azimuth, elevation, 2.5, resolution)
+            _, true_mask = world.render(truth, azimuth, elevation, 2.5, resolution)
             for colour in colours:
-                words = f"a {colour + ' ' if colour else ''}chair"
-                shape_words = {"word": system.clause("shape"), "none": "",
-                               "attributes": caption(arms=truth.arms, back=truth.back, prefix="").replace(" chair ", "")}[shape]
+                words = f"a {colour + ' ' if colour else ''}{world.noun(truth)}"
+                shape_words = {"word": system.clause("shape"), "none": "", "attributes": world.shape_words(truth)}[shape]
                 prompt = " ".join(filter(None, [words, shape_words, system.clause("pose")]))
                 sources = {"shape": folder, "pose": {"azimuth": azimuth, "elevation": elevation, "distance": 2.5}}
                 _, images, _ = generate.generate(system, cfg, prompt, sources, samples, seed=100 * o + 10 * c,
                                                  steps=steps, guidance_scale=guidance)
-                ious += mask_iou(silhouette(images), torch.from_numpy(true_mask)[None].expand(len(images), -1, -1)).tolist()
-                predicted = scorer.predict(images)
-                hits["arms"] += (predicted["arms"] == truth.arms).tolist()
-                hits["back"] += (predicted["back"] == truth.back).tolist()
-                hits["direction"] += (predicted["direction"] == direction_bin(azimuth)).tolist()
+                ious += mask_iou(world.silhouette(scorer, images),
+                                 torch.from_numpy(true_mask)[None].expand(len(images), -1, -1)).tolist()
+                read = world.read(scorer, images)
+                for factor in world.shape_factors:
+                    hits.setdefault(factor, []).extend(world.flags(factor, read[factor], truth))
+                hits["direction"] += [d == direction_bin(azimuth) for d in read["direction"]]
                 if colour:
-                    hits["colour"] += (predicted["colour"] == COLOUR_NAMES.index(colour)).tolist()
+                    hits["colour"] += [v == colour for v in read["colour"]]
                 if colour is None and o < 4:
                     grid.append(images[0])
     result = {"silhouette_iou": float(np.mean(ious)), "silhouette_iou_std_err": float(np.std(ious) / np.sqrt(len(ious))),
@@ -100,9 +94,10 @@ def shape_word_effect(loaded: tuple, objects: list[Path], steps: int, guidance: 
     mean |x(*s of o, seed) - x(*s of o+1, seed)| / mean |x(*s of o, seed) - x(*s of o, seed+1)|,
     same prompt and pose. 0 = the word is ignored; about 1 = it matters as much as the noise."""
     system, cfg = loaded             # generate.load_run(run)
-    prompt = f"a chair {system.clause('shape')} {system.clause('pose')}"
     swap, reseed = [], []
     for o, folder in enumerate(objects):
+        world, truth = truth_of_folder(folder)
+        prompt = f"a {world.noun(truth)} {system.clause('shape')} {system.clause('pose')}"
         for c, (azimuth, elevation) in enumerate(TARGET_CAMERAS[:3]):
             pose = {"azimuth": azimuth, "elevation": elevation, "distance": 2.5}
 
@@ -116,11 +111,11 @@ def shape_word_effect(loaded: tuple, objects: list[Path], steps: int, guidance: 
 
 
 def other_chair_iou(objects: list[Path], resolution: int) -> float:
-    """IoU of each held-out chair's true render with the others' at the same camera."""
-    truths = [object_truth(f) for f in objects]
+    """IoU of each held-out object's true render with the others' at the same camera."""
+    truths = [truth_of_folder(f) for f in objects]
     values = []
     for azimuth, elevation in TARGET_CAMERAS:
-        masks = [torch.from_numpy(render(t, azimuth, elevation, 2.5, resolution)[1]) for t in truths]
+        masks = [torch.from_numpy(world.render(t, azimuth, elevation, 2.5, resolution)[1]) for world, t in truths]
         for i in range(len(masks)):
             for j in range(len(masks)):
                 if i != j:
@@ -139,17 +134,19 @@ def main(argv=None):
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--overwrite", action="store_true", help="retrain runs that exist")
     p.add_argument("--set", action="append", default=[], help="extra train.py --set for every run")
+    p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "base.yaml",
+                   help="the runs' config (configs/toyworld2.yaml: ToyWorld 2)")
     p.add_argument("--quick", action="store_true", help="no colour words, for a fast look (colour_accuracy absent)")
     args = p.parse_args(argv)
     weights = [float(w) for w in args.weights.split(",")]
     extra = [x for item in args.set for x in ("--set", item)]
-    runs = train_runs(args.out, weights, args.variant, args.steps, args.overwrite, extra)
+    runs = train_runs(args.out, weights, args.variant, args.steps, args.overwrite, extra, args.config)
     first = runs[weights[0]]
     loaded = {weight: generate.load_run(run) for weight, run in runs.items()}   # (system, cfg), once per run
     cfg = loaded[weights[0]][1]
-    records = scan_objects(resolve_data_root(cfg.data.root))
-    objects = [r.root for r in records[len(records) - cfg.data.holdout:]]
-    scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
+    objects = held_out_objects(cfg, first)
+    world = truth_of_folder(objects[0])[0]
+    scorer = world.load_scorer(resolve_model_path(cfg.model.name))
     table, grids = {}, []
     colours = (None,) if args.quick else COLOURS
     score = dict(objects=objects, scorer=scorer, samples=args.samples, steps=args.sample_steps,
@@ -160,23 +157,23 @@ def main(argv=None):
         table[row]["shape_word_effect"] = shape_word_effect(loaded[weight], objects, args.sample_steps,
                                                             args.guidance_scale)
         grids.append(grid)
-    for row, shape in (("no *s (weight 0 run)", "none"), ("true arms and back in words (weight 0 run)", "attributes")):
+    for row, shape in (("no *s (weight 0 run)", "none"), ("the true shape in words (weight 0 run)", "attributes")):
         table[row], grid = score_run(first, loaded[weights[0]], shape=shape, **score)
         grids.append(grid)
     table["other chair's true render"] = {"silhouette_iou": other_chair_iou(objects, cfg.data.resolution)}
     result = {"variant": args.variant, "steps": args.steps, "held_out_objects": [o.name for o in objects],
-              "cameras": TARGET_CAMERAS, "colours": COLOURS, "chance": CHANCE, "rows": table}
+              "cameras": TARGET_CAMERAS, "colours": COLOURS, "rows": table}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    (args.out / "table.md").write_text(markdown_table(table, args.variant))
+    (args.out / "table.md").write_text(markdown_table(table, args.variant, world))
     from guided_concepts.toyworld.evaluate import save_grid
     save_grid(torch.cat(grids), len(TARGET_CAMERAS), args.out / "samples.png", scale=3)
-    print(markdown_table(table, args.variant))
+    print(markdown_table(table, args.variant, world))
     return result
 
 
-def markdown_table(table: dict, variant: str) -> str:
-    columns = ["silhouette_iou", "arms_accuracy", "back_accuracy", "direction_accuracy", "colour_accuracy",
+def markdown_table(table: dict, variant: str, world) -> str:
+    columns = ["silhouette_iou", *(f"{f}_accuracy" for f in world.binary_factors), "direction_accuracy", "colour_accuracy",
                "shape_word_effect", "val/shape/mass_inside@t100", "val/shape/iou@t100"]
     lines = [f"| row ({variant}) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in table.items():

@@ -3,7 +3,7 @@ put each chair on the right side of it? (The diagnosis of the open arms gap of t
 
     python -m experiments.word_directions --run runs/swap_matrix/run [--targets FILE]
 
-For a binary factor (arms, back) of ToyWorld's chairs: the direction d = mean word of the chairs
+For a binary factor of ToyWorld's objects (arms, back; on ToyWorld 2 legs, back, arms): the direction d = mean word of the chairs
 with it minus mean word of those without (training chairs), and
   - side: the share of training and held-out chairs whose word lies on their true side of the
     midpoint along d (how well the encoder perceives the factor);
@@ -23,16 +23,16 @@ import torch
 
 from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
-from guided_concepts.experiments.swap_matrix import encode_word, own_word_accuracy, truth_of
+from guided_concepts.experiments.swap_matrix import encode_word, own_word_accuracy, truth_of, world_of
 from guided_concepts.objectdata import scan_objects
 from guided_concepts.rundata import resolve_data_root
-from guided_concepts.toyworld.scorer import load_scorer
 
 
-def read_back(system, cfg, scorer, words: torch.Tensor, truths: list, seeds: int) -> dict:
-    """"a chair in the shape of *s" with each word [N, 1, D], `seeds` samples each -> arms/back accuracy."""
-    rows = own_word_accuracy(system, cfg, list(range(len(truths))), truths, lambda i: words[i], seeds, 20, 4.0, scorer)
-    return {f: rows[f]["accuracy"] for f in ("arms", "back")}
+def read_back(system, cfg, world, scorer, words: torch.Tensor, truths: list, seeds: int) -> dict:
+    """"a chair in the shape of *s" with each word [N, 1, D], `seeds` samples each -> accuracy per shape factor."""
+    rows = own_word_accuracy(system, cfg, world, list(range(len(truths))), truths, lambda i: words[i], seeds, 20, 4.0,
+                             scorer)
+    return {f: rows[f]["accuracy"] for f in world.shape_factors}
 
 
 def on_norm(words: torch.Tensor, norm: float) -> torch.Tensor:
@@ -50,14 +50,16 @@ def main(argv=None):
     records = scan_objects(resolve_data_root(cfg.data.root))
     n_train = len(records) - cfg.data.holdout
     truths = [truth_of(r.root) for r in records]
+    world = world_of([r.root for r in records])
     words = torch.stack([encode_word(system, cfg, "shape", r.root)[0] for r in records])      # [N, D]
     norm = float(words.norm(dim=-1).mean())
-    scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
+    scorer = world.load_scorer(resolve_model_path(cfg.model.name))
     held, held_truths = words[n_train:], truths[n_train:]
     mean = words[:n_train].mean(0)
-    result = {"run": str(args.run), "encoder": read_back(system, cfg, scorer, held[:, None], held_truths, args.seeds)}
-    for factor in ("arms", "back"):
-        has = torch.tensor([getattr(t, factor) for t in truths]).bool()
+    result = {"run": str(args.run),
+              "encoder": read_back(system, cfg, world, scorer, held[:, None], held_truths, args.seeds)}
+    for factor in world.binary_factors:
+        has = torch.tensor([world.value(t, factor) for t in truths]).bool()
         train, labels = words[:n_train], has[:n_train]
         direction = train[labels].mean(0) - train[~labels].mean(0)                              # [D]
         middle = (train[labels].mean(0) + train[~labels].mean(0)) / 2
@@ -69,20 +71,21 @@ def main(argv=None):
         for alpha in (1.0, 2.0):
             sign = has[n_train:].float()[:, None] * 2 - 1
             moved = on_norm(held + alpha * sign * direction / 2, norm)
-            row[f"oracle_x{alpha:g}"] = read_back(system, cfg, scorer, moved[:, None], held_truths, args.seeds)[factor]
+            row[f"oracle_x{alpha:g}"] = read_back(system, cfg, world, scorer, moved[:, None], held_truths, args.seeds)[factor]
         if args.targets:
             from safetensors.torch import load_file
             tuned = load_file(str(args.targets))
             names = [r.name for r in records[:n_train] if f"shape/{r.name}" in tuned]
             target = torch.stack([tuned[f"shape/{n}"][0] for n in names])
-            mask = torch.tensor([getattr(truth_of(r.root), factor) for r in records[:n_train] if r.name in names]).bool()
+            mask = torch.tensor([world.value(truth_of(r.root), factor) for r in records[:n_train] if r.name in names]).bool()
             tuned_direction = target[mask].mean(0) - target[~mask].mean(0)
             row["cosine_with_tuned_direction"] = float(torch.nn.functional.cosine_similarity(direction, tuned_direction, dim=0))
             row["tuned_direction_norm"] = float(tuned_direction.norm())
         result[factor] = row
     for gamma in (1.5, 2.0, 3.0):
-        result[f"stretch_x{gamma:g}"] = read_back(system, cfg, scorer, on_norm(mean + gamma * (held - mean), norm)[:, None],
-                                                  held_truths, args.seeds)
+        result[f"stretch_x{gamma:g}"] = read_back(system, cfg, world, scorer,
+                                                  on_norm(mean + gamma * (held - mean), norm)[:, None], held_truths,
+                                                  args.seeds)
     out = args.out or args.run / "word_directions.json"
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

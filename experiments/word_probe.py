@@ -33,11 +33,11 @@ import torch
 
 from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
-from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, truth_of, tuned_words
+from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, truth_of, tuned_words, world_of
 from guided_concepts.objectdata import scan_objects
 from guided_concepts.rundata import resolve_data_root
 from guided_concepts.objectdata.synthetic import ensure_generated
-from guided_concepts.toyworld.scorer import load_scorer
+from guided_concepts.toyworld.truth import ToyWorld1Truth
 from guided_concepts.toyworld.world import direction_bin, write_toy_objects
 
 
@@ -68,6 +68,7 @@ def extra_chairs(cfg, count: int, cache: Path) -> list[Path]:
 
 def mean_and_se(per_chair: list[list[bool]]) -> tuple[float, float]:
     """Accuracy over all samples, standard error over chairs (one chair's samples mostly agree)."""
+    per_chair = [c for c in per_chair if c]          # chairs with nothing judgeable do not count
     means = np.array([np.mean(c) for c in per_chair])
     return float(np.mean([x for c in per_chair for x in c])), float(means.std(ddof=1) / np.sqrt(len(means)))
 
@@ -76,53 +77,59 @@ def mean_and_se(per_chair: list[list[bool]]) -> tuple[float, float]:
 def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> dict:
     system, cfg = generate.load_run(run)
     objects = held_out_objects(cfg, run)
+    world = world_of(objects)
     if extra:
+        if not isinstance(world, ToyWorld1Truth):
+            raise ValueError("--extra-chairs writes ToyWorld 1 chairs; this run is on another world")
         objects = objects + extra_chairs(cfg, extra, run.parent)
-    scorer = load_scorer(Path(resolve_model_path(cfg.model.name)) / "scorer")
+    scorer = world.load_scorer(resolve_model_path(cfg.model.name))
     result = {}
+
+    def shape_hits(read, truth) -> dict:
+        return {f: world.flags(f, read[f], truth) for f in world.binary_factors}
     if "shape" in system.tokens:
-        hits = {"arms": [], "back": []}
+        hits = {f: [] for f in world.binary_factors}
         for o, folder in enumerate(objects):
             truth = truth_of(folder)
-            images = generate.generate(system, cfg, f"a chair {system.clause('shape')}", {"shape": folder}, samples,
-                                       seed=100 * o, steps=20, guidance_scale=4.0)[1]
-            predicted = scorer.predict(images)
-            hits["arms"].append((predicted["arms"] == truth.arms).tolist())
-            hits["back"].append((predicted["back"] == truth.back).tolist())
+            images = generate.generate(system, cfg, f"a {world.noun(truth)} {system.clause('shape')}", {"shape": folder},
+                                       samples, seed=100 * o, steps=20, guidance_scale=4.0)[1]
+            for f, values in shape_hits(world.read(scorer, images), truth).items():
+                hits[f].append(values)
         words = torch.stack([encode_word(system, cfg, "shape", f) for f in objects])
         for k, per_chair in hits.items():
             result[k], result[f"{k}_se"] = mean_and_se(per_chair)
         if tuned_steps:         # E4T's stage 2 on each scored chair, then the same prompt and seeds
             with torch.enable_grad():                     # tuning trains; the rest of the probe only samples
                 words = tuned_words(run, objects, ["shape"], tuned_steps, run.parent / f"tuned_{run.name}")["shape"]
-            tuned_hits = {"arms": [], "back": []}
+            tuned_hits = {f: [] for f in world.binary_factors}
             for o, folder in enumerate(objects):
                 word = SimpleNamespace(embeds=words[o][None])
-                images = torch.cat([system.sample([f"a chair {system.clause('shape')}"], steps=20, guidance_scale=4.0,
-                                                  seed=100 * o + k, outs={"shape": word})[0]   # generate's seeds
-                                    for k in range(samples)])
-                predicted = scorer.predict(images)
                 truth = truth_of(folder)
-                tuned_hits["arms"].append((predicted["arms"] == truth.arms).tolist())
-                tuned_hits["back"].append((predicted["back"] == truth.back).tolist())
+                images = torch.cat([system.sample([f"a {world.noun(truth)} {system.clause('shape')}"], steps=20,
+                                                  guidance_scale=4.0, seed=100 * o + k, outs={"shape": word})[0]
+                                    for k in range(samples)])                         # generate's seeds
+                for f, values in shape_hits(world.read(scorer, images), truth).items():
+                    tuned_hits[f].append(values)
             for k, per_chair in tuned_hits.items():
                 result[f"{k}_tuned"], result[f"{k}_tuned_se"] = mean_and_se(per_chair)
         result["chairs"] = len(objects)
         result.update(shape_spread=float(words.std(0).norm()), shape_norm=float(words.norm(dim=-1).mean()))
     if "pose" in system.tokens:
         hits = []
+        noun = world.noun(truth_of(objects[0]))
         for d in range(8):
             camera = {"azimuth": 45.0 * d, "elevation": 20.0, "distance": 2.5}
-            images = generate.generate(system, cfg, f"a chair {system.clause('pose')}", {"pose": camera}, samples,
+            images = generate.generate(system, cfg, f"a {noun} {system.clause('pose')}", {"pose": camera}, samples,
                                        seed=10 * d, steps=20, guidance_scale=4.0)[1]
-            hits += (scorer.predict(images)["direction"] == direction_bin(45.0 * d)).tolist()
+            hits += [v == direction_bin(45.0 * d) for v in world.read(scorer, images)["direction"]]
         result["direction"] = float(np.mean(hits))
     if "appearance" in system.tokens:
         hits = []
         for o, folder in enumerate(objects):
-            images = generate.generate(system, cfg, f"a chair {system.clause('appearance')}", {"appearance": folder},
-                                       samples, seed=10 * o, steps=20, guidance_scale=4.0)[1]
-            hits.append((scorer.predict(images)["colour"] == truth_of(folder).colour).tolist())
+            truth = truth_of(folder)
+            images = generate.generate(system, cfg, f"a {world.noun(truth)} {system.clause('appearance')}",
+                                       {"appearance": folder}, samples, seed=10 * o, steps=20, guidance_scale=4.0)[1]
+            hits.append([v == world.value(truth, "colour") for v in world.read(scorer, images)["colour"]])
         result["colour"], result["colour_se"] = mean_and_se(hits)
     return result
 

@@ -11,7 +11,7 @@ from kornia.geometry.transform import hflip
 from torch.utils.data import Dataset
 
 from .images import load_mask, load_rgb
-from .records import ObjectRecord, ViewRecord, data_error
+from .records import ObjectRecord, data_error
 
 
 def centre_crop_square(image: torch.Tensor, mask: torch.Tensor, keypoints: torch.Tensor):
@@ -139,11 +139,15 @@ class ObjectViewsDataset(Dataset):
         generator = torch.Generator().manual_seed(seed)
         return bool(torch.rand((), generator=generator) < self.flip_prob)
 
-    def _padded_keypoints(self, view: ViewRecord):
+    def _view_keypoints(self, object_index: int, view_index: int):
+        """A view's keypoints in its file's pixels (None entries unknown), or None."""
+        return self.records[object_index].views[view_index].keypoints
+
+    def _padded_keypoints(self, object_index: int, view_index: int):
         """Keypoints -> pixel coords [K_max,2] and validity [K_max], zero-padded."""
         keypoints = torch.zeros(self.max_keypoints, 2)
         valid = torch.zeros(self.max_keypoints, dtype=torch.bool)
-        for i, point in enumerate(view.keypoints or []):
+        for i, point in enumerate(self._view_keypoints(object_index, view_index) or []):
             if point is not None:
                 keypoints[i] = torch.tensor(point)
                 valid[i] = True
@@ -158,7 +162,7 @@ class ObjectViewsDataset(Dataset):
 
         image, mask, side, corner, original = self._cached(("view", object_index, view_index),
                                                            lambda: self._view_pixels(object_index, view_index))
-        keypoints, valid = self._padded_keypoints(view)  # [K,2] pixels, [K]
+        keypoints, valid = self._padded_keypoints(object_index, view_index)  # [K,2] pixels, [K]
         keypoints = (keypoints - torch.tensor(corner, dtype=keypoints.dtype)) / side  # into the square, [0,1]
         valid &= ((keypoints >= 0) & (keypoints <= 1)).all(dim=-1)  # cropped-away points are unusable
 

@@ -106,11 +106,17 @@ def test_pretraining_on_world2_resumed_mid_stage_equals_a_run_never_stopped(pret
         assert all(torch.equal(resumed[k], straight[k]) for k in straight), part
 
 
-def test_an_unknown_world_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_an_unknown_or_contradicted_world_is_refused_before_anything_is_written(pretrained2, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        pretrain(tmp_path / "run", overrides=["world=toyworld3"])
-    assert "world: 'toyworld3' is not one of toyworld, toyworld2" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "stages").exists()
+        pretrain(tmp_path / "run", "--world", "toyworld3")
+    assert "invalid choice: 'toyworld3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):              # world= under --set would skip the world's defaults
+        pretrain(tmp_path / "run", overrides=["world=toyworld2"])
+    assert "choose the world with --world" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        pretrain(pretrained2, "--resume", "--world", "toyworld", overrides=[])
+    assert "is on toyworld2; --resume continues it as it was" in capsys.readouterr().err
 
 
 # -- object folders -------------------------------------------------------------------------------
@@ -152,37 +158,61 @@ def test_a_pair_shares_exactly_the_parameters_it_should(decouple):
         assert target.category == data.records[slot].category
 
 
+def pixels(obj, camera, resolution):
+    """What a 48 px file of this render gives at `resolution`: image [3,R,R], mask [1,R,R]."""
+    from guided_concepts.objectdata.dataset import resize_pair
+    image, mask = render(obj, *camera, 48)
+    return resize_pair(torch.from_numpy(image).permute(2, 0, 1).float() / 255, torch.from_numpy(mask)[None].float(),
+                       resolution)
+
+
 def test_the_mask_set_is_the_partner_and_the_target_view_the_object():
+    from guided_concepts.objectdata.synthetic import render_view
+    from guided_concepts.toyworld.world2 import build
     data = RenderedViewsDataset(4, views=3, resolution=32, decouple=("category", "camera"), mask_set_size=3,
-                                mask_set_resolution=32, flip_prob=0.0)
+                                mask_set_resolution=48, flip_prob=0.0)
     item = data[0]
     pair = data.pair(0)
     view = data.records[0].views[0]
-    image, mask = render(pair["target"], view.azimuth, view.elevation, view.distance, 32)
-    assert torch.equal(item["mask"][0], torch.from_numpy(mask).float())
-    assert torch.allclose((item["image"] + 1) / 2, torch.from_numpy(image).permute(2, 0, 1).float() / 255, atol=1e-6)
-    partner_masks = [torch.from_numpy(render(pair["partner"], *camera, 32)[1]).float() for camera in pair["partner_cameras"]]
+    camera = (view.azimuth, view.elevation, view.distance)
+    image, mask = pixels(pair["target"], camera, 32)
+    assert torch.equal(item["mask"], mask)
+    assert torch.allclose((item["image"] + 1) / 2, image, atol=1e-6)
+    keypoints = render_view(build(pair["target"]), *camera, 48)[2] / 48          # the target's, as a file records them
+    assert item["keypoint_valid"].sum() >= 8
+    assert torch.allclose(item["keypoints"][item["keypoint_valid"]],
+                          torch.from_numpy(keypoints).float()[item["keypoint_valid"]], atol=1e-5)
+    partner_masks = [torch.from_numpy(render(pair["partner"], *c, 48)[1]).float() for c in pair["partner_cameras"]]
     for slot in range(int(item["mask_set_valid"].sum())):
         assert any(torch.equal(item["mask_set"][slot, 0], m) for m in partner_masks)
         assert tuple(item["mask_set_camera"][slot].tolist()) in [tuple(map(float, c)) for c in pair["partner_cameras"]]
     assert item["category"] == pair["target"].category != pair["partner"].category
 
 
-def test_every_epoch_draws_new_objects_and_an_epoch_reads_the_same_twice():
-    data = RenderedViewsDataset(4, views=2, resolution=32)
+def test_every_epoch_draws_new_objects_and_nothing_cached_outlives_its_epoch():
+    options = dict(views=2, resolution=32, mask_set_size=2, mask_set_resolution=32, flip_prob=0.0)
+    data = RenderedViewsDataset(4, **options)                   # cached
     first = [shape_of(data.pair(i)["target"]) for i in range(4)]
-    assert torch.equal(data[1]["image"], data[1]["image"])
+    before = data[1]
     data.set_epoch(1)
     second = [shape_of(data.pair(i)["target"]) for i in range(4)]
     assert all(a != b for a, b in zip(first, second))
+    fresh = RenderedViewsDataset(4, cache_bytes=0, **options)   # never cached
+    fresh.set_epoch(1)
+    after = data[1]
+    assert not torch.equal(before["image"], after["image"])
+    for key in ("image", "mask", "mask_set", "keypoints"):
+        assert torch.equal(after[key], fresh[1][key]), key
     data.set_epoch(0)
     assert [shape_of(data.pair(i)["target"]) for i in range(4)] == first
+    assert torch.equal(data[1]["image"], before["image"])
 
 
 @pytest.mark.parametrize("settings, message", [
     (["data.root=toyworld", "data.rendered_objects=8"], "data.root must be one of toyworld2"),
     (["data.decouple=[category]"], "data.decouple: only with data.rendered_objects"),
     (["data.root=toyworld2", "data.rendered_objects=8", "data.decouple=[shape]"], "data.decouple: shape not among"),
+    (["data.root=toyworld2", "data.rendered_objects=8", "data.decouple=[colour]"], "colour and background never reach"),
     (["data.rendered_objects=8", "data.cache_latents=true"], "data.cache_latents: rendered objects change"),
 ])
 def test_bad_rendered_settings_are_one_line_errors_before_a_run_folder(tmp_path, capsys, settings, message):
@@ -240,3 +270,58 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
     assert 0 <= shape_row["leg_length"]["follows"] <= 1 and shape_row["leg_length"]["n"] > 0
     table = (tmp_path / "swap" / "table.md").read_text()
     assert "| swapped | row | legs | back | arms | width |" in table
+
+    # The other ToyWorld experiments read ToyWorld 2's factors through the same truth.
+    from guided_concepts import generate
+    from guided_concepts.evaluation.runner import held_out_objects
+    from guided_concepts.experiments import seeds_tradeoff, toyworld_masks, word_directions, word_probe
+    from guided_concepts.toyworld.truth import ToyWorld2Truth
+    system, cfg = generate.load_run(tmp_path / "r")
+    world = ToyWorld2Truth()
+    scorer = world.load_scorer(pretrained2 / "model")
+    tradeoff = seeds_tradeoff.score(system, cfg, seeds=1, steps=2, guidance=4.0, scorer=scorer)
+    assert {"legs", "back", "arms", "width", "colour", "silhouette_own_minus_other"} <= set(tradeoff)
+    objects = held_out_objects(cfg, tmp_path / "r")[:2]
+    masks, _ = toyworld_masks.score_run(tmp_path / "r", (system, cfg), objects, scorer, samples=1, steps=2,
+                                        guidance=4.0, colours=(None, "red"))
+    assert {"legs_accuracy", "direction_accuracy", "colour_accuracy"} <= set(masks) and 0 <= masks["silhouette_iou"] <= 1
+    probe = word_probe.probe(tmp_path / "r", samples=1)
+    assert {"legs", "back", "arms", "direction"} <= set(probe)
+    directions = word_directions.main(["--run", str(tmp_path / "r"), "--seeds", "1", "--out", str(tmp_path / "wd.json")])
+    assert set(directions) >= {"legs", "back", "arms", "encoder"} and "side_held_out" in directions["legs"]
+
+
+# -- the shipped ToyWorld 2 weights ----------------------------------------------------------------
+SHIPPED2 = ROOT / "toyworld" / "weights2"
+shipped2 = pytest.mark.skipif(not (SHIPPED2 / "model_index.json").exists(), reason="toyworld/weights2 not built")
+
+
+@shipped2
+def test_the_shipped_scorer_reads_fresh_renders_as_its_accuracy_file_says():
+    from guided_concepts.toyworld.world2_scorer import CLASSES, load_scorer2
+    accuracy = json.loads((SHIPPED2 / "scorer" / "accuracy.json").read_text())["held_out"]
+    assert set(accuracy) == {"all", *BACKGROUNDS}
+    for level in accuracy.values():          # every attribute, every level: the published table is complete
+        assert {*CLASSES, "silhouette IoU", *(f"{n} MAE" for n in SHAPE_PARAMS)} <= set(level)
+    scorer = load_scorer2(SHIPPED2 / "scorer")
+    data = render_set(objects=32, views=2, resolution=48, seed=77, held_out=None)     # objects it never saw
+    images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 255
+    predicted = scorer.predict(images)
+    category = float((predicted["category"] == torch.from_numpy(data["classes"][:, 0])).float().mean())
+    shape_error = (predicted["shape"] - torch.from_numpy(data["shape"])).abs().mean(0)        # [6]
+    assert category >= accuracy["all"]["category"] - 0.1 and category > 0.8
+    assert all(e <= accuracy["all"][f"{n} MAE"] + 0.06 for n, e in zip(SHAPE_PARAMS, shape_error.tolist()))
+    assert shape_error.mean() < 0.2                  # well under always answering 0.5 (0.25)
+
+
+@shipped2
+def test_the_shipped_world2_model_draws_the_category_it_is_asked_for():
+    from guided_concepts.toyworld.evaluate import generate, load_pipeline
+    from guided_concepts.toyworld.world2_scorer import load_scorer2
+    pipe, scorer = load_pipeline(SHIPPED2), load_scorer2(SHIPPED2 / "scorer")
+    categories = [0, 1, 2, 3] * 2
+    prompts = [caption(c, c + 1, background=0) for c in categories]
+    images = generate(pipe, prompts, list(range(len(prompts))), steps=10, guidance_scale=4.0)
+    predicted = scorer.predict(images)
+    assert float((predicted["category"] == torch.tensor(categories)).float().mean()) >= 0.75
+    assert float((predicted["colour"] == torch.tensor(categories) + 1).float().mean()) >= 0.75

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--out", type=Path, required=True, help="run folder (model/ is the result)")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out with its own config")
     pre.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    pre.add_argument("--world", choices=WORLDS, default="toyworld",
-                     help="the world to render and pretrain on (its defaults, then --set)")
+    pre.add_argument("--world", choices=WORLDS, default=None,
+                     help="the world to render and pretrain on (its defaults, then --set); default toyworld")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a PretrainConfig key (sizes.KEY for model sizes)")
     pre.add_argument("--stop-after", choices=STAGES, help="stop after this stage")
@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.set:
                     raise ValueError("--resume continues with the run's own config.json; --set is not allowed")
                 config = config_from_overrides([], json.loads(config_file.read_text()))
+                if args.world and args.world != config.world:
+                    raise ValueError(f"--world {args.world}: the run in {args.out} is on {config.world}; "
+                                     "--resume continues it as it was")
             else:
+                if any(item.split("=", 1)[0].strip() == "world" for item in args.set):
+                    raise ValueError("--set world=...: choose the world with --world (it also sets that world's defaults)")
                 config = config_from_overrides(args.set, world=args.world)
                 if args.out.exists() and any(args.out.iterdir()):
                     if not args.overwrite:
@@ -71,12 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     from guided_concepts.backbone.load import resolve_model_path
     try:
         model = resolve_model_path(args.model)
-        world = json.loads((Path(model) / "pretrain_config.json").read_text()).get("world", "toyworld")
+        world = model_world(Path(model))
     except (ValueError, OSError) as error:
         parser.error(f"--model {args.model}: {error}")
     metrics = WORLDS[world].evaluate(model, seeds=args.seeds, grid=args.grid)
     print(json.dumps(metrics, indent=1))
     return 0
+
+
+def model_world(model: Path) -> str:
+    """The world a model folder was pretrained on: pretrain_config.json, else its scorer's config,
+    else ToyWorld 1 (folders from before worlds were recorded)."""
+    for source in (model / "pretrain_config.json", model / "scorer" / "config.json"):
+        if source.is_file():
+            world = json.loads(source.read_text()).get("world", "toyworld")
+            if world not in WORLDS:
+                raise ValueError(f"{source}: world {world!r} is not one of {', '.join(WORLDS)}")
+            return world
+    return "toyworld"
 
 
 if __name__ == "__main__":

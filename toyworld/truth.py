@@ -18,6 +18,7 @@ import torch
 class WorldTruth:
     factors: tuple[str, ...]              # what the scorer reads, besides silhouette and direction
     shape_factors: tuple[str, ...]        # the factors the shape word owns (besides silhouette)
+    binary_factors: tuple[str, ...]       # the shape factors that are yes/no (a word direction each)
     distance: float = 2.5
     resolution: int = 32
 
@@ -59,13 +60,26 @@ class WorldTruth:
             return None
         return read == a
 
-    def correct(self, factor: str, read, truth) -> bool:
+    def correct(self, factor: str, read, truth) -> bool | None:
+        """Whether a read value is the truth's; None when the truth has no clear value to match."""
         return read == self.value(truth, factor)
+
+    def flags(self, factor: str, reads, truth) -> list[bool]:
+        """correct() of each read value, leaving out what cannot be judged."""
+        return [flag for flag in (self.correct(factor, v, truth) for v in reads) if flag is not None]
+
+    # One instance is as good as another: caches keyed on a world hit across calls.
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self).__name__)
 
 
 class ToyWorld1Truth(WorldTruth):
     factors = ("arms", "back", "colour")
     shape_factors = ("arms", "back")
+    binary_factors = ("arms", "back")
     resolution = 32
 
     def truth_of(self, meta):
@@ -113,6 +127,7 @@ class ToyWorld2Truth(WorldTruth):
         self.params = SHAPE_PARAMS
         self.coarse = COARSE_NAMES
         self.shape_factors = (*COARSE_NAMES, *SHAPE_PARAMS)
+        self.binary_factors = COARSE_NAMES
         self.factors = (*self.shape_factors, "colour")
 
     def truth_of(self, meta):
@@ -130,9 +145,16 @@ class ToyWorld2Truth(WorldTruth):
         from guided_concepts.toyworld.world2_pretraining import coarse_bits
         return coarse_bits(np.array([getattr(truth.shape, n) for n in self.params]))
 
+    def _clear(self, truth, factor: str) -> bool:
+        """A coarse word is only judged where pretraining would have written it (off its threshold)."""
+        from guided_concepts.toyworld.world2_pretraining import coarse_clear
+        return bool(coarse_clear(np.array([getattr(truth.shape, n) for n in self.params]))[self.coarse.index(factor)])
+
     def shape_words(self, truth):
+        """The coarse words pretraining would caption this shape with (the clear ones)."""
         from guided_concepts.toyworld.world2_pretraining import caption
-        return caption(0, bits=tuple(int(b) for b in self._bits(truth)), prefix="").split(" ", 2)[-1]
+        bits = tuple(int(b) if self._clear(truth, f) else None for b, f in zip(self._bits(truth), self.coarse))
+        return caption(0, bits=bits, prefix="").split(" ", 2)[-1] if any(b is not None for b in bits) else ""
 
     def colour_word(self, truth):
         from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES
@@ -173,11 +195,15 @@ class ToyWorld2Truth(WorldTruth):
             if abs(a - b) < 0.2:              # too close to tell apart with the scorer's error (MAE ~0.05-0.15)
                 return None
             return abs(read - a) < abs(read - b)
+        if factor in self.coarse and not (self._clear(donor, factor) and self._clear(recipient, factor)):
+            return None
         return None if a == b else read == a
 
     def correct(self, factor, read, truth):
         if factor in self.params:
             return abs(read - self.value(truth, factor)) < 0.2
+        if factor in self.coarse and not self._clear(truth, factor):
+            return None
         return read == self.value(truth, factor)
 
 
@@ -204,7 +230,7 @@ def ground_truth_scores(world: WorldTruth, scorer, images: torch.Tensor, truth, 
     from guided_concepts.toyworld.scorer import mask_iou
     from guided_concepts.toyworld.world import COLOUR_NAMES, direction_bin
     read = world.read(scorer, images.float())
-    out = {f"gt/{f}": float(np.mean([world.correct(f, v, truth) for v in read[f]])) for f in world.shape_factors}
+    out = {f"gt/{f}": float(np.mean(flags)) for f in world.shape_factors if (flags := world.flags(f, read[f], truth))}
     named = [name for name in COLOUR_NAMES if f" {name} " in f" {prompt} "]
     if len(named) == 1:
         out["gt/colour"] = float(np.mean([c == named[0] for c in read["colour"]]))

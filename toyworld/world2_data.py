@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from guided_concepts.objectdata.dataset import ObjectViewsDataset
+from guided_concepts.objectdata.dataset import ObjectViewsDataset, resize_pair
 from guided_concepts.objectdata.records import ObjectRecord, ViewRecord
-from guided_concepts.objectdata.synthetic import KEYPOINT_FLIP, KEYPOINT_NAMES, default_data_dir, ensure_generated, render_view
+from guided_concepts.objectdata.synthetic import (KEYPOINT_FLIP, KEYPOINT_NAMES, camera_basis, default_data_dir,
+                                                  ensure_generated, project, render_view)
 from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES, TOY_CAMERA_POOL
 from guided_concepts.toyworld.world2 import BACKGROUNDS, CATEGORIES, WorldObject, build, render
 from guided_concepts.toyworld.world2_pretraining import sample_shape
@@ -29,6 +30,10 @@ from guided_concepts.toyworld.world2_pretraining import sample_shape
 RESOLUTION = 48                       # the world's resolution (docs/toyworld2/README.md)
 OBJECT_SEED_OFFSET = 9_000_000        # folder objects' draws: never a pretraining object's
 DECOUPLE = ("category", "colour", "background", "camera")
+# What a training run may decouple: the mask set's heads see the partner's masks (category and
+# camera change them); colour and background never reach a mask, and heads that read pixels read
+# the target view itself, so those two would be silently inert there.
+TRAINING_DECOUPLE = ("category", "camera")
 
 
 def draw_object(rng: np.random.Generator, category: int) -> WorldObject:
@@ -79,14 +84,20 @@ def ensure_world2_data(background: int = 0) -> Path:
 NAMED_SETS = {"toyworld2": 0, "toyworld2-floor": 1, "toyworld2-clutter": 2}
 
 
-def rendered_training_set(root: str, num_objects: int, decouple, resolution: int, seed: int, **options):
-    """data.rendered_objects > 0: the training set rendered on demand for a ToyWorld 2 data.root."""
-    if root not in NAMED_SETS:
+def check_rendered_settings(root, num_objects: int, decouple) -> None:
+    """data.rendered_objects / data.decouple against data.root, before anything is scanned or written."""
+    if num_objects and root not in NAMED_SETS:
         raise ValueError(f"data.rendered_objects: renders ToyWorld 2 objects; data.root must be one of "
                          f"{', '.join(NAMED_SETS)}, got {root!r}")
-    unknown = sorted(set(decouple) - set(DECOUPLE))
+    unknown = sorted(set(decouple) - set(TRAINING_DECOUPLE))
     if unknown:
-        raise ValueError(f"data.decouple: {', '.join(unknown)} not among {', '.join(DECOUPLE)}")
+        raise ValueError(f"data.decouple: {', '.join(unknown)} not among {', '.join(TRAINING_DECOUPLE)} (colour and "
+                         "background never reach the mask set; heads that read pixels read the target view)")
+
+
+def rendered_training_set(root: str, num_objects: int, decouple, resolution: int, seed: int, **options):
+    """data.rendered_objects > 0: the training set rendered on demand for a ToyWorld 2 data.root."""
+    check_rendered_settings(root, num_objects, decouple)
     return RenderedViewsDataset(num_objects, resolution=resolution, seed=seed, decouple=decouple,
                                 background=NAMED_SETS[root], **options)
 
@@ -95,15 +106,17 @@ class RenderedViewsDataset(ObjectViewsDataset):
     """ToyWorld 2 objects drawn afresh each epoch and rendered on demand, in ObjectViewsDataset's
     item format. Object slot i keeps its category and cameras (TOY_CAMERA_POOL, so triplet batches
     find the same camera on another object); its shape and colour are drawn from (seed, epoch, i),
-    so every epoch trains on new objects; views have background level `background`. The mask set (the shape head's
-    input) comes from the slot's partner: the same shape, rendered as `decouple` says."""
+    so every epoch trains on new objects; views have background level `background`. The mask set
+    (the shape head's input) comes from the slot's partner: the same shape, rendered as `decouple`
+    says. Views are rendered at the world's resolution and resized as files of it would be, so
+    training sees what the held-out folders give at any data.resolution."""
     on_disk = False
 
     def __init__(self, num_objects: int, views: int = 8, resolution: int = RESOLUTION, seed: int = 0,
                  decouple=(), background: int = 0, **options):
         unknown = sorted(set(decouple) - set(DECOUPLE))
         if unknown:
-            raise ValueError(f"data.decouple: {unknown} not among {', '.join(DECOUPLE)}")
+            raise ValueError(f"decouple: {', '.join(unknown)} not among {', '.join(DECOUPLE)}")
         if not 1 <= views <= len(TOY_CAMERA_POOL):
             raise ValueError(f"views must be 1..{len(TOY_CAMERA_POOL)}, got {views}")
         if background not in range(len(BACKGROUNDS)):
@@ -120,10 +133,13 @@ class RenderedViewsDataset(ObjectViewsDataset):
 
     @staticmethod
     def _record(name: str, category: str, cameras) -> ObjectRecord:
+        """A record like a scanned folder's; keypoints are placeholders (real ones: _view_keypoints)."""
         views = [ViewRecord(image_path=Path(f"<rendered>/{name}/{v:03d}.png"), mask_path=Path(f"<rendered>/{name}/{v:03d}.png"),
-                            azimuth=a, elevation=e, distance=d, view_id=f"{v:03d}")
+                            azimuth=a, elevation=e, distance=d, view_id=f"{v:03d}",
+                            keypoints=[None] * len(KEYPOINT_NAMES))
                  for v, (a, e, d) in enumerate(cameras)]
-        return ObjectRecord(name=name, root=Path("<rendered>"), category=category, views=views)
+        return ObjectRecord(name=name, root=Path("<rendered>"), category=category, views=views,
+                            keypoint_flip=list(KEYPOINT_FLIP))
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -161,18 +177,25 @@ class RenderedViewsDataset(ObjectViewsDataset):
             return record
         return self._record(record.name + "_partner", record.category, self.pair(object_index)["partner_cameras"])
 
-    def _render(self, obj: WorldObject, camera, level: int, seed: int):
-        image, mask = render(obj, *camera, self.resolution, level, seed)
-        image = torch.from_numpy(image).permute(2, 0, 1).float() / 255              # [3,R,R]
-        mask = torch.from_numpy(mask)[None].float()                                # [1,R,R]
-        return image, mask
+    @staticmethod
+    def _render(obj: WorldObject, camera, level: int, seed: int):
+        """-> image [3,W,W] in [0,1], mask [1,W,W] at the world's resolution W."""
+        image, mask = render(obj, *camera, RESOLUTION, level, seed)
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255, torch.from_numpy(mask)[None].float()
 
     def _view_pixels(self, object_index: int, view_index: int):
         pair, view = self.pair(object_index), self.records[object_index].views[view_index]
         image, mask = self._render(pair["target"], (view.azimuth, view.elevation, view.distance),
                                    pair["levels"][view_index], pair["seeds"][view_index])
-        size = self.resolution
-        return image, mask, size, (0, 0), (size, size)
+        image, mask = resize_pair(image, mask, self.resolution)                   # [3,R,R], [1,R,R]
+        return image, mask, RESOLUTION, (0, 0), (RESOLUTION, RESOLUTION)
+
+    def _view_keypoints(self, object_index: int, view_index: int):
+        """The target's 10 keypoints at this view, in the world's pixels (as a folder's meta.json)."""
+        view = self.records[object_index].views[view_index]
+        position, rotation = camera_basis(view.azimuth, view.elevation, view.distance)
+        points, _ = project(build(self.pair(object_index)["target"]).keypoints, position, rotation, RESOLUTION)
+        return points.tolist()
 
     def _partner_view(self, object_index: int, view_index: int):
         pair = self.pair(object_index)
@@ -184,5 +207,5 @@ class RenderedViewsDataset(ObjectViewsDataset):
         return (torch.nn.functional.interpolate(mask[None], size=(res, res), mode="area")[0] > 0.5).float()
 
     def _set_pixels(self, object_index: int, view_index: int) -> torch.Tensor:
-        return self._partner_view(object_index, view_index)[0]
+        return resize_pair(*self._partner_view(object_index, view_index), self.resolution)[0]
 
