@@ -77,6 +77,9 @@ def test_pretraining_on_world2_writes_a_model_with_its_scorer_and_accuracy_file(
     assert set(accuracy["cross_category_renders"]) == {f"{a}->{b}" for a in CATEGORIES for b in CATEGORIES}
     metrics = json.loads((model / "metrics.json").read_text())
     assert set(metrics["held_out_by_category"]) == set(CATEGORIES)
+    from PIL import Image
+    with Image.open(model / "samples.png") as picture:       # 8 labelled rows (4 held out, 4 seen) x 8 directions
+        assert picture.width > 8 * 32 and picture.height > 8 * 32
     assert {"category", "legs", "back", "arms"} <= set(metrics["held_out_accuracy"])
     from transformers import CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(str(model / "tokenizer"))
@@ -325,3 +328,21 @@ def test_the_shipped_world2_model_draws_the_category_it_is_asked_for():
     predicted = scorer.predict(images)
     assert float((predicted["category"] == torch.tensor(categories)).float().mean()) >= 0.75
     assert float((predicted["colour"] == torch.tensor(categories) + 1).float().mean()) >= 0.75
+
+
+def test_the_objects_command_writes_folders_of_either_world_and_never_into_a_full_one(tmp_path, capsys):
+    from guided_concepts.objectdata import scan_objects
+    from guided_concepts.toyworld.__main__ import main
+    assert main(["objects", "--world", "toyworld2", "--out", str(tmp_path / "a"), "--objects", "4", "--views", "2",
+                 "--background", "floor"]) == 0
+    records = scan_objects(tmp_path / "a", require_masks=True, require_cameras=True)
+    assert [r.category for r in records] == list(CATEGORIES)
+    assert json.loads((records[0].root / "meta.json").read_text())["views"]["000"]["extra"]["background"] == "floor"
+    with pytest.raises(SystemExit):
+        main(["objects", "--world", "toyworld2", "--out", str(tmp_path / "a"), "--objects", "1"])
+    assert "not empty; refusing to mix" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["objects", "--out", str(tmp_path / "b"), "--background", "clutter"])
+    assert "ToyWorld 1's chairs are on white only" in capsys.readouterr().err
+    assert main(["objects", "--out", str(tmp_path / "c"), "--objects", "2", "--views", "2"]) == 0
+    assert len(scan_objects(tmp_path / "c")) == 2

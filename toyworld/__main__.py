@@ -2,6 +2,7 @@
 
     python -m toyworld pretrain --out runs/toyworld [--world toyworld2] [--resume | --overwrite] [--set key=value ...]
     python -m toyworld evaluate --model toyworld/weights        # base-model attribute accuracy
+    python -m toyworld objects --world toyworld2 --out data/tw2 --objects 200 --background floor
 """
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", default="toyworld", help="'toyworld' (the shipped weights) or a model folder")
     ev.add_argument("--seeds", type=positive_int, default=2)
     ev.add_argument("--grid", type=Path, default=None, help="write the held-out samples as a PNG grid")
+    obj = sub.add_parser("objects", help="write object folders with ground truth (views, masks, meta.json)")
+    obj.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    obj.add_argument("--world", choices=WORLDS, default="toyworld")
+    obj.add_argument("--objects", type=positive_int, default=48, help="objects (ToyWorld 2: categories in turn)")
+    obj.add_argument("--views", type=positive_int, default=8, help="views per object (cameras of the shared pool)")
+    obj.add_argument("--background", choices=("plain", "floor", "clutter"), default="plain", help="ToyWorld 2 only")
+    obj.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -71,6 +79,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
         model = Pretraining(args.out, config).run(stop_after=args.stop_after)
         print(model)
+        return 0
+
+    if args.command == "objects":
+        from guided_concepts.toyworld.world import write_toy_objects
+        from guided_concepts.toyworld.world2 import BACKGROUNDS
+        from guided_concepts.toyworld.world2_data import write_world2_objects
+        if args.world == "toyworld" and args.background != "plain":
+            parser.error("--background: ToyWorld 1's chairs are on white only; use --world toyworld2")
+        try:
+            if args.world == "toyworld":
+                write_toy_objects(args.out, args.objects, args.views, seed=args.seed)
+            else:
+                write_world2_objects(args.out, args.objects, args.views, background=BACKGROUNDS.index(args.background),
+                                     seed=args.seed)
+        except (ValueError, FileExistsError) as error:
+            parser.error(str(error))
+        print(args.out)
         return 0
 
     from guided_concepts.backbone.load import resolve_model_path
