@@ -80,3 +80,17 @@ def with_settings(base: list[str], *extra: str) -> list[str]:
         kept.append(base[i])
         i += 1
     return kept + list(extra)
+
+
+def die_after_unet_checkpoint(monkeypatch):
+    """Make pretraining raise KeyboardInterrupt right after its first UNet checkpoint (as a kill
+    would); returns the original save_training, to put back before resuming."""
+    from guided_concepts.toyworld import pretrain as module
+    original = module.Pretraining.save_training
+
+    def save_then_die(self, stage, step, *args, **kwargs):
+        original(self, stage, step, *args, **kwargs)
+        if stage == "unet":
+            raise KeyboardInterrupt(f"killed after the unet checkpoint at step {step}")
+    monkeypatch.setattr(module.Pretraining, "save_training", save_then_die)
+    return lambda: monkeypatch.setattr(module.Pretraining, "save_training", original)

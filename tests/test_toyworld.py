@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import die_after_unet_checkpoint
+
 from guided_concepts.toyworld.world import (ATTRIBUTES, COLOUR_NAMES, DIRECTIONS, HELD_OUT_COMBOS, caption,
                                              direction_azimuth, direction_bin, random_caption, render, render_set,
                                              toy_chair_from_meta, write_toy_objects)
@@ -110,20 +112,13 @@ def test_pretraining_writes_an_sd_folder_in_fp16_that_loads_like_any_other(pretr
 
 
 def test_pretraining_resumed_mid_stage_equals_a_run_never_stopped(pretrained, tmp_path, monkeypatch):
-    from guided_concepts.toyworld import pretrain as module
-    original = module.Pretraining.save_training
-
-    def save_then_die(self, stage, step, *args, **kwargs):
-        original(self, stage, step, *args, **kwargs)
-        if stage == "unet":
-            raise KeyboardInterrupt("killed after the unet checkpoint at step 2")
-    monkeypatch.setattr(module.Pretraining, "save_training", save_then_die)
+    restore = die_after_unet_checkpoint(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         pretrain(out)
     assert json.loads((out / "checkpoints" / "unet" / "state.json").read_text())["step"] == 2
     assert not (out / "model").exists()
-    monkeypatch.setattr(module.Pretraining, "save_training", original)
+    restore()
     assert pretrain(out, "--resume", overrides=[]) == 0
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
                  "vae/diffusion_pytorch_model.safetensors"):

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import die_after_unet_checkpoint
+
 from guided_concepts.toyworld.world2 import BACKGROUNDS, CATEGORIES, SHAPE_PARAMS, WorldObject, render
 from guided_concepts.toyworld.world2_data import DECOUPLE, RenderedViewsDataset, write_world2_objects
 from guided_concepts.toyworld.world2_pretraining import (COARSE_WORDS, HELD_OUT_COMBOS, caption, coarse_bits,
@@ -88,18 +90,11 @@ def test_pretraining_on_world2_writes_a_model_with_its_scorer_and_accuracy_file(
 
 
 def test_pretraining_on_world2_resumed_mid_stage_equals_a_run_never_stopped(pretrained2, tmp_path, monkeypatch):
-    from guided_concepts.toyworld import pretrain as module
-    original = module.Pretraining.save_training
-
-    def save_then_die(self, stage, step, *args, **kwargs):
-        original(self, stage, step, *args, **kwargs)
-        if stage == "unet":
-            raise KeyboardInterrupt("killed after the unet checkpoint at step 2")
-    monkeypatch.setattr(module.Pretraining, "save_training", save_then_die)
+    restore = die_after_unet_checkpoint(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         pretrain(out, "--world", "toyworld2")
-    monkeypatch.setattr(module.Pretraining, "save_training", original)
+    restore()
     assert pretrain(out, "--resume", "--stop-after", "unet", overrides=[]) == 0
     for part in ("unet/unet/diffusion_pytorch_model.safetensors", "unet/text_encoder/model.safetensors",
                  "vae/vae/diffusion_pytorch_model.safetensors"):

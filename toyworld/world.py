@@ -162,19 +162,23 @@ def toy_chair_from_meta(meta: dict) -> ToyChair:
     return ToyChair(**meta["shape"]["toyworld"])
 
 
-def write_toy_objects(out_dir, num_objects: int = 48, views: int = 8, resolution: int = 32, seed: int = 0):
-    """chair_000/ ... in the folder format (views/, masks/, meta.json with cameras and keypoints);
-    meta.json's shape.toyworld holds the chair's ground truth, so any pose can be rendered again.
-    Each object takes `views` distinct cameras of TOY_CAMERA_POOL; attributes are uniform over
-    all 24 combinations."""
-    from pathlib import Path
-
-    from guided_concepts.objectdata.synthetic import write_chair
+def check_new_object_set(out_dir, views: int):
+    """-> out_dir as a Path; refuses a folder with files in it and a view count the pool lacks."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: not empty; refusing to mix a new set with old files")
     if not 1 <= views <= len(TOY_CAMERA_POOL):
         raise ValueError(f"views must be 1..{len(TOY_CAMERA_POOL)}, got {views}")
+    return out_dir
+
+
+def write_toy_objects(out_dir, num_objects: int = 48, views: int = 8, resolution: int = 32, seed: int = 0):
+    """chair_000/ ... in the folder format (views/, masks/, meta.json with cameras and keypoints);
+    meta.json's shape.toyworld holds the chair's ground truth, so any pose can be rendered again.
+    Each object takes `views` distinct cameras of TOY_CAMERA_POOL; attributes are uniform over
+    all 24 combinations."""
+    from guided_concepts.objectdata.synthetic import write_chair
+    out_dir = check_new_object_set(out_dir, views)
     for index in range(num_objects):
         rng = np.random.default_rng([seed, index, 99])
         colour, arms, back = (int(v) for v in rng.integers((len(COLOURS), 2, 2)))

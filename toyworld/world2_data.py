@@ -23,7 +23,7 @@ from guided_concepts.objectdata.dataset import ObjectViewsDataset, resize_pair
 from guided_concepts.objectdata.records import ObjectRecord, ViewRecord
 from guided_concepts.objectdata.synthetic import (KEYPOINT_FLIP, KEYPOINT_NAMES, camera_basis, default_data_dir,
                                                   ensure_generated, project, render_view)
-from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES, TOY_CAMERA_POOL
+from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES, TOY_CAMERA_POOL, check_new_object_set
 from guided_concepts.toyworld.world2 import BACKGROUNDS, CATEGORIES, WorldObject, build, render
 from guided_concepts.toyworld.world2_pretraining import sample_shape
 
@@ -46,11 +46,7 @@ def write_world2_objects(out_dir, num_objects: int = 64, views: int = 8, resolut
     """object_000/ ... in the folder format (views/, masks/, meta.json with category, cameras,
     keypoints, the ground truth under shape.toyworld2 and each view's background level under
     views.<id>.extra); categories in turn, `views` distinct cameras of TOY_CAMERA_POOL each."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: not empty; refusing to mix a new set with old files")
-    if not 1 <= views <= len(TOY_CAMERA_POOL):
-        raise ValueError(f"views must be 1..{len(TOY_CAMERA_POOL)}, got {views}")
+    out_dir = check_new_object_set(out_dir, views)
     for index in range(num_objects):
         rng = np.random.default_rng([OBJECT_SEED_OFFSET, seed, index])
         obj = draw_object(rng, index % len(CATEGORIES))
