@@ -156,7 +156,7 @@ def toyworld_truth(obj: Path, world):
         found = truth.truth_for(meta)
     except ValueError:
         return None
-    return found.truth_of(meta) if type(found) is type(world) else None
+    return found.truth_of(meta) if found == world else None
 
 
 def write_results(results: list[dict], out_dir: Path) -> tuple[Path, Path]:

@@ -192,26 +192,25 @@ def swap_condition(system, cfg, world: WorldTruth, pairs, swapped: str, mode: st
     prompts, embeds, items = [], {n: [] for n in active}, []
     res = cfg.data.resolution
     for a, b in pairs:
-        if True:
-            dir_a, dir_b = (a + 2 * b) % 8, (a + 2 * b + 3) % 8        # two cameras 135 degrees apart
-            cam_a, cam_b = camera_of(dir_a)["azimuth"], camera_of(dir_b)["azimuth"]
-            if swapped == "pose":     # B's chair, seen from A's camera instead of B's
-                donor_truth, donor_dir, donor_mask = truths[b], dir_a, true_mask(world, truths[b], cam_a, res)
-            else:                     # A's chair (shape, appearance) at B's camera
-                donor_truth, donor_dir, donor_mask = truths[a], dir_b, true_mask(world, truths[a], cam_b, res)
-            sample_mask = true_mask(world, truths[b], cam_b, res)
-            mode_of = {n: ("word" if n != swapped else mode) for n in active}
-            for s in range(seeds):
-                prompts.append(build_prompt(system, world, active, mode_of, truths[a], dir_a, world.noun(truths[b])))
-                for n in active:
-                    index = (dir_a if n == "pose" else a) if n == swapped else (dir_b if n == "pose" else b)
-                    if mode == "tuned" and n in ti:         # E4T: every object's words tuned on it
-                        source = ti
-                    else:
-                        source = ti if (n == swapped and mode == "ti") else words
-                    embeds[n].append(source[n][index])
-                items.append({"donor_truth": donor_truth, "sample_truth": truths[b], "donor_direction": donor_dir,
-                              "sample_direction": dir_b, "donor_mask": donor_mask, "sample_mask": sample_mask})
+        dir_a, dir_b = (a + 2 * b) % 8, (a + 2 * b + 3) % 8        # two cameras 135 degrees apart
+        cam_a, cam_b = camera_of(dir_a)["azimuth"], camera_of(dir_b)["azimuth"]
+        if swapped == "pose":     # B's chair, seen from A's camera instead of B's
+            donor_truth, donor_dir, donor_mask = truths[b], dir_a, true_mask(world, truths[b], cam_a, res)
+        else:                     # A's chair (shape, appearance) at B's camera
+            donor_truth, donor_dir, donor_mask = truths[a], dir_b, true_mask(world, truths[a], cam_b, res)
+        sample_mask = true_mask(world, truths[b], cam_b, res)
+        mode_of = {n: ("word" if n != swapped else mode) for n in active}
+        for s in range(seeds):
+            prompts.append(build_prompt(system, world, active, mode_of, truths[a], dir_a, world.noun(truths[b])))
+            for n in active:
+                index = (dir_a if n == "pose" else a) if n == swapped else (dir_b if n == "pose" else b)
+                if mode == "tuned" and n in ti:         # E4T: every object's words tuned on it
+                    source = ti
+                else:
+                    source = ti if (n == swapped and mode == "ti") else words
+                embeds[n].append(source[n][index])
+            items.append({"donor_truth": donor_truth, "sample_truth": truths[b], "donor_direction": donor_dir,
+                          "sample_direction": dir_b, "donor_mask": donor_mask, "sample_mask": sample_mask})
     stacked = {n: torch.stack(v) for n, v in embeds.items()}
     images = sample_batch(system, prompts, stacked, seed=1000, steps=steps, guidance=guidance)
     return score(world, images, scorer, items), images, prompts

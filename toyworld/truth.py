@@ -19,8 +19,7 @@ class WorldTruth:
     factors: tuple[str, ...]              # what the scorer reads, besides silhouette and direction
     shape_factors: tuple[str, ...]        # the factors the shape word owns (besides silhouette)
     binary_factors: tuple[str, ...]       # the shape factors that are yes/no (a word direction each)
-    distance: float = 2.5
-    resolution: int = 32
+    resolution: int = 32                  # the world's image size (renders for references)
 
     def truth_of(self, meta: dict):
         raise NotImplementedError

@@ -144,7 +144,10 @@ class RenderedViewsDataset(ObjectViewsDataset):
 
     def pair(self, object_index: int) -> dict:
         """This epoch's draw for a slot: the target object, its partner (the same shape), the
-        partner's cameras, and both views' background levels and seeds."""
+        partner's cameras, and both views' background levels and seeds (drawn once an epoch)."""
+        return self._cached(("pair", object_index), lambda: (self._draw_pair(object_index),))[0]
+
+    def _draw_pair(self, object_index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, object_index, 43])
         record = self.records[object_index]
         target = draw_object(rng, CATEGORIES.index(record.category))
@@ -194,9 +197,12 @@ class RenderedViewsDataset(ObjectViewsDataset):
         return points.tolist()
 
     def _partner_view(self, object_index: int, view_index: int):
-        pair = self.pair(object_index)
-        return self._render(pair["partner"], pair["partner_cameras"][view_index], pair["partner_levels"][view_index],
-                            pair["seeds"][len(pair["levels"]) + view_index])
+        """The partner's render (image, mask) for a set view: rendered once an epoch for mask and shading."""
+        def draw():
+            pair = self.pair(object_index)
+            return self._render(pair["partner"], pair["partner_cameras"][view_index],
+                                pair["partner_levels"][view_index], pair["seeds"][len(pair["levels"]) + view_index])
+        return self._cached(("partner", object_index, view_index), draw)
 
     def _set_mask(self, object_index: int, view_index: int, res: int) -> torch.Tensor:
         mask = self._partner_view(object_index, view_index)[1]
