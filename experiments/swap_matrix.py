@@ -51,8 +51,9 @@ ELEVATION, DISTANCE = 20.0, 2.5
 
 
 def factors_of(world: WorldTruth) -> tuple[str, ...]:
-    """The matrix's columns: the world's shape factors, silhouette, direction, colour."""
-    return (*world.shape_factors, "silhouette", "direction", "colour")
+    """The matrix's columns: the world's shape factors, silhouette, direction, then the rest the
+    scorer reads (colour; ToyWorld 2: category)."""
+    return (*world.shape_factors, "silhouette", "direction", *(f for f in world.factors if f not in world.shape_factors))
 
 
 def owns_of(world: WorldTruth) -> dict:
@@ -157,10 +158,13 @@ def attribute_accuracy(world: WorldTruth, images, scorer, truths: list) -> dict:
 
 
 def score(world: WorldTruth, images, scorer, items: list[dict]) -> dict:
-    """Per factor: follows-donor flags where donor and recipient differ, and IoU differences."""
+    """Per factor: follows-donor flags where donor and recipient differ, and IoU differences;
+    for a continuous factor also its mean error against the donor's value ("error", every
+    sample), and for the category the share that stays the recipient's ("kept")."""
     read = world.read(scorer, images)
     shapes = world.silhouette(scorer, images)
     follows = {f: [] for f in factors_of(world)}
+    errors, kept = {}, []
     iou_diff = []
     for i, item in enumerate(items):
         a, b = item["donor_truth"], item["sample_truth"]           # the factors the sample could follow
@@ -168,6 +172,10 @@ def score(world: WorldTruth, images, scorer, items: list[dict]) -> dict:
             flag = world.follows(factor, read[factor][i], a, b)
             if flag is not None:
                 follows[factor].append(bool(flag))
+            if isinstance(world.value(a, factor), float):
+                errors.setdefault(factor, []).append(abs(read[factor][i] - world.value(a, factor)))
+        if "category" in world.factors:
+            kept.append(read["category"][i] == world.value(b, "category"))
         if item["donor_direction"] != item["sample_direction"]:
             follows["direction"].append(read["direction"][i] == item["donor_direction"])
         iou_a = float(mask_iou(shapes[i:i + 1], item["donor_mask"][None]))
@@ -176,6 +184,10 @@ def score(world: WorldTruth, images, scorer, items: list[dict]) -> dict:
             follows["silhouette"].append(iou_a > iou_b)
             iou_diff.append(iou_a - iou_b)
     out = {factor: proportion(values) for factor, values in follows.items() if values}
+    for factor, values in errors.items():
+        out.setdefault(factor, {})["error"] = float(np.mean(values))
+    if kept:
+        out.setdefault("category", {})["kept"] = float(np.mean(kept))
     if iou_diff:
         out["silhouette"]["iou_difference"] = float(np.mean(iou_diff))
         out["silhouette"]["iou_difference_se"] = float(np.std(iou_diff) / np.sqrt(len(iou_diff)))
@@ -196,8 +208,9 @@ def swap_condition(system, cfg, world: WorldTruth, pairs, swapped: str, mode: st
         cam_a, cam_b = camera_of(dir_a)["azimuth"], camera_of(dir_b)["azimuth"]
         if swapped == "pose":     # B's chair, seen from A's camera instead of B's
             donor_truth, donor_dir, donor_mask = truths[b], dir_a, true_mask(world, truths[b], cam_a, res)
-        else:                     # A's chair (shape, appearance) at B's camera
-            donor_truth, donor_dir, donor_mask = truths[a], dir_b, true_mask(world, truths[a], cam_b, res)
+        else:                     # A's shape (and appearance) at B's camera, in B's category
+            donor_truth, donor_dir = truths[a], dir_b
+            donor_mask = true_mask(world, world.with_shape_of(truths[b], truths[a]), cam_b, res)
         sample_mask = true_mask(world, truths[b], cam_b, res)
         mode_of = {n: ("word" if n != swapped else mode) for n in active}
         for s in range(seeds):
@@ -368,6 +381,16 @@ ROW_MODES = (("word", "{token} from A"), ("tuned", "{token} from A, {which} tune
              ("ti", "{token} inverted on A (textual inversion)"))
 
 
+def cell_text(cell: dict, mark: str = "") -> str:
+    """'0.75 ± 0.04 (n=96, ΔIoU +0.031, error 0.12, kept 0.95)', the parts the cell has."""
+    extra = [f"ΔIoU {cell['iou_difference']:+.3f}"] if "iou_difference" in cell else []
+    extra += [f"error {cell['error']:.3f}"] if "error" in cell else []
+    extra += [f"kept {cell['kept']:.2f}"] if "kept" in cell else []
+    if "follows" not in cell:
+        return ", ".join(extra) or "–"
+    return f"{mark}{cell['follows']:.2f}{mark} ± {cell['se']:.2f} (n={', '.join([str(cell['n']), *extra])})"
+
+
 def markdown_table(world: WorldTruth, rows: dict) -> str:
     factors, owns = factors_of(world), owns_of(world)
     lines = ["| swapped | row | " + " | ".join(factors) + " |", "|---" * (len(factors) + 2) + "|"]
@@ -378,9 +401,7 @@ def markdown_table(world: WorldTruth, rows: dict) -> str:
             if cell is None:
                 text.append("–")
                 continue
-            mark = "**" if factor in owns[word] else ""
-            extra = f", ΔIoU {cell['iou_difference']:+.3f}" if "iou_difference" in cell else ""
-            text.append(f"{mark}{cell['follows']:.2f}{mark} ± {cell['se']:.2f} (n={cell['n']}{extra})")
+            text.append(cell_text(cell, "**" if factor in owns[word] else ""))
         lines.append(f"| {word} | {label} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
 
@@ -453,6 +474,17 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
     return result
 
 
+def train_run(out: Path, config: Path, tokens: str, steps: int, sets: list[str]) -> Path:
+    """out/run trained with train.py (kept when it already has checkpoints)."""
+    from guided_concepts import train
+    run = out / "run"
+    if not (run / "checkpoints").exists():
+        train.main(["--config", str(config), "--tokens", tokens, "--name", "run", "--set", f"run.output_dir={out}",
+                    "--set", f"train.steps={steps}", "--set", "train.sample_every=0",
+                    *[x for item in sets for x in ("--set", item)]])
+    return run
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, help="a trained run with shape, pose and/or appearance (ToyWorld)")
@@ -481,15 +513,7 @@ def main(argv=None):
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "base.yaml",
                    help="the config --train trains with (configs/toyworld2.yaml: ToyWorld 2)")
     args = p.parse_args(argv)
-    run = args.run
-    if args.train:
-        from guided_concepts import train
-        run = args.out / "run"
-        if not (run / "checkpoints").exists():
-            train.main(["--config", str(args.config),
-                        "--tokens", args.tokens, "--name", "run", "--set", f"run.output_dir={args.out}",
-                        "--set", f"train.steps={args.steps}", "--set", "train.sample_every=0",
-                        *[x for item in args.set for x in ("--set", item)]])
+    run = train_run(args.out, args.config, args.tokens, args.steps, args.set) if args.train else args.run
     if run is None:
         p.error("give --run or --train")
     try:

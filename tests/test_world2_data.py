@@ -249,6 +249,9 @@ def test_world2_truth_writes_the_shape_in_caption_words_and_follows_the_nearer_v
     assert world.follows("width", 0.2, low, high) is None                  # 0.05 apart: nothing to follow
     assert world.follows("legs", 0, low, high) is True and world.follows("colour", "blue", low, high) is False
     assert isinstance(truth_for(low.to_meta()), ToyWorld2Truth)
+    transplanted = world.with_shape_of(WorldObject("table", high.shape, high.colour), low)   # a table, low's shape
+    assert transplanted.category == "table" and transplanted.shape == low.shape and transplanted.colour == high.colour
+    assert world.value(transplanted, "category") == "table" and "category" in world.factors
     with pytest.raises(ValueError, match="no ToyWorld ground truth"):
         truth_for({"category": "chair"})
 
@@ -268,6 +271,21 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
     assert 0 <= shape_row["leg_length"]["follows"] <= 1 and shape_row["leg_length"]["n"] > 0
     table = (tmp_path / "swap" / "table.md").read_text()
     assert "| swapped | row | legs | back | arms | width |" in table
+
+    # The cross-category matrix: every ordered pair, the two blocks apart, the category kept.
+    from guided_concepts.experiments.cross_category import run_cross_category
+    cross = run_cross_category(tmp_path / "r", tmp_path / "cross", seeds=1, steps=2, ti_steps=0, tuned_steps=0,
+                               modes=("word", "none"), log=lambda *_: None)
+    assert cross["pairs"] == {"A = B": 48, "A ≠ B": 16 * 12}
+    cells = {(r["pairs"], r["row"]): r for r in cross["rows"]}
+    assert set(cells) == {(block, row) for block in ("A = B", "A ≠ B") for row in ("*s from A", "without *s")}
+    same, other = cells[("A = B", "*s from A")], cells[("A ≠ B", "*s from A")]
+    assert "follows" not in same["category"] and "follows" in other["category"]     # leakage only across categories
+    assert 0 <= other["category"]["kept"] <= 1 and other["category"]["n"] == 192
+    assert 0 <= other["leg_length"]["error"] <= 1.5 and "iou_difference" in other["silhouette"]
+    from PIL import Image
+    width, height = Image.open(tmp_path / "cross" / "figure.png").size
+    assert height > 12 * 2 * 32 and width > 5 * 2 * 32                   # 4 donors x 3 other categories; A, B, truth, 2 rows
 
     # The other ToyWorld experiments read ToyWorld 2's factors through the same truth.
     from guided_concepts import generate

@@ -37,6 +37,11 @@ class WorldTruth:
     def colour_word(self, truth) -> str:
         raise NotImplementedError
 
+    def with_shape_of(self, recipient, donor):
+        """The recipient object given the donor's shape: what "a {recipient's noun} in the shape
+        of *s" should look like when *s came from the donor. One category: the donor itself."""
+        return donor
+
     def load_scorer(self, model_dir: Path):
         raise NotImplementedError
 
@@ -127,7 +132,7 @@ class ToyWorld2Truth(WorldTruth):
         self.coarse = COARSE_NAMES
         self.shape_factors = (*COARSE_NAMES, *SHAPE_PARAMS)
         self.binary_factors = COARSE_NAMES
-        self.factors = (*self.shape_factors, "colour")
+        self.factors = (*self.shape_factors, "colour", "category")
 
     def truth_of(self, meta):
         from guided_concepts.toyworld.world2 import WorldObject
@@ -159,12 +164,17 @@ class ToyWorld2Truth(WorldTruth):
         from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES
         return next(n for n in COLOUR_NAMES if tuple(COLOURS[n]) == tuple(truth.colour))
 
+    def with_shape_of(self, recipient, donor):
+        from dataclasses import replace
+        return replace(recipient, shape=donor.shape)
+
     def load_scorer(self, model_dir):
         from guided_concepts.toyworld.world2_scorer import load_scorer2
         return load_scorer2(Path(model_dir) / "scorer")
 
     def read(self, scorer, images):
         from guided_concepts.toyworld.world import COLOUR_NAMES
+        from guided_concepts.toyworld.world2 import CATEGORIES
         from guided_concepts.toyworld.world2_pretraining import coarse_bits
         predicted = scorer.predict(images)
         shape = predicted["shape"].numpy()                                        # [N, 6]
@@ -172,7 +182,7 @@ class ToyWorld2Truth(WorldTruth):
         out.update({n: coarse_bits(shape)[:, i].tolist() for i, n in enumerate(self.coarse)})
         out["colour"] = [COLOUR_NAMES[int(c)] for c in predicted["colour"]]
         out["direction"] = [int(d) for d in predicted["direction"]]
-        out["category"] = [int(c) for c in predicted["category"]]
+        out["category"] = [CATEGORIES[int(c)] for c in predicted["category"]]
         return out
 
     def silhouette(self, scorer, images):
@@ -186,6 +196,8 @@ class ToyWorld2Truth(WorldTruth):
             return int(self._bits(truth)[self.coarse.index(factor)])
         if factor == "colour":
             return self.colour_word(truth)
+        if factor == "category":
+            return truth.category
         raise KeyError(factor)
 
     def follows(self, factor, read, donor, recipient):

@@ -1,0 +1,182 @@
+"""Cross-category swap matrix: does a shape word encoded from an object of category A shape an
+object of category B?
+
+For every ordered pair of held-out ToyWorld 2 objects (A = donor, B = recipient) the prompt is
+"a {B} in the shape of *s ..." with `*s` from A and every other word (pose, appearance) from B.
+Read back with the world's scorer and true renders:
+
+    each shape parameter: follows A (read nearer A's value than B's), and its error against A's
+    silhouette: IoU against the true render of B's category with A's shape (at the sample's
+        camera) minus IoU against B itself; follows A when positive (ΔIoU: the mean difference)
+    category: stays B ("kept"); follows A only where A's category differs (leakage)
+    colour: follows A (leakage; B's appearance word should hold it)
+
+The A = B block (same category) and the A ≠ B block are reported separately, each with the
+reference rows of the same-category matrix: `*s` from A (the encoder's one pass), `*s` tuned on A
+(E4T's stage 2), A's shape in words, no `*s`, and `*s` inverted on A (textual inversion).
+
+    python -m experiments.cross_category --train --out runs/cross          # trains configs/toyworld2.yaml first
+    python -m experiments.cross_category --run runs/tw2swap/run --out runs/cross --ti-steps 0
+
+Writes results.json, table.md and figure.png (one row per pair: A, B, B with A's shape, samples).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from guided_concepts.experiments.swap_matrix import (DISTANCE, ELEVATION, ROW_MODES, camera_of, cell_text, encode_word,
+                                                     factors_of, inversion_words, pairs_of, swap_condition, train_run,
+                                                     truth_of, tuned_words, world_of)
+from guided_concepts import generate
+from guided_concepts.backbone.load import resolve_model_path
+from guided_concepts.evaluation.runner import held_out_objects
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toyworld2.yaml"
+BLOCKS = ("A = B", "A ≠ B")
+FIGURE_MODES = ("word", "tuned", "text", "none", "ti")
+
+
+def blocks_of(world, truths: list) -> dict[str, list[tuple[int, int]]]:
+    """Every ordered pair of distinct objects, split by whether donor and recipient share a category."""
+    pairs = pairs_of(world, truths, same_category=False)
+    same = [(a, b) for a, b in pairs if world.noun(truths[a]) == world.noun(truths[b])]
+    return {"A = B": same, "A ≠ B": [p for p in pairs if p not in same]}
+
+
+def markdown_table(world, rows: dict) -> str:
+    factors = [f for f in factors_of(world) if f != "direction"]
+    lines = ["| pairs | row | " + " | ".join(factors) + " |", "|---" * (len(factors) + 2) + "|"]
+    for (block, label), cells in rows.items():
+        text = [cell_text(cells[f], "**" if f in (*world.shape_factors, "silhouette") else "") if f in cells else "–"
+                for f in factors]
+        lines.append(f"| {block} | {label} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(world, truths: list, pairs: list, images: dict, seeds: int, resolution: int, path: Path) -> None:
+    """One row per example pair (one donor per category, every other category as recipient):
+    A, B, the true render of B with A's shape, then the samples of each row mode."""
+    from guided_concepts.toyworld.world2_pretraining import labelled_grid
+
+    def render(truth, direction):
+        pixels = world.render(truth, camera_of(direction)["azimuth"], ELEVATION, DISTANCE, resolution)[0]
+        return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+
+    donors = {}
+    for a, _ in pairs:
+        donors.setdefault(world.noun(truths[a]), a)
+    rows = []
+    for a in donors.values():
+        recipients = {}
+        for pa, b in pairs:
+            if pa == a:
+                recipients.setdefault(world.noun(truths[b]), b)
+        for b in recipients.values():
+            index = pairs.index((a, b))
+            direction = (a + 2 * b + 3) % 8                          # B's camera, as swap_condition draws it
+            cells = [render(truths[a], direction), render(truths[b], direction),
+                     render(world.with_shape_of(truths[b], truths[a]), direction)]
+            cells += [images[mode][index * seeds] for mode in FIGURE_MODES if mode in images]
+            rows.append((f"{world.noun(truths[a])} -> {world.noun(truths[b])}", torch.stack(cells)))
+    columns = ["A", "B", "B, A's shape", *[{"word": "*s", "tuned": "*s tuned", "text": "words", "none": "no *s",
+                                             "ti": "TI"}[m] for m in FIGURE_MODES if m in images]]
+    labelled_grid(rows, path, columns, label_width=120)
+
+
+def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: float = 4.0,
+                       ti_steps: int = 300, modes=("word", "tuned", "text", "none", "ti"), tuned_steps: int = 15,
+                       hue_jitter: float = 0.5, log=print) -> dict:
+    system, cfg = generate.load_run(run)
+    if "shape" not in system.tokens:
+        raise ValueError(f"{run}: no shape word (tokens: {', '.join(system.tokens)})")
+    objects = held_out_objects(cfg, run)
+    truths = [truth_of(f) for f in objects]
+    world = world_of(objects)
+    if "category" not in world.factors:
+        raise ValueError(f"{run}: its objects come from a world with one category; cross-category shape needs "
+                         f"ToyWorld 2 objects (--config {CONFIG.relative_to(CONFIG.parent.parent)})")
+    blocks = blocks_of(world, truths)
+    if not all(blocks.values()):
+        raise ValueError(f"{run}: the held-out objects need two categories and two objects of one category "
+                         "(raise data.holdout)")
+    scorer = world.load_scorer(resolve_model_path(cfg.model.name))
+    active = [n for n in system.tokens if n in ("shape", "pose", "appearance")]
+    started = time.time()
+    words = {n: ({d: encode_word(system, cfg, n, camera_of(d)) for d in range(8)} if n == "pose" else
+                 {i: encode_word(system, cfg, n, f) for i, f in enumerate(objects)}) for n in active}
+    ti = tuned = None
+    if "ti" in modes and ti_steps > 0:
+        t0 = time.time()
+        ti = inversion_words(run, objects, ["shape"], ti_steps, out)
+        log(f"textual inversion: {time.time() - t0:.0f} s")
+    if "tuned" in modes and tuned_steps > 0:
+        t0 = time.time()
+        tuned = tuned_words(run, objects, ["shape"], tuned_steps, out, hue_jitter)
+        log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
+    system, cfg = generate.load_run(run)              # tuning changed its own copy; reload to be safe
+    token = system.concepts["shape"].config.token
+    rows, cross_images = {}, {}
+    for block, pairs in blocks.items():
+        for mode, label in ROW_MODES:
+            extra = {"ti": ti, "tuned": tuned}.get(mode)
+            if mode not in modes or (mode in ("ti", "tuned") and extra is None):
+                continue
+            t0 = time.time()
+            cells, images, prompts = swap_condition(system, cfg, world, pairs, "shape", mode, objects, truths, words,
+                                                    extra, seeds, steps, guidance, scorer)
+            rows[(block, label.format(token=token, tuned=tuned_steps, which=token,
+                                      jitter=f", hue jitter {hue_jitter:g}" if hue_jitter else ""))] = cells
+            log(f"{block} / {mode}: {len(prompts)} samples, {time.time() - t0:.0f} s; e.g. {prompts[-1]!r}")
+            if block == "A ≠ B":
+                cross_images[mode] = images
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"run": str(run), "held_out_objects": [o.name for o in objects],
+              "pairs": {block: len(pairs) for block, pairs in blocks.items()}, "seeds": seeds, "sample_steps": steps,
+              "guidance_scale": guidance, "ti_steps": ti_steps if ti else 0, "tuned_steps": tuned_steps if tuned else 0,
+              "hue_jitter": hue_jitter, "seconds": round(time.time() - started, 1),
+              "rows": [{"pairs": block, "row": label, **cells} for (block, label), cells in rows.items()]}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    table = markdown_table(world, rows)
+    (out / "table.md").write_text(table)
+    if cross_images:
+        figure(world, truths, blocks["A ≠ B"], cross_images, seeds, cfg.data.resolution, out / "figure.png")
+    log(table)
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="a trained ToyWorld 2 run with a shape word")
+    p.add_argument("--train", action="store_true", help="train the run first (--config, --tokens, --steps)")
+    p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument("--tokens", default="shape,pose,appearance")
+    p.add_argument("--steps", type=int, default=600, help="training steps with --train")
+    p.add_argument("--set", action="append", default=[], help="extra train.py --set with --train")
+    p.add_argument("--out", type=Path, default=Path("runs/cross_category"))
+    p.add_argument("--seeds", type=int, default=2, help="samples per ordered pair of objects")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--ti-steps", type=int, default=300, help="per-object textual inversion steps (0: skip that row)")
+    p.add_argument("--tuned-steps", type=int, default=15, help="*s tuned from the encoder on A (tune.py) for this "
+                   "many steps (0: skip that row)")
+    p.add_argument("--tuned-hue-jitter", type=float, default=0.5, help="tune.hue_jitter of the tuned row")
+    p.add_argument("--rows", default="word,tuned,text,none,ti", help="which rows to sample: word, tuned, text, none, ti")
+    args = p.parse_args(argv)
+    run = train_run(args.out, args.config, args.tokens, args.steps, args.set) if args.train else args.run
+    if run is None:
+        p.error("give --run or --train")
+    try:
+        return run_cross_category(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
+                                  modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps,
+                                  hue_jitter=args.tuned_hue_jitter)
+    except ValueError as error:           # a run of the wrong world, too few held-out objects: one line
+        p.error(str(error))
+
+
+if __name__ == "__main__":
+    main()
