@@ -43,6 +43,14 @@ non_negative_float = _checked(_float, lambda v: v >= 0, "a finite number >= 0")
 positive_float = _checked(_float, lambda v: v > 0, "a finite number > 0")        # learning rates
 
 
+def word_strength(text: str) -> tuple[str, float]:
+    """NAME=VALUE (e.g. shape=1.5): a concept's strength at generation."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. shape=1.5), got {text!r}")
+    return name.strip(), finite_float(value)
+
+
 def device(text: str) -> str:
     """A torch device this machine has: cpu, cuda, cuda:N (when CUDA is there), mps."""
     import torch

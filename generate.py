@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from guided_concepts.argtypes import finite_float, non_negative_float, positive_int, device as device_type
+from guided_concepts.argtypes import finite_float, non_negative_float, positive_int, word_strength, device as device_type
 from guided_concepts.backbone import load_backbone
 from guided_concepts.backbone.adapters import UNetAdapters
 from guided_concepts.checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
@@ -138,7 +138,7 @@ def sources_from_args(args, names) -> dict:
 
 def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | Path | dict], num: int = 4,
              seed: int = 0, steps: int = 20, guidance_scale: float = 5.0, view: int = 0,
-             diversity: float = 0.0, options: dict | None = None):
+             diversity: float = 0.0, options: dict | None = None, strengths: dict[str, float] | None = None):
     """-> (reference image [3, H, W], images [num, 3, H, W], maps [num, C, h, w] or None).
 
     sources: concept -> object folder, or what a concept's own flags gave (e.g. a camera dict for
@@ -147,11 +147,18 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
     spread, > 1 more varied; sample i draws its own code (seed + i).
     options: the concepts' generation switches (their add_generation_args flags), e.g. {"shape_source":
     "image"}: *s from one RGB view instead of the object's masks.
+    strengths: concept -> how far each word moves from its initializer word (system.with_strength;
+    1 as learned, > 1 amplified).
     """
     check_sampling(num, steps, guidance_scale, diversity)
     options = dict(options or {})
     check_prompt(prompt, system.table.specs.values())
     used = [n for n in system.tokens if re.search(rf"(?<![\w*]){re.escape(system.concepts[n].config.token)}(?!\w)", prompt)]
+    strengths = dict(strengths or {})
+    unused = [n for n in strengths if n not in used]
+    if unused:
+        raise ValueError(f"--strength {unused[0]}=...: the prompt does not use that word (it uses: "
+                         f"{', '.join(used) or 'none'})")
     missing = [n for n in used if n not in sources]
     if missing:
         raise ValueError(f"no reference for {', '.join(missing)}: pass --{missing[0]}-from <object folder>")
@@ -180,6 +187,7 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
                 concept.diversity = diversity
                 concept.noise_generator = torch.Generator().manual_seed(seed + i)
                 outs[name] = concept.encode(batch)
+        outs = system.with_strength(outs, strengths)
         image, attn = system.sample([prompt], steps=steps, guidance_scale=guidance_scale, seed=seed + i, outs=outs)
         images.append(image)
         maps.append(attn)
@@ -197,6 +205,9 @@ def main(argv=None):
         entry.concept.add_generation_args(p)
     p.add_argument("--diversity", type=non_negative_float, default=0.0,
                    help="tau: 0 = the shape code's mean (faithful), 1 = the trained spread, >1 more varied")
+    p.add_argument("--strength", type=word_strength, action="append", default=[], metavar="NAME=VALUE",
+                   help="move a word from its initializer by VALUE times what it learned: 1 as learned, "
+                        ">1 amplified (e.g. shape=1.5; repeat for several words)")
     p.add_argument("--view", type=int, default=0, help="which view of the reference object")
     p.add_argument("--num", type=positive_int, default=4, help="samples (seeds seed, seed+1, …)")
     p.add_argument("--seed", type=int, default=0)
@@ -217,7 +228,8 @@ def main(argv=None):
         system, cfg = load_run(args.run, args.checkpoint, args.device, args.artefact)
         sources = {n: source for n, source in given.items() if n in system.tokens}
         reference, images, maps = generate(system, cfg, args.prompt, sources, args.num, args.seed, args.steps,
-                                           args.guidance_scale, args.view, args.diversity, vars(args))
+                                           args.guidance_scale, args.view, args.diversity, vars(args),
+                                           dict(args.strength))
     except (ConfigError, DataError, TokenError, ValueError) as err:
         sys.exit(f"error: {err}")
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "generated.png"

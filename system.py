@@ -2,6 +2,7 @@
 sample with attention overlays. train.py drives it; generate.py and the tests use it directly."""
 from __future__ import annotations
 
+import copy
 import random
 import re
 from types import SimpleNamespace
@@ -155,6 +156,18 @@ class GuidedConcepts(nn.Module):
 
     def encode(self, batch: dict, active: list[str] | None = None) -> dict:
         return self.concepts(batch, active)
+
+    def with_strength(self, outs: dict, strengths: dict[str, float]) -> dict:
+        """outs with each named word moved from its initializer word by `strength` times what it
+        learned: embeds = init + strength * (embeds - init). 1 is the word as learned, 0 the
+        initializer word, above 1 amplified (ShapeWords' strength knob, on the word itself)."""
+        scaled = dict(outs)
+        for name, strength in strengths.items():
+            embeds = outs[name].embeds                                     # [B, K, D]
+            init = self.table.initializer_rows[name].to(embeds).reshape(1, 1, -1)
+            scaled[name] = copy.copy(outs[name])
+            scaled[name].embeds = embeds + (strength - 1) * (embeds - init)     # 1: exactly as learned
+        return scaled
 
     def text_embeddings(self, prompts: list[str], outs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> text embeddings [B, L, D] and placeholder selection [B, L, C_attention]."""

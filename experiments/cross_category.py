@@ -26,6 +26,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -33,12 +34,12 @@ from guided_concepts.experiments.swap_matrix import (DISTANCE, ELEVATION, ROW_MO
                                                      factors_of, inversion_words, pairs_of, swap_condition, train_run,
                                                      truth_of, tuned_words, world_of)
 from guided_concepts import generate
+from guided_concepts.argtypes import finite_float
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.evaluation.runner import held_out_objects
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toyworld2.yaml"
 BLOCKS = ("A = B", "A ≠ B")
-FIGURE_MODES = ("word", "tuned", "text", "none", "ti")
 
 
 def blocks_of(world, truths: list) -> dict[str, list[tuple[int, int]]]:
@@ -60,7 +61,7 @@ def markdown_table(world, rows: dict) -> str:
 
 def figure(world, truths: list, pairs: list, images: dict, seeds: int, resolution: int, path: Path) -> None:
     """One row per example pair (one donor per category, every other category as recipient):
-    A, B, the true render of B with A's shape, then the samples of each row mode."""
+    A, B, the true render of B with A's shape, then a sample of each row (images: row -> samples)."""
     from guided_concepts.toyworld.world2_pretraining import labelled_grid
 
     def render(truth, direction):
@@ -81,16 +82,18 @@ def figure(world, truths: list, pairs: list, images: dict, seeds: int, resolutio
             direction = (a + 2 * b + 3) % 8                          # B's camera, as swap_condition draws it
             cells = [render(truths[a], direction), render(truths[b], direction),
                      render(world.with_shape_of(truths[b], truths[a]), direction)]
-            cells += [images[mode][index * seeds] for mode in FIGURE_MODES if mode in images]
+            cells += [samples[index * seeds] for samples in images.values()]
             rows.append((f"{world.noun(truths[a])} -> {world.noun(truths[b])}", torch.stack(cells)))
-    columns = ["A", "B", "B, A's shape", *[{"word": "*s", "tuned": "*s tuned", "text": "words", "none": "no *s",
-                                             "ti": "TI"}[m] for m in FIGURE_MODES if m in images]]
+    names = {"word": "*s", "tuned": "*s tuned", "text": "words", "none": "no *s", "ti": "TI"}
+    columns = ["A", "B", "B, A's shape", *[names.get(m, m.replace("strength ", "*s x")) for m in images]]
     labelled_grid(rows, path, columns, label_width=120)
 
 
 def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: float = 4.0,
                        ti_steps: int = 300, modes=("word", "tuned", "text", "none", "ti"), tuned_steps: int = 15,
-                       hue_jitter: float = 0.5, log=print) -> dict:
+                       hue_jitter: float = 0.5, strengths: tuple[float, ...] = (), log=print) -> dict:
+    """strengths: extra rows of the encoder's *s moved from its initializer by each factor
+    (system.with_strength, generate.py --strength shape=λ)."""
     system, cfg = generate.load_run(run)
     if "shape" not in system.tokens:
         raise ValueError(f"{run}: no shape word (tokens: {', '.join(system.tokens)})")
@@ -120,17 +123,23 @@ def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, gu
         log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
     system, cfg = generate.load_run(run)              # tuning changed its own copy; reload to be safe
     token = system.concepts["shape"].config.token
+    conditions = [(mode, label.format(token=token, tuned=tuned_steps, which=token,
+                                      jitter=f", hue jitter {hue_jitter:g}" if hue_jitter else ""), words)
+                  for mode, label in ROW_MODES
+                  if mode in modes and not (mode == "ti" and ti is None) and not (mode == "tuned" and tuned is None)]
+    for strength in strengths:
+        stacked = torch.stack([words["shape"][i] for i in range(len(objects))])             # [N, K, D]
+        scaled = system.with_strength({"shape": SimpleNamespace(embeds=stacked)}, {"shape": strength})
+        conditions.append((f"strength {strength:g}", f"{token} from A, strength {strength:g}",
+                           {**words, "shape": dict(enumerate(scaled["shape"].embeds))}))
     rows, cross_images = {}, {}
     for block, pairs in blocks.items():
-        for mode, label in ROW_MODES:
-            extra = {"ti": ti, "tuned": tuned}.get(mode)
-            if mode not in modes or (mode in ("ti", "tuned") and extra is None):
-                continue
+        for mode, label, given in conditions:
             t0 = time.time()
-            cells, images, prompts = swap_condition(system, cfg, world, pairs, "shape", mode, objects, truths, words,
-                                                    extra, seeds, steps, guidance, scorer)
-            rows[(block, label.format(token=token, tuned=tuned_steps, which=token,
-                                      jitter=f", hue jitter {hue_jitter:g}" if hue_jitter else ""))] = cells
+            cells, images, prompts = swap_condition(system, cfg, world, pairs, "shape", "word" if mode.startswith("strength") else mode, objects,
+                                                    truths, given, {"ti": ti, "tuned": tuned}.get(mode), seeds,
+                                                    steps, guidance, scorer)
+            rows[(block, label)] = cells
             log(f"{block} / {mode}: {len(prompts)} samples, {time.time() - t0:.0f} s; e.g. {prompts[-1]!r}")
             if block == "A ≠ B":
                 cross_images[mode] = images
@@ -166,14 +175,20 @@ def main(argv=None):
                    "many steps (0: skip that row)")
     p.add_argument("--tuned-hue-jitter", type=float, default=0.5, help="tune.hue_jitter of the tuned row")
     p.add_argument("--rows", default="word,tuned,text,none,ti", help="which rows to sample: word, tuned, text, none, ti")
+    p.add_argument("--shape-strength", default="", help="comma-separated: extra rows of *s amplified by each factor "
+                   "(generate.py --strength shape=λ), e.g. 1.5,2")
     args = p.parse_args(argv)
+    try:
+        strengths = tuple(finite_float(v) for v in args.shape_strength.split(",") if v.strip())
+    except argparse.ArgumentTypeError as error:
+        p.error(f"--shape-strength: {error}")
     run = train_run(args.out, args.config, args.tokens, args.steps, args.set) if args.train else args.run
     if run is None:
         p.error("give --run or --train")
     try:
         return run_cross_category(run, args.out, args.seeds, args.sample_steps, args.guidance_scale, args.ti_steps,
                                   modes=tuple(args.rows.split(",")), tuned_steps=args.tuned_steps,
-                                  hue_jitter=args.tuned_hue_jitter)
+                                  hue_jitter=args.tuned_hue_jitter, strengths=strengths)
     except ValueError as error:           # a run of the wrong world, too few held-out objects: one line
         p.error(str(error))
 

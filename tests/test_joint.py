@@ -196,3 +196,27 @@ def test_pose_head_takes_objects_with_another_keypoint_count(fresh_backbone, cha
         batch = dict(chair_batch, keypoints=keypoints, keypoint_valid=torch.ones(4, k, dtype=torch.bool))
         with torch.no_grad():
             assert torch.isfinite(concept.encode(batch).embeds).all()
+
+
+def test_a_words_strength_moves_it_from_its_initializer_word(joint_run, chairs_dir):
+    system, cfg = generate.load_run(joint_run)
+    prompt = "a photo of a chair in the shape of *s"
+    sources = {"shape": chairs_dir / "chair_001"}
+
+    def sample(strengths=None, text=prompt, given=sources):
+        return generate.generate(system, cfg, text, given, num=1, steps=2, strengths=strengths)[1]
+
+    learned = sample()
+    assert torch.equal(sample({"shape": 1.0}), learned)
+    assert not torch.allclose(sample({"shape": 3.0}), learned)
+    # Strength 0 is the initializer word itself: the same image as the prompt that writes it.
+    word = cfg.concepts["shape"].initializer
+    assert torch.allclose(sample({"shape": 0.0}), sample(None, prompt.replace("*s", word), {}), atol=1e-5)
+    outs = system.encode(generate.concept_reference_batch(chairs_dir / "chair_001", 0, cfg, "shape"), ["shape"])
+    init = system.table.initializer_rows["shape"].reshape(1, 1, -1)
+    doubled = system.with_strength(outs, {"shape": 2.0})["shape"].embeds
+    assert torch.allclose(doubled - init, 2 * (outs["shape"].embeds - init), atol=1e-6)
+    with pytest.raises(ValueError, match=r"--strength pose=\.\.\.: the prompt does not use that word"):
+        sample({"pose": 2.0})
+    with pytest.raises(SystemExit):
+        generate.main(["--run", str(joint_run), "--prompt", prompt, "--strength", "shape"])
