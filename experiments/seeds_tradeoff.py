@@ -15,7 +15,16 @@ For each mask-loss weight (the seeds' mse_maxnorm variant) a shape run is traine
 The diversity curve does the same on the weight-0 run with tau = 0, 0.5, 1, 2, 4
 (generate.generate(..., diversity=tau)).
 
+Complexity versus diversity (the notes' other question; ToyWorld 2): --backgrounds plain,floor,clutter
+trains every weight on the same objects on white, on a floor and among blocks
+(data.root toyworld2 / toyworld2-floor / toyworld2-clutter), and --cross-category also samples
+"a {B} in the shape of *s" for every other category B: the same scores against B rendered with the
+object's shape ("cross_" keys), the category kept, and the spread of the scorer's six shape
+readings across seeds ("shape_spread", a second diversity measure beside the silhouettes').
+
     python -m experiments.seeds_tradeoff --out runs/seeds_tradeoff        # ~20 min on 2 cores
+    python -m experiments.seeds_tradeoff --config configs/toyworld2.yaml --backgrounds plain,floor,clutter \
+        --weights 0,0.1,1.0 --cross-category --out runs/complexity
 """
 from __future__ import annotations
 
@@ -36,11 +45,14 @@ from guided_concepts.toyworld.scorer import mask_iou
 from guided_concepts.toyworld.world import direction_azimuth
 
 COLOURS = (None, "red", "blue")
+BACKGROUND_ROOTS = {"plain": "toyworld2", "floor": "toyworld2-floor", "clutter": "toyworld2-clutter"}
 
 
-def train_run(out: Path, weight: float, steps: int, extra: list[str], config: Path) -> Path:
+def train_run(out: Path, weight: float, steps: int, extra: list[str], config: Path, background: str | None = None) -> Path:
     from guided_concepts import train
-    run = out / f"mask_{weight:g}"
+    run = out / (f"{background}_mask_{weight:g}" if background else f"mask_{weight:g}")
+    if background:
+        extra = [*extra, "--set", f"data.root={BACKGROUND_ROOTS[background]}"]
     if (run / "checkpoints").exists() and any((run / "checkpoints").iterdir()):
         return run
     train.main(["--config", str(config), "--tokens", "shape",
@@ -51,7 +63,8 @@ def train_run(out: Path, weight: float, steps: int, extra: list[str], config: Pa
 
 
 def silhouette_fidelity(world, shapes: torch.Tensor, own: int, truths, resolution: int) -> torch.Tensor:
-    """[N] IoU with the own object's best-matching render minus the mean over the others'."""
+    """[N] IoU with the own object's best-matching render minus the mean over the others'
+    (truths: what each object's word should draw, e.g. another category with its shape)."""
     def best(chair):
         renders = torch.stack([true_mask(world, chair, direction_azimuth(d), resolution) for d in range(8)])   # [8, H, W]
         return torch.stack([mask_iou(shapes, r[None].expand_as(shapes)) for r in renders]).amax(0)    # [N]
@@ -66,17 +79,30 @@ def diversity(shapes: torch.Tensor) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def shape_spread(read: dict, world) -> float:
+    """The spread of the scorer's continuous shape readings across one object's samples: the mean
+    over parameters of their standard deviation (0 when the world reads none)."""
+    values = [np.std(read[f]) for f in world.shape_factors if isinstance(read[f][0], float)]
+    return float(np.mean(values)) if values else 0.0
+
+
 @torch.no_grad()
-def score(system, cfg, seeds: int, steps: int, guidance: float, scorer, tau: float = 0.0) -> dict:
+def score(system, cfg, seeds: int, steps: int, guidance: float, scorer, tau: float = 0.0,
+          cross_category: bool = False) -> dict:
+    """cross_category: also "a {B} in the shape of *s" for every other category B among the held-out
+    objects, scored against B rendered with the object's shape ("cross_" keys)."""
     objects = held_out_objects(cfg)
     truths = [truth_of(f) for f in objects]
     world = world_of(objects)
-    hits = {**{f: [] for f in world.shape_factors}, "colour": []}
-    fidelity, spread = [], []
+    recipients = {world.noun(t): t for t in truths}            # one object of each category (its noun)
+    hits = {**{f: [] for f in world.shape_factors}, "colour": [], "category_kept": []}
+    fidelity, spread, readings = [], [], []
+    cross = {"hits": {f: [] for f in world.shape_factors}, "fidelity": [], "spread": [], "readings": [], "kept": []}
     for o, folder in enumerate(objects):
         noun = world.noun(truths[o])
-        for colour in COLOURS:
-            prompt = render_prompt("a {category} {phrases}", f"{colour} {noun}" if colour else noun,
+        others = [n for n in recipients if n != noun] if cross_category else []
+        for colour, target in [(c, noun) for c in COLOURS] + [(None, n) for n in others]:
+            prompt = render_prompt("a {category} {phrases}", f"{colour} {target}" if colour else target,
                                    {"shape": system.clause("shape")})
             if tau == 0:
                 word = encode_word(system, cfg, "shape", folder)
@@ -87,28 +113,47 @@ def score(system, cfg, seeds: int, steps: int, guidance: float, scorer, tau: flo
                                            steps=steps, guidance_scale=guidance, diversity=tau)[1]
             read = world.read(scorer, images)
             shapes = world.silhouette(scorer, images)
-            if colour is None:
+            kept = [c == target for c in read["category"]] if "category" in read else []
+            if colour is None and target == noun:
                 for factor in world.shape_factors:
                     hits[factor] += world.flags(factor, read[factor], truths[o])
                 fidelity += silhouette_fidelity(world, shapes, o, truths, cfg.data.resolution).tolist()
                 spread.append(diversity(shapes))
+                readings.append(shape_spread(read, world))
+                hits["category_kept"] += kept
+            elif colour is None:          # another category with this object's shape
+                for factor in world.shape_factors:
+                    cross["hits"][factor] += world.flags(factor, read[factor], truths[o])
+                as_target = [world.with_shape_of(recipients[target], t) for t in truths]
+                cross["fidelity"] += silhouette_fidelity(world, shapes, o, as_target, cfg.data.resolution).tolist()
+                cross["spread"].append(diversity(shapes))
+                cross["readings"].append(shape_spread(read, world))
+                cross["kept"] += kept
             else:
                 hits["colour"] += [c == colour for c in read["colour"]]
     out = {}
-    for k, v in hits.items():
-        if not v:             # nothing judgeable (e.g. a coarse word on its threshold for every object)
-            continue
-        rate = proportion(v, "p")
-        out[k], out[f"{k}_se"] = rate["p"], rate["se"]
-    out["silhouette_own_minus_other"] = float(np.mean(fidelity))
-    out["silhouette_own_minus_other_se"] = float(np.std(fidelity) / np.sqrt(len(fidelity)))
-    out["diversity"] = float(np.mean(spread))
+    for prefix, rates in (("", hits), ("cross_", {**cross["hits"], "category_kept": cross["kept"]})):
+        for k, v in rates.items():
+            if not v:             # nothing judgeable (e.g. a coarse word on its threshold for every object)
+                continue
+            rate = proportion(v, "p")
+            out[prefix + k], out[f"{prefix}{k}_se"] = rate["p"], rate["se"]
+    for prefix, values, spreads, reads in (("", fidelity, spread, readings),
+                                           ("cross_", cross["fidelity"], cross["spread"], cross["readings"])):
+        if values:
+            out[prefix + "silhouette_own_minus_other"] = float(np.mean(values))
+            out[prefix + "silhouette_own_minus_other_se"] = float(np.std(values) / np.sqrt(len(values)))
+            out[prefix + "diversity"] = float(np.mean(spreads))
+            out[prefix + "shape_spread"] = float(np.mean(reads))
     out["samples_per_cell"] = len(fidelity)
     return out
 
 
 def table(rows: dict, key: str, factors) -> str:
-    columns = (*factors, "silhouette_own_minus_other", "colour", "diversity")
+    columns = (*factors, "silhouette_own_minus_other", "colour", "diversity", "shape_spread")
+    if any("cross_diversity" in row for row in rows.values()):
+        columns += ("category_kept", *(f"cross_{f}" for f in factors), "cross_silhouette_own_minus_other",
+                    "cross_category_kept", "cross_diversity", "cross_shape_spread")
     lines = [f"| {key} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
         cells = [f"{row[c]:.3f}" + (f" ± {row[c + '_se']:.3f}" if c + "_se" in row else "") if c in row else "–"
@@ -129,29 +174,40 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], help="extra train.py --set for every run")
     p.add_argument("--config", type=Path, default=Path(__file__).resolve().parent.parent / "configs" / "base.yaml",
                    help="the runs' config (configs/toyworld2.yaml: ToyWorld 2)")
+    p.add_argument("--backgrounds", default="", help=f"ToyWorld 2: train every weight on each background level "
+                   f"({', '.join(BACKGROUND_ROOTS)}; comma-separated); default: the config's data.root")
+    p.add_argument("--cross-category", action="store_true", help="ToyWorld 2: also 'a {B} in the shape of *s' "
+                   "for every other category B")
     args = p.parse_args(argv)
+    backgrounds = [b.strip() for b in args.backgrounds.split(",") if b.strip()] or [None]
+    unknown = [b for b in backgrounds if b is not None and b not in BACKGROUND_ROOTS]
+    if unknown:
+        p.error(f"--backgrounds {unknown[0]}: not one of {', '.join(BACKGROUND_ROOTS)}")
     extra = [x for item in args.set for x in ("--set", item)]
     weights = [float(w) for w in args.weights.split(",")]
     started = time.time()
-    runs = {w: train_run(args.out, w, args.steps, extra, args.config) for w in weights}
+    runs = {(b, w): train_run(args.out, w, args.steps, extra, args.config, b) for b in backgrounds for w in weights}
     scorer = world = None
     rows, curve = {}, {}
-    for w, run in runs.items():
+    for (b, w), run in runs.items():
         system, cfg = generate.load_run(run)
         world = world or world_of(held_out_objects(cfg))
         scorer = scorer or world.load_scorer(resolve_model_path(cfg.model.name))
-        rows[f"mask weight {w:g}"] = score(system, cfg, args.seeds, args.sample_steps, args.guidance_scale, scorer)
-        print(f"mask weight {w:g}: {rows[f'mask weight {w:g}']}", flush=True)
-        if w == weights[0]:
+        name = f"{b}, mask weight {w:g}" if b else f"mask weight {w:g}"
+        rows[name] = score(system, cfg, args.seeds, args.sample_steps, args.guidance_scale, scorer,
+                           cross_category=args.cross_category)
+        print(f"{name}: {rows[name]}", flush=True)
+        if (b, w) == (backgrounds[0], weights[0]):
             for tau in (float(t) for t in args.taus.split(",")):
-                curve[f"tau {tau:g}"] = score(system, cfg, args.seeds, args.sample_steps, args.guidance_scale, scorer, tau)
+                curve[f"tau {tau:g}"] = score(system, cfg, args.seeds, args.sample_steps, args.guidance_scale, scorer,
+                                              tau, cross_category=args.cross_category)
                 print(f"tau {tau:g}: {curve[f'tau {tau:g}']}", flush=True)
+    first = f"{backgrounds[0]}, mask weight {weights[0]:g}" if backgrounds[0] else f"mask weight {weights[0]:g}"
     result = {"steps": args.steps, "seeds": args.seeds, "mask_variant": "mse_maxnorm", "weights": rows,
-              "diversity_curve_on": f"mask weight {weights[0]:g}", "diversity_curve": curve,
-              "seconds": round(time.time() - started)}
+              "diversity_curve_on": first, "diversity_curve": curve, "seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    text = table(rows, "mask weight", world.binary_factors) + "\n" + table(curve, "diversity tau", world.binary_factors)
+    text = table(rows, "run", world.binary_factors) + "\n" + table(curve, "diversity tau", world.binary_factors)
     (args.out / "table.md").write_text(text)
     print(text)
     return result

@@ -297,8 +297,10 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
     system, cfg = generate.load_run(tmp_path / "r")
     world = ToyWorld2Truth()
     scorer = world.load_scorer(pretrained2 / "model")
-    tradeoff = seeds_tradeoff.score(system, cfg, seeds=1, steps=2, guidance=4.0, scorer=scorer)
-    assert {"legs", "back", "arms", "width", "colour", "silhouette_own_minus_other"} <= set(tradeoff)
+    tradeoff = seeds_tradeoff.score(system, cfg, seeds=2, steps=2, guidance=4.0, scorer=scorer, cross_category=True)
+    assert {"legs", "back", "arms", "width", "colour", "silhouette_own_minus_other", "shape_spread"} <= set(tradeoff)
+    assert {"cross_leg_length", "cross_silhouette_own_minus_other", "cross_category_kept", "cross_diversity"} <= set(tradeoff)
+    assert 0 <= tradeoff["cross_category_kept"] <= 1 and tradeoff["shape_spread"] >= 0
     objects = held_out_objects(cfg, tmp_path / "r")[:2]
     masks, _ = toyworld_masks.score_run(tmp_path / "r", (system, cfg), objects, scorer, samples=1, steps=2,
                                         guidance=4.0, colours=(None, "red"))
@@ -361,3 +363,11 @@ def test_the_objects_command_writes_folders_of_either_world_and_never_into_a_ful
     assert "ToyWorld 1's chairs are on white only" in capsys.readouterr().err
     assert main(["objects", "--out", str(tmp_path / "c"), "--objects", "2", "--views", "2"]) == 0
     assert len(scan_objects(tmp_path / "c")) == 2
+
+
+def test_the_complexity_experiment_refuses_an_unknown_background_before_training(tmp_path, capsys):
+    from guided_concepts.experiments import seeds_tradeoff
+    with pytest.raises(SystemExit):
+        seeds_tradeoff.main(["--backgrounds", "plain,sky", "--out", str(tmp_path / "c")])
+    assert "--backgrounds sky: not one of plain, floor, clutter" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
