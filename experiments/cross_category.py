@@ -13,7 +13,11 @@ Read back with the world's scorer and true renders:
 
 The A = B block (same category) and the A ≠ B block are reported separately, each with the
 reference rows of the same-category matrix: `*s` from A (the encoder's one pass), `*s` tuned on A
-(E4T's stage 2), A's shape in words, no `*s`, and `*s` inverted on A (textual inversion).
+(E4T's stage 2), A's shape in words, no `*s`, and `*s` inverted on A (textual inversion). Two
+amplifier candidates that need no training add rows: `*s` moved further from its initializer
+(--shape-strength λ, generate.py --strength shape=λ), and `*s` written as a residual on B's
+category word, in the noun's place ("a *s with pose *p", its embedding B's word plus what `*s`
+learned: ShapeWords' design, applied at generation only).
 
     python -m experiments.cross_category --train --out runs/cross          # trains configs/toyworld2.yaml first
     python -m experiments.cross_category --run runs/tw2swap/run --out runs/cross --ti-steps 0
@@ -31,8 +35,8 @@ from types import SimpleNamespace
 import torch
 
 from guided_concepts.experiments.swap_matrix import (DISTANCE, ELEVATION, ROW_MODES, camera_of, cell_text, encode_word,
-                                                     factors_of, inversion_words, pairs_of, swap_condition, train_run,
-                                                     truth_of, tuned_words, world_of)
+                                                     factors_of, inversion_words, pairs_of, sample_batch, score,
+                                                     swap_inputs, train_run, truth_of, tuned_words, world_of)
 from guided_concepts import generate
 from guided_concepts.argtypes import finite_float
 from guided_concepts.backbone.load import resolve_model_path
@@ -84,13 +88,13 @@ def figure(world, truths: list, pairs: list, images: dict, seeds: int, resolutio
                      render(world.with_shape_of(truths[b], truths[a]), direction)]
             cells += [samples[index * seeds] for samples in images.values()]
             rows.append((f"{world.noun(truths[a])} -> {world.noun(truths[b])}", torch.stack(cells)))
-    names = {"word": "*s", "tuned": "*s tuned", "text": "words", "none": "no *s", "ti": "TI"}
+    names = {"word": "*s", "tuned": "*s tuned", "text": "words", "none": "no *s", "ti": "TI", "residual": "residual"}
     columns = ["A", "B", "B, A's shape", *[names.get(m, m.replace("strength ", "*s x")) for m in images]]
     labelled_grid(rows, path, columns, label_width=120)
 
 
 def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: float = 4.0,
-                       ti_steps: int = 300, modes=("word", "tuned", "text", "none", "ti"), tuned_steps: int = 15,
+                       ti_steps: int = 300, modes=("word", "tuned", "text", "none", "ti", "residual"), tuned_steps: int = 15,
                        hue_jitter: float = 0.5, strengths: tuple[float, ...] = (), log=print) -> dict:
     """strengths: extra rows of the encoder's *s moved from its initializer by each factor
     (system.with_strength, generate.py --strength shape=λ)."""
@@ -127,18 +131,28 @@ def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, gu
                                       jitter=f", hue jitter {hue_jitter:g}" if hue_jitter else ""), words)
                   for mode, label in ROW_MODES
                   if mode in modes and not (mode == "ti" and ti is None) and not (mode == "tuned" and tuned is None)]
+    if "residual" in modes:
+        conditions.append(("residual", f"{token} as a residual on B's category word (ShapeWords)", words))
     for strength in strengths:
         stacked = torch.stack([words["shape"][i] for i in range(len(objects))])             # [N, K, D]
         scaled = system.with_strength({"shape": SimpleNamespace(embeds=stacked)}, {"shape": strength})
         conditions.append((f"strength {strength:g}", f"{token} from A, strength {strength:g}",
                            {**words, "shape": dict(enumerate(scaled["shape"].embeds))}))
+    init = system.table.initializer_rows["shape"].reshape(1, -1)                          # [1, D]
+    noun_rows = {noun: system.table.word_row(noun).reshape(1, -1) for noun in {world.noun(t) for t in truths}}
     rows, cross_images = {}, {}
     for block, pairs in blocks.items():
         for mode, label, given in conditions:
             t0 = time.time()
-            cells, images, prompts = swap_condition(system, cfg, world, pairs, "shape", "word" if mode.startswith("strength") else mode, objects,
-                                                    truths, given, {"ti": ti, "tuned": tuned}.get(mode), seeds,
-                                                    steps, guidance, scorer)
+            prompts, embeds, items = swap_inputs(system, cfg, world, pairs, "shape",
+                                                 "word" if mode.startswith("strength") else mode, truths, given,
+                                                 {"ti": ti, "tuned": tuned}.get(mode), seeds)
+            if mode == "residual":       # B's noun embedding plus what *s learned (its offset from its initializer)
+                embeds["shape"] = [noun_rows[world.noun(item["sample_truth"])] + e - init
+                                   for e, item in zip(embeds["shape"], items)]
+            images = sample_batch(system, prompts, {n: torch.stack(v) for n, v in embeds.items()}, seed=1000,
+                                  steps=steps, guidance=guidance)
+            cells = score(world, images, scorer, items)
             rows[(block, label)] = cells
             log(f"{block} / {mode}: {len(prompts)} samples, {time.time() - t0:.0f} s; e.g. {prompts[-1]!r}")
             if block == "A ≠ B":
@@ -174,7 +188,8 @@ def main(argv=None):
     p.add_argument("--tuned-steps", type=int, default=15, help="*s tuned from the encoder on A (tune.py) for this "
                    "many steps (0: skip that row)")
     p.add_argument("--tuned-hue-jitter", type=float, default=0.5, help="tune.hue_jitter of the tuned row")
-    p.add_argument("--rows", default="word,tuned,text,none,ti", help="which rows to sample: word, tuned, text, none, ti")
+    p.add_argument("--rows", default="word,tuned,text,none,ti,residual", help="which rows to sample: word, tuned, "
+                   "text, none, ti, residual (*s's offset added to B's category word in its place: ShapeWords)")
     p.add_argument("--shape-strength", default="", help="comma-separated: extra rows of *s amplified by each factor "
                    "(generate.py --strength shape=λ), e.g. 1.5,2")
     args = p.parse_args(argv)

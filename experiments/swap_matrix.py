@@ -115,11 +115,14 @@ def words_clause(world: WorldTruth, name: str, truth, direction: int) -> str:
 def build_prompt(system, world: WorldTruth, words: list[str], mode: dict[str, str], donor, direction: int,
                  noun: str) -> str:
     """mode: word -> "word" (the learned word), "ti" (an inverted word in its place), "text" (the
-    donor's factor in words) or "none". noun: the recipient's category."""
+    donor's factor in words), "none", or "residual" (the word in the noun's place, its embedding
+    the noun's plus what it learned: ShapeWords). noun: the recipient's category."""
     clauses, colour = {}, ""
     for name in words:
         if mode[name] in ("word", "ti", "tuned"):  # the learned, inverted or tuned word: same clause
             clauses[name] = system.clause(name)
+        elif mode[name] == "residual":
+            noun = system.concepts[name].config.token
         elif mode[name] == "text":
             if name == "appearance":
                 colour = words_clause(world, name, donor, direction) + " "
@@ -196,10 +199,21 @@ def score(world: WorldTruth, images, scorer, items: list[dict]) -> dict:
 
 def swap_condition(system, cfg, world: WorldTruth, pairs, swapped: str, mode: str, objects, truths, words: dict,
                    ti: dict | None, seeds: int, steps: int, guidance: float, scorer) -> tuple[dict, torch.Tensor, list]:
-    """mode: "word" (A's word), "text" (A's factor in words), "none" (no word), "ti" (A's inverted
+    """Sample and score one row: -> (cells, images [N,3,H,W], prompts). See swap_inputs."""
+    prompts, embeds, items = swap_inputs(system, cfg, world, pairs, swapped, mode, truths, words, ti, seeds)
+    stacked = {n: torch.stack(v) for n, v in embeds.items()}
+    images = sample_batch(system, prompts, stacked, seed=1000, steps=steps, guidance=guidance)
+    return score(world, images, scorer, items), images, prompts
+
+
+def swap_inputs(system, cfg, world: WorldTruth, pairs, swapped: str, mode: str, truths, words: dict,
+                ti: dict | None, seeds: int) -> tuple[list, dict, list]:
+    """One row's prompts, word embeddings (name -> [K, D] per sample) and scoring items.
+    mode: "word" (A's word), "text" (A's factor in words), "none" (no word), "ti" (A's inverted
     word), "tuned" (E4T's stage 2: every chair's object-level words tuned on that chair with
     tune.py's few steps from the encoder, given in `ti`; A's for the swapped word, B's for the rest;
-    the pose word stays the encoder's)."""
+    the pose word stays the encoder's), "residual" (A's word in the noun's place; the caller adds
+    the noun's embedding)."""
     active = [n for n in system.tokens if n in owns_of(world)]
     prompts, embeds, items = [], {n: [] for n in active}, []
     res = cfg.data.resolution
@@ -224,9 +238,7 @@ def swap_condition(system, cfg, world: WorldTruth, pairs, swapped: str, mode: st
                 embeds[n].append(source[n][index])
             items.append({"donor_truth": donor_truth, "sample_truth": truths[b], "donor_direction": donor_dir,
                           "sample_direction": dir_b, "donor_mask": donor_mask, "sample_mask": sample_mask})
-    stacked = {n: torch.stack(v) for n, v in embeds.items()}
-    images = sample_batch(system, prompts, stacked, seed=1000, steps=steps, guidance=guidance)
-    return score(world, images, scorer, items), images, prompts
+    return prompts, embeds, items
 
 
 # ----------------------------------------------------------------------------------------------

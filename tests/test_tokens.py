@@ -109,3 +109,11 @@ def test_prompt_too_long_for_its_placeholder_is_an_error(fresh_backbone):
     with pytest.raises(TokenError, match="past the text encoder's 77-token limit"):
         tokenize(table, [long_prompt])
     assert tokenize(table, ["*s " + "a photo of a chair " * 20])[0].shape == (1, 77)   # early word: fine
+
+
+def test_a_words_row_is_its_token_embedding(fresh_backbone):
+    table = PlaceholderTable(fresh_backbone.text_side, [PlaceholderSpec("shape", "*s", "object", 1)])
+    tokenizer, encoder = fresh_backbone.text_side[0]
+    chair = tokenizer("chair", add_special_tokens=False).input_ids[0]
+    assert torch.equal(table.word_row("chair"), encoder.get_input_embeddings().weight[chair].float())
+    assert torch.equal(table.word_row("object"), table.initializer_rows["shape"])

@@ -275,11 +275,13 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
     # The cross-category matrix: every ordered pair, the two blocks apart, the category kept.
     from guided_concepts.experiments.cross_category import run_cross_category
     cross = run_cross_category(tmp_path / "r", tmp_path / "cross", seeds=1, steps=2, ti_steps=0, tuned_steps=0,
-                               modes=("word", "none"), strengths=(3.0,), log=lambda *_: None)
+                               modes=("word", "none", "residual"), strengths=(3.0,), log=lambda *_: None)
     assert cross["pairs"] == {"A = B": 48, "A ≠ B": 16 * 12}
     cells = {(r["pairs"], r["row"]): r for r in cross["rows"]}
+    residual = "*s as a residual on B's category word (ShapeWords)"
     assert set(cells) == {(block, row) for block in ("A = B", "A ≠ B")
-                          for row in ("*s from A", "without *s", "*s from A, strength 3")}
+                          for row in ("*s from A", "without *s", "*s from A, strength 3", residual)}
+    assert cells[("A ≠ B", residual)]["leg_length"] != cells[("A ≠ B", "*s from A")]["leg_length"]
     assert cells[("A ≠ B", "*s from A, strength 3")]["leg_length"] != cells[("A ≠ B", "*s from A")]["leg_length"]
     same, other = cells[("A = B", "*s from A")], cells[("A ≠ B", "*s from A")]
     assert "follows" not in same["category"] and "follows" in other["category"]     # leakage only across categories
@@ -287,7 +289,7 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
     assert 0 <= other["leg_length"]["error"] <= 1.5 and "iou_difference" in other["silhouette"]
     from PIL import Image
     width, height = Image.open(tmp_path / "cross" / "figure.png").size
-    assert height > 12 * 2 * 32 and width > 6 * 2 * 32                   # 4 donors x 3 other categories; A, B, truth, 3 rows
+    assert height > 12 * 2 * 32 and width > 7 * 2 * 32                   # 4 donors x 3 other categories; A, B, truth, 4 rows
 
     # The other ToyWorld experiments read ToyWorld 2's factors through the same truth.
     from guided_concepts import generate

@@ -57,6 +57,14 @@ class PlaceholderTable:
                      for (_, te), ids in zip(self.text_side, self.token_ids)]
             self.initializer_rows[s.concept] = torch.cat(parts)
 
+    def word_row(self, word: str) -> torch.Tensor:
+        """The input embedding of a vocabulary word's first token, every encoder's part -> [D_total]."""
+        parts = []
+        for tokenizer, text_encoder in self.text_side:
+            token = tokenizer(word, add_special_tokens=False).input_ids[0]
+            parts.append(text_encoder.get_input_embeddings().weight[token].detach().float().clone())
+        return torch.cat(parts)
+
     @property
     def embedding_dims(self) -> list[int]:
         return [te.get_input_embeddings().weight.shape[1] for _, te in self.text_side]
