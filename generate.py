@@ -155,6 +155,9 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
     check_prompt(prompt, system.table.specs.values())
     used = [n for n in system.tokens if re.search(rf"(?<![\w*]){re.escape(system.concepts[n].config.token)}(?!\w)", prompt)]
     strengths = dict(strengths or {})
+    strange = [n for n in strengths if n not in system.tokens]
+    if strange:
+        raise ValueError(f"--strength {strange[0]}=...: not a word of this run ({', '.join(system.tokens)})")
     unused = [n for n in strengths if n not in used]
     if unused:
         raise ValueError(f"--strength {unused[0]}=...: the prompt does not use that word (it uses: "

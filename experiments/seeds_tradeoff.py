@@ -81,9 +81,9 @@ def diversity(shapes: torch.Tensor) -> float:
 
 def shape_spread(read: dict, world) -> float:
     """The spread of the scorer's continuous shape readings across one object's samples: the mean
-    over parameters of their standard deviation (0 when the world reads none)."""
+    over parameters of their standard deviation (nan when the world reads none: ToyWorld 1)."""
     values = [np.std(read[f]) for f in world.shape_factors if isinstance(read[f][0], float)]
-    return float(np.mean(values)) if values else 0.0
+    return float(np.mean(values)) if values else float("nan")
 
 
 @torch.no_grad()
@@ -144,7 +144,8 @@ def score(system, cfg, seeds: int, steps: int, guidance: float, scorer, tau: flo
             out[prefix + "silhouette_own_minus_other"] = float(np.mean(values))
             out[prefix + "silhouette_own_minus_other_se"] = float(np.std(values) / np.sqrt(len(values)))
             out[prefix + "diversity"] = float(np.mean(spreads))
-            out[prefix + "shape_spread"] = float(np.mean(reads))
+            if not np.isnan(reads).any():
+                out[prefix + "shape_spread"] = float(np.mean(reads))
     out["samples_per_cell"] = len(fidelity)
     return out
 
@@ -183,6 +184,11 @@ def main(argv=None):
     unknown = [b for b in backgrounds if b is not None and b not in BACKGROUND_ROOTS]
     if unknown:
         p.error(f"--backgrounds {unknown[0]}: not one of {', '.join(BACKGROUND_ROOTS)}")
+    if backgrounds != [None] or args.cross_category:
+        from guided_concepts.configs.schema import load_config
+        if load_config(args.config).model.name != "toyworld2":
+            p.error(f"--backgrounds / --cross-category: ToyWorld 2 only, and --config {args.config} is not on "
+                    "model toyworld2 (pass --config configs/toyworld2.yaml)")
     extra = [x for item in args.set for x in ("--set", item)]
     weights = [float(w) for w in args.weights.split(",")]
     started = time.time()

@@ -7,7 +7,8 @@ every swapped word and every factor the matrix says how often the factor follows
 samples where A and B differ in it:
 
     rows: words; columns: the world's shape factors (ToyWorld: arms, back; ToyWorld 2: legs,
-    back, arms and the six shape parameters), silhouette, direction, colour
+    back, arms and the six shape parameters), silhouette, direction, colour (ToyWorld 2: category,
+    counted only for pairs of two categories, with the share that stays B's)
     diagonal (a factor the word owns): control;  off-diagonal: leakage
 
 A continuous parameter follows A when the scorer reads it nearer A's value than B's (pairs less
@@ -20,8 +21,9 @@ against; --ti-steps 0 skips it).
     python -m experiments.swap_matrix --train --out runs/swap                     # trains the run first
     python -m experiments.swap_matrix --train --config configs/toyworld2.yaml --out runs/swap2
 
-Silhouette: the sample's silhouette IoU against the donor-side truth (shape/appearance: A's object
-at the sample's camera; pose: B's object at A's camera) minus against the recipient-side truth;
+Silhouette: the sample's silhouette IoU against the donor-side truth (shape/appearance: B's object
+with A's shape at the sample's camera, which is A's object when both share a category; pose: B's
+object at A's camera) minus against the recipient-side truth;
 "follows A" when that difference is positive, and the mean difference is reported too. Writes
 results.json, table.md and samples.png (rows: words; columns: donor, recipient, samples).
 """

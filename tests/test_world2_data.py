@@ -273,6 +273,7 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
     assert "| swapped | row | legs | back | arms | width |" in table
 
     # The cross-category matrix: every ordered pair, the two blocks apart, the category kept.
+    from guided_concepts import generate
     from guided_concepts.experiments.cross_category import run_cross_category
     cross = run_cross_category(tmp_path / "r", tmp_path / "cross", seeds=1, steps=2, ti_steps=0, tuned_steps=0,
                                modes=("word", "none", "residual"), strengths=(3.0,), log=lambda *_: None)
@@ -282,6 +283,9 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
     assert set(cells) == {(block, row) for block in ("A = B", "A ≠ B")
                           for row in ("*s from A", "without *s", "*s from A, strength 3", residual)}
     assert cells[("A ≠ B", residual)]["leg_length"] != cells[("A ≠ B", "*s from A")]["leg_length"]
+    tokenizer = generate.load_run(tmp_path / "r")[0].table.text_side[0][0]
+    several = [c for c in CATEGORIES if len(tokenizer(c, add_special_tokens=False).input_ids) > 1]
+    assert cells[("A ≠ B", residual)]["category"]["n"] == 16 * 12 - 12 * 4 * len(several)   # not onto such nouns
     assert cells[("A ≠ B", "*s from A, strength 3")]["leg_length"] != cells[("A ≠ B", "*s from A")]["leg_length"]
     same, other = cells[("A = B", "*s from A")], cells[("A ≠ B", "*s from A")]
     assert "follows" not in same["category"] and "follows" in other["category"]     # leakage only across categories
@@ -373,3 +377,14 @@ def test_the_complexity_experiment_refuses_an_unknown_background_before_training
         seeds_tradeoff.main(["--backgrounds", "plain,sky", "--out", str(tmp_path / "c")])
     assert "--backgrounds sky: not one of plain, floor, clutter" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_the_cross_category_matrix_refuses_unknown_rows_and_a_world_of_one_category(tmp_path, capsys):
+    from guided_concepts.experiments import cross_category, seeds_tradeoff
+    with pytest.raises(SystemExit):
+        cross_category.main(["--run", str(tmp_path / "nope"), "--rows", "word,residul", "--out", str(tmp_path / "x")])
+    assert "--rows residul: not one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        seeds_tradeoff.main(["--cross-category", "--out", str(tmp_path / "c")])       # configs/base.yaml: ToyWorld 1
+    assert "ToyWorld 2 only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "c").exists()

@@ -58,11 +58,13 @@ class PlaceholderTable:
             self.initializer_rows[s.concept] = torch.cat(parts)
 
     def word_row(self, word: str) -> torch.Tensor:
-        """The input embedding of a vocabulary word's first token, every encoder's part -> [D_total]."""
+        """The input embedding of a one-token vocabulary word, every encoder's part -> [D_total]."""
         parts = []
         for tokenizer, text_encoder in self.text_side:
-            token = tokenizer(word, add_special_tokens=False).input_ids[0]
-            parts.append(text_encoder.get_input_embeddings().weight[token].detach().float().clone())
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise TokenError(f"{word!r} is {len(ids)} tokens in this tokenizer; a word row needs one token")
+            parts.append(text_encoder.get_input_embeddings().weight[ids[0]].detach().float().clone())
         return torch.cat(parts)
 
     @property
