@@ -35,11 +35,11 @@ from types import SimpleNamespace
 
 import torch
 
-from guided_concepts.experiments.swap_matrix import (DISTANCE, ELEVATION, ROW_MODES, camera_of, cell_text, encode_word,
-                                                     factors_of, inversion_words, pairs_of, sample_batch, score,
-                                                     swap_inputs, train_run, truth_of, tuned_words, world_of)
+from guided_concepts.experiments.swap_matrix import (DISTANCE, ELEVATION, ROW_MODES, add_matrix_args, camera_of, cell_text,
+                                                     encode_word, factors_of, inversion_words, pairs_of, sample_batch,
+                                                     score, swap_inputs, train_run, truth_of, tuned_words, world_of)
 from guided_concepts import generate
-from guided_concepts.argtypes import finite_float, positive_int
+from guided_concepts.argtypes import finite_float
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.evaluation.runner import held_out_objects
 from guided_concepts.tokens import TokenError
@@ -183,19 +183,8 @@ def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, gu
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, help="a trained ToyWorld 2 run with a shape word")
-    p.add_argument("--train", action="store_true", help="train the run first (--config, --tokens, --steps)")
+    add_matrix_args(p, "a trained ToyWorld 2 run with a shape word", Path("runs/cross_category"))
     p.add_argument("--config", type=Path, default=CONFIG)
-    p.add_argument("--tokens", default="shape,pose,appearance")
-    p.add_argument("--steps", type=int, default=600, help="training steps with --train")
-    p.add_argument("--set", action="append", default=[], help="extra train.py --set with --train")
-    p.add_argument("--out", type=Path, default=Path("runs/cross_category"))
-    p.add_argument("--seeds", type=positive_int, default=2, help="samples per ordered pair of objects")
-    p.add_argument("--sample-steps", type=positive_int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--ti-steps", type=int, default=300, help="per-object textual inversion steps (0: skip that row)")
-    p.add_argument("--tuned-steps", type=int, default=15, help="*s tuned from the encoder on A (tune.py) for this "
-                   "many steps (0: skip that row)")
     p.add_argument("--tuned-hue-jitter", type=float, default=0.5, help="tune.hue_jitter of the tuned row")
     p.add_argument("--rows", default="word,tuned,text,none,ti,residual", help="which rows to sample: word, tuned, "
                    "text, none, ti, residual (*s's offset added to B's category word in its place: ShapeWords)")

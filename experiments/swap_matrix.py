@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from guided_concepts import generate
+from guided_concepts.argtypes import positive_int
 from guided_concepts.concepts.pose import camera_batch
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.concepts import CONCEPTS
@@ -499,20 +500,26 @@ def train_run(out: Path, config: Path, tokens: str, steps: int, sets: list[str])
     return run
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, help="a trained run with shape, pose and/or appearance (ToyWorld)")
-    p.add_argument("--train", action="store_true", help="train the run first (configs/base.yaml, --tokens, --steps)")
+def add_matrix_args(p, run_help: str, out: Path) -> None:
+    """The flags every swap-matrix experiment shares: which run (or train one), where to write,
+    how many samples, textual inversion and tuning steps."""
+    p.add_argument("--run", type=Path, help=run_help)
+    p.add_argument("--train", action="store_true", help="train the run first (--config, --tokens, --steps)")
     p.add_argument("--tokens", default="shape,pose,appearance")
     p.add_argument("--steps", type=int, default=600, help="training steps with --train")
     p.add_argument("--set", action="append", default=[], help="extra train.py --set with --train")
-    p.add_argument("--out", type=Path, default=Path("runs/swap_matrix"))
-    p.add_argument("--seeds", type=int, default=2, help="samples per ordered pair of chairs")
-    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--seeds", type=positive_int, default=2, help="samples per ordered pair of objects")
+    p.add_argument("--sample-steps", type=positive_int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--ti-steps", type=int, default=300, help="per-object textual inversion steps (0: skip that row)")
     p.add_argument("--tuned-steps", type=int, default=15, help="the row of words tuned from the encoder on A "
                    "(tune.py, E4T's stage 2) for this many steps (0: skip that row)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_matrix_args(p, "a trained run with shape, pose and/or appearance (ToyWorld)", Path("runs/swap_matrix"))
     p.add_argument("--tuned-words", help="comma-separated: the words the tuned row tunes (default: every "
                    "object-level word); the others stay the encoder's")
     p.add_argument("--tuned-hue-jitter", type=float, default=0.0, help="tune.hue_jitter for the tuned row: "
