@@ -29,7 +29,9 @@ camera angle front side back top left right made colorful simple close up
 def tiny_vocab_and_merges(words=TINY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE vocab: 256 byte symbols (+ their end-of-word forms) and whole words.
 
-    Each word gets the left-to-right chain of merges that builds it, so it encodes as ONE token.
+    Each word gets the left-to-right chain of merges that builds it. That is meant to make it ONE
+    token, but another word's merges can outrank the chain (whole_word_vocab_and_merges repairs it;
+    the tiny model keeps this tokenizer so that its seeded weights stay what they were).
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -43,6 +45,38 @@ def tiny_vocab_and_merges(words=TINY_WORDS) -> tuple[dict[str, int], list[tuple[
             merge = (left, right)
             if merge not in merges:
                 merges.append(merge)
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    return vocab, merges
+
+
+def bpe_pieces(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """How byte-level BPE splits `word` (ASCII) with merges of these ranks: the lowest-ranked
+    adjacent pair is merged until none is left."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def whole_word_vocab_and_merges(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """tiny_vocab_and_merges, repaired so that every word really is ONE token.
+
+    A word's chain of merges can be outranked by an earlier word's ("b"+"l" from "blue" fires
+    inside "table" before "ta"+"b"), leaving it in pieces. Each such word gets extra merges joining
+    the pieces it actually splits into; appended last, they cannot change any earlier word."""
+    vocab, merges = tiny_vocab_and_merges(words)
+    ranks = {pair: r for r, pair in enumerate(merges)}
+    for word in dict.fromkeys(words):
+        pieces = bpe_pieces(word, ranks)
+        left = pieces[0]
+        for right in pieces[1:]:
+            ranks.setdefault((left, right), len(ranks))
+            merges.append((left, right))
             left = left + right
             vocab.setdefault(left, len(vocab))
     return vocab, merges

@@ -36,6 +36,45 @@ def test_caption_names_what_it_is_given_and_leaves_out_the_rest():
     assert all(("arms" not in t or "with arms" in t) and "tall" not in t for t in texts)
 
 
+@pytest.mark.parametrize("world", ["toyworld", "toyworld2"])
+def test_every_caption_word_is_one_token(world):
+    """The chained merges alone leave "table", "green", "without" in pieces (another word's merge
+    outranks the chain); the repaired tokenizer keeps each word whole, and bpe_pieces agrees
+    with the real tokenizer."""
+    from guided_concepts.backbone.tiny import TINY_WORDS, bpe_pieces, tiny_vocab_and_merges
+    from guided_concepts.toyworld.models import ToyWorldSizes, build_tokenizer
+    from guided_concepts.toyworld.worlds import WORLDS
+    words = WORLDS[world].caption_words()
+    tokenizer = build_tokenizer(ToyWorldSizes(), words)
+    split = [w for w in words + TINY_WORDS if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+    assert split == []
+    _, chained = tiny_vocab_and_merges(list(dict.fromkeys(words + TINY_WORDS)))
+    ranks = {pair: r for r, pair in enumerate(chained)}
+    broken = [w for w in words if len(bpe_pieces(w, ranks)) > 1]
+    assert "green" in broken        # the bug this guards against is real for this word list
+    from transformers import CLIPTokenizer
+    vocab, _ = tiny_vocab_and_merges(list(dict.fromkeys(words + TINY_WORDS)))
+    plain = CLIPTokenizer(vocab=vocab, merges=chained, model_max_length=32)
+    for word in broken:
+        assert [plain.convert_ids_to_tokens(i) for i in plain(word, add_special_tokens=False).input_ids] \
+            == bpe_pieces(word, ranks)
+
+
+def test_foreground_weight_puts_the_objects_error_first():
+    from guided_concepts.toyworld.pretrain import weighted_mse
+    target = torch.zeros(2, 4, 12, 12)
+    masks = torch.zeros(2, 48, 48, dtype=torch.bool)
+    masks[:, :24] = True                                   # the top half is the object
+    on_object, on_background = target.clone(), target.clone()
+    on_object[0, :, :6], on_background[0, :, 6:] = 1.0, 1.0
+    plain = weighted_mse(on_object, target, masks, 1.0)
+    assert torch.allclose(plain, (on_object - target).pow(2).mean(dim=(1, 2, 3)))
+    assert torch.allclose(plain, weighted_mse(on_background, target, masks, 1.0))
+    assert weighted_mse(on_object, target, masks, 3.0)[0] == pytest.approx(0.75)      # 3/(3+1)
+    assert weighted_mse(on_background, target, masks, 3.0)[0] == pytest.approx(0.25)
+    assert weighted_mse(target, target, masks, 3.0).abs().max() == 0
+
+
 def test_direction_bins_round_trip_and_wrap():
     for d in range(len(DIRECTIONS)):
         assert direction_bin(direction_azimuth(d)) == d

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from guided_concepts.backbone.tiny import TINY_WORDS, tiny_vocab_and_merges
+from guided_concepts.backbone.tiny import TINY_WORDS, whole_word_vocab_and_merges
 from guided_concepts.toyworld.world import caption_words
 
 
@@ -25,8 +25,8 @@ class ToyWorldSizes:
 
 def toyworld_vocab(words: list[str] | None = None):
     """Whole-word tokens: a world's caption words (ToyWorld 1's by default) plus the tiny model's
-    (framework templates)."""
-    return tiny_vocab_and_merges(list(dict.fromkeys((caption_words() if words is None else words) + TINY_WORDS)))
+    (framework templates), each ONE token."""
+    return whole_word_vocab_and_merges(list(dict.fromkeys((caption_words() if words is None else words) + TINY_WORDS)))
 
 
 def build_tokenizer(sizes: ToyWorldSizes, words: list[str] | None = None):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -56,6 +57,7 @@ class PretrainConfig:
     warmup_steps: int = field(default=100, metadata={"help": "linear lr warmup of the UNet stage"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (with warmup) of UNet and text encoder"})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting (0 = plain MSE)"})
+    foreground_weight: float = field(default=1.0, metadata={"help": "UNet loss weight on the object's pixels, against 1 on the background (small parts such as arms)"})
     caption_keep: float = field(default=0.8, metadata={"help": "probability each attribute phrase is in the caption"})
     caption_dropout: float = field(default=0.1, metadata={"help": "probability the caption is empty (classifier-free guidance)"})
     scorer_steps: int = field(default=1500, metadata={"help": "scorer optimizer steps"})
@@ -205,6 +207,7 @@ class Pretraining:
         latents = load_file(str(self.stage_dir("vae") / "latents.safetensors"))
         data = self.load_data("train")
         count = len(data["images"])
+        masks = torch.from_numpy(data["masks"])   # [N,H,W] bool: the foreground loss weight
         del data["images"], data["masks"]         # captions need the labels only
         params = list(unet.parameters()) + list(text_encoder.parameters())
         optimizer = torch.optim.AdamW(params, lr=c.unet_lr, weight_decay=1e-2)
@@ -229,7 +232,7 @@ class Pretraining:
             for group in optimizer.param_groups:
                 group["lr"] = c.unet_lr * cosine_lr(step, c.unet_steps, c.warmup_steps)
             pred = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
-            per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))                 # [B]
+            per_sample = weighted_mse(pred, noise, masks[index], c.foreground_weight)  # [B]
             if c.min_snr_gamma > 0:
                 snr = alphas[t] / (1 - alphas[t])
                 per_sample = per_sample * torch.clamp(snr, max=c.min_snr_gamma) / snr
@@ -290,6 +293,18 @@ class Pretraining:
         metrics["pretrain_seconds"] = timings
         atomic_write(self.out / "model" / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=1)))
         self.finish("evaluate", lambda tmp: None, {k: v for k, v in metrics.items() if k != "pretrain_seconds"})
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """pred, target [B,C,h,w], masks [B,H,W] bool (H a multiple of h) -> [B] mean squared error with
+    the object's latent pixels weighted `foreground_weight` against 1; normalised per sample, so
+    a weight of 1 is plain MSE and the loss keeps its scale."""
+    error = (pred - target).pow(2).mean(dim=1)                                   # [B,h,w]
+    if foreground_weight == 1.0:
+        return error.mean(dim=(1, 2))
+    cover = F.adaptive_avg_pool2d(masks[:, None].float(), error.shape[-2:])[:, 0]  # [B,h,w] object share
+    weight = 1 + (foreground_weight - 1) * cover
+    return (weight * error).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:

@@ -100,6 +100,6 @@ WORLDS = {
     # 48 px: the scorer's category accuracy 0.92 / 0.96 / 0.975 at 32 / 48 / 64 px for 1x / 2.4x /
     # 5.9x its training time (docs/toyworld2/README.md).
     "toyworld2": World(_words2, _data2, _caption2, _scorer2, _evaluate2,
-                       defaults={"sizes": {"resolution": 48}, "unet_steps": 8000, "scorer_chairs": 2000,
+                       defaults={"sizes": {"resolution": 48}, "unet_steps": 8000, "foreground_weight": 3.0, "scorer_chairs": 2000,
                                  "scorer_steps": 3000}),
 }
