@@ -232,7 +232,8 @@ class GuidedConcepts(nn.Module):
         losses = {"denoise": (1.0, denoising_loss(pred, target))}
         same_object = same_camera = None
         if "object_index" in batch and "camera" in batch:
-            same_object, same_camera = partner_weights(batch["object_index"], batch["camera"], batch["has_camera"])
+            same_object, same_camera = partner_weights(batch["object_index"], batch["camera"],
+                                                       batch.get("canonical_camera", batch["has_camera"]))
         view = StepView(timesteps=t, attention=attention, pred=pred, target=target,
                         same_object=same_object, same_camera=same_camera)
         for n, out in outs.items():
@@ -268,7 +269,8 @@ class GuidedConcepts(nn.Module):
         if not names or "object_index" not in batch:
             return {}
         name = names[int(torch.randint(len(names), (1,), generator=generator))]
-        partners = contrast_partners(batch["object_index"], batch["camera"], batch["has_camera"], generator)
+        partners = contrast_partners(batch["object_index"], batch["camera"],
+                                     batch.get("canonical_camera", batch["has_camera"]), generator)
         swapped = {n: SimpleNamespace(embeds=o.embeds[partners.to(o.embeds.device)] if n == name else o.embeds)
                    for n, o in outs.items()}
         text, selection, pooled = self.text_conditioning(prompts, swapped)

@@ -185,6 +185,8 @@ class ObjectViewsDataset(Dataset):
             "has_mask": torch.tensor(view.mask_path is not None),
             "camera": camera,  # [3] (azimuth deg, elevation deg, distance)
             "has_camera": torch.tensor(view.has_camera),
+            # A camera that means the same side of every object: cross-object terms use only these.
+            "canonical_camera": torch.tensor(view.has_camera and record.frame == "canonical"),
             "keypoints": keypoints,  # [K_max,2] normalised (x right, y down)
             "keypoint_valid": valid,  # [K_max]
             "flipped": torch.tensor(flipped),

@@ -157,7 +157,7 @@ def scan_object(folder: Path, require_masks: bool = True, require_cameras: bool 
             keypoints=view_meta.keypoints, view_id=view_id, mask_rule=rule,
         ))
     return ObjectRecord(name=folder.name, root=folder, category=meta.category, views=views,
-                        keypoint_flip=meta.keypoint_flip)
+                        keypoint_flip=meta.keypoint_flip, frame=meta.frame)
 
 
 def scan_objects(root: Path | str, require_masks: bool = True, require_cameras: bool = False,
@@ -186,6 +186,11 @@ def scan_objects(root: Path | str, require_masks: bool = True, require_cameras: 
     notes: list[str] = []
     records = [scan_object(folder, require_masks, require_cameras, require_keypoints, resolution, notes)
                for folder in object_dirs]
+    relative = [r.name for r in records if r.frame == "relative"]
+    if relative and any(v.has_camera for r in records if r.frame == "relative" for v in r.views):
+        notes.append(f"{len(relative)} object(s) have a relative frame (meta.json frame, e.g. {relative[0]}): "
+                     "their azimuth 0 is their own first view, so the pose word's cross-object terms "
+                     "(same-camera consistency, contrast) leave them out")
     for rule, text in MASK_RULES.items():
         paths = [v.mask_path for r in records for v in r.views if v.mask_rule == rule]
         if paths:

@@ -19,7 +19,11 @@ CAMERA_RANGES = {"azimuth": (-360.0, 360.0), "elevation": (-90.0, 90.0)}
 # Kept for reference, not read by training: keypoint_names and shape (what the project's own
 # generators write, objectdata/synthetic.py and toyworld/world.py: sampled proportions, ToyWorld's
 # ground truth), and "extra", free for the user's own notes (top level and per view).
-TOP_LEVEL_KEYS = ("category", "views", "keypoint_flip", "keypoint_names", "shape", "extra")
+# frame: "canonical" (default: one front shared by every object, as ShapeNet and ToyWorld) or
+# "relative" (each object's azimuth 0 is its own, as in CO3D or a phone capture); source: what
+# `python -m guided_concepts.prepare` read and how it normalised the cameras (kept for reference).
+FRAMES = ("canonical", "relative")
+TOP_LEVEL_KEYS = ("category", "frame", "views", "keypoint_flip", "keypoint_names", "shape", "source", "extra")
 VIEW_KEYS = (*CAMERA_KEYS, "keypoints", "extra")
 
 
@@ -34,6 +38,7 @@ class ViewMeta:
 @dataclass(frozen=True)
 class ObjectMeta:
     category: str = DEFAULT_CATEGORY
+    frame: str = FRAMES[0]
     views: dict[str, ViewMeta] = field(default_factory=dict)
     keypoint_flip: list[int] | None = None
 
@@ -129,6 +134,10 @@ def read_meta(meta_path: Path) -> ObjectMeta:
     if not isinstance(category, str) or not category.strip():
         raise data_error(meta_path, f"category must be a non-empty string, got {category!r}")
 
+    frame = content.get("frame", FRAMES[0])
+    if frame not in FRAMES:
+        raise data_error(meta_path, f"frame must be one of {', '.join(FRAMES)}, got {frame!r}")
+
     raw_views = content.get("views", {})
     if not isinstance(raw_views, dict):
         raise data_error(meta_path,
@@ -136,4 +145,4 @@ def read_meta(meta_path: Path) -> ObjectMeta:
     views = {view_id: _view_meta(meta_path, view_id, entry) for view_id, entry in raw_views.items()}
 
     keypoint_flip = _keypoint_flip(meta_path, content.get("keypoint_flip"), views)
-    return ObjectMeta(category=category, views=views, keypoint_flip=keypoint_flip)
+    return ObjectMeta(category=category, frame=frame, views=views, keypoint_flip=keypoint_flip)

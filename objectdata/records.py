@@ -59,6 +59,8 @@ class ObjectRecord:
     # Optional left/right pairing of keypoints: after a horizontal flip, keypoint i takes the
     # mirrored position of keypoint keypoint_flip[i] (e.g. "left foot" <-> "right foot").
     keypoint_flip: list[int] | None = field(default=None)
+    # "canonical": azimuth 0 is the same side of every object; "relative": of this object only.
+    frame: str = "canonical"
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)

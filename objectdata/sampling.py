@@ -103,7 +103,8 @@ class TripletBatchSampler(Sampler[list[int]]):
         has_camera = np.zeros(n, dtype=bool)
         for i, (o, v) in enumerate(pairs):
             view = records[o].views[v]
-            if view.has_camera:
+            # A relative frame's azimuth is its own object's: never "the same camera" as another's.
+            if view.has_camera and getattr(records[o], "frame", "canonical") == "canonical":
                 camera[i] = (view.azimuth, view.elevation)
                 has_camera[i] = True
         self.camera, self.has_camera = camera, has_camera

@@ -1,0 +1,1 @@
+"""Import other multi-view formats as object folders: `python -m guided_concepts.prepare`."""
