@@ -23,7 +23,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
-from tqdm import tqdm
 
 from guided_concepts.backbone import load_backbone
 from guided_concepts.backbone.adapters import UNetAdapters
@@ -38,6 +37,7 @@ from guided_concepts.concepts import CONCEPTS
 from guided_concepts.configs.schema import (Config, ConfigError, check_overrides, check_resume, config_sources, config_to_dict,
                                            explain_config, load_config, save_config)
 from guided_concepts.metrics import RunningMeans
+from guided_concepts.progress import Progress
 from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
 from guided_concepts.cli import describe_os_error, entry_point
 from guided_concepts.rundata import (DATA_RECORD, build_data, data_changes, data_record, read_data_record,
@@ -465,11 +465,12 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
 
     def finish():
         accelerator.wait_for_everyone()      # no process tears the group down while another still uses it
-        bar.close()
+        progress.close()
         end_training_patiently(accelerator)
 
     # -- loop
-    bar = tqdm(total=cfg.train.steps, initial=loop.step, disable=not accelerator.is_local_main_process, desc="train")
+    # A bar on a terminal; plain lines in a log file or CI (progress.py).
+    progress = Progress(cfg.train.steps, loop.step, "train", enabled=accelerator.is_local_main_process)
     started, waited, ready = time.time(), 0.0, time.perf_counter()
     heads.train()
     stop = 0                  # the stop signal, once every process has agreed on it (0: none)
@@ -509,8 +510,7 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
                 if not accelerator.sync_gradients:
                     continue
                 loop.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                progress.update(loop.step, loss.item(), optimizer.param_groups[0]["lr"])
                 if loop.step % cfg.train.log_every == 0 or loop.step == cfg.train.steps:
                     elapsed = time.time() - started
                     log({"step": loop.step, **loop.means.means(gather_object if accelerator.num_processes > 1 else None),
