@@ -147,3 +147,26 @@ def test_a_real_browser_mixes_words_and_sees_the_same_pixels(server, mixer_run, 
         finally:
             browser.close()
     assert np.array_equal(got, expected(mixer_run, found[3], found[5], (75.0, 15.0, 2.5), steps=2))
+
+
+def test_an_uploaded_object_folder_becomes_a_source(server, mixer_run, tmp_path):
+    import zipfile
+
+    from gradio_client import Client, handle_file
+    client = Client(server, verbose=False)
+    source = objects(mixer_run)[4]
+    archive = tmp_path / "my_chair.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in source.rglob("*"):
+            handle.write(path, Path("my_chair") / path.relative_to(source))
+    *choices, status = client.predict(handle_file(str(archive)), api_name="/upload")
+    assert status == "added upload: my_chair"
+    samples, _, status = client.predict(
+        "a chair, shape *s, pose *p, appearance *a", "upload: my_chair", "pose sliders", source.name, -45, 10, 2.5, 0,
+        0, 2, 5, 1, api_name="/generate")
+    got = np.asarray(Image.open(samples[0]["image"]).convert("RGB"))
+    assert np.array_equal(got, expected(mixer_run, source, source, (-45.0, 10.0, 2.5), steps=2))
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(b"not a zip")
+    *_, status = client.predict(handle_file(str(broken)), api_name="/upload")
+    assert status.startswith("**error:**") and "\n" not in status
