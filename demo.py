@@ -102,8 +102,8 @@ def build_page(mixer: Mixer):
         gr.Markdown("Each word from its own object; the pose from the sliders. " +
                     ", ".join(f"`{t}` = {n}" for n, t in mixer.tokens.items()))
         prompt = gr.Textbox(mixer.default_prompt(), label="prompt", elem_id="prompt")
-        upload = gr.File(label="an object folder as .zip (views/, masks/, meta.json)", file_types=[".zip"],
-                         elem_id="upload", height=90)
+        upload = gr.UploadButton("add an object folder (.zip of views/, masks/, meta.json)", file_types=[".zip"],
+                                 elem_id="upload", size="sm")
         picks = {}
         with gr.Row():
             for name in mixer.words:
@@ -123,9 +123,11 @@ def build_page(mixer: Mixer):
             num = gr.Slider(1, 8, value=2, step=1, label="samples", elem_id="num")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         status = gr.Markdown("", elem_id="status")
-        samples = gr.Gallery(label="samples", format="png", columns=4, height=320, object_fit="contain",
-                             elem_id="samples")
-        overlay = gr.Image(label="attention of each word", format="png", type="pil", elem_id="attention")
+        with gr.Row():
+            samples = gr.Gallery(label="samples", format="png", columns=4, rows=1, object_fit="contain",
+                                 preview=False, allow_preview=False, elem_id="samples")
+            overlay = gr.Image(label="reference | sample | attention of each word", format="png", type="pil",
+                               height=300, elem_id="attention")
 
         names = list(picks)
 
@@ -178,7 +180,8 @@ def launch(page, host: str, port: int, block: bool = True):
     """System fonts (the default theme fetches Google's), no share link, no server-side SSR."""
     import gradio as gr
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    return page.launch(server_name=host, server_port=port, share=False, show_error=False, theme=theme,
+    css = "#samples img, #attention img { image-rendering: pixelated; }"     # small samples, no blur
+    return page.launch(server_name=host, server_port=port, share=False, show_error=False, theme=theme, css=css,
                        ssr_mode=False, prevent_thread_lock=not block)
 
 

@@ -21,6 +21,7 @@ pytest.importorskip("gradio", reason='the mixer needs the [demo] extra: pip inst
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = os.environ.get("MIXER_SCREENSHOT")      # where the browser test saves the page (README's picture)
 RUN = os.environ.get("MIXER_RUN")                    # a run of your own to drive instead of the tiny one
+STEPS = os.environ.get("MIXER_STEPS", "2")           # denoising steps of the browser test's sample
 
 
 def free_port() -> int:
@@ -132,7 +133,7 @@ def test_a_real_browser_mixes_words_and_sees_the_same_pixels(server, mixer_run, 
                 field.click()
                 page.locator(element).get_by_role("option", name=value, exact=True).click()
                 assert field.input_value() == value
-            for element, value in (("#azimuth", "75"), ("#steps", "2"), ("#num", "1")):      # elevation stays 15
+            for element, value in (("#azimuth", "75"), ("#steps", STEPS), ("#num", "1")):     # elevation stays 15
                 number = page.locator(f"{element} input[type=number]")
                 number.fill(value)
                 number.press("Enter")
@@ -146,7 +147,7 @@ def test_a_real_browser_mixes_words_and_sees_the_same_pixels(server, mixer_run, 
             page.screenshot(path=SCREENSHOT or str(tmp_path / "mixer.png"), full_page=True)
         finally:
             browser.close()
-    assert np.array_equal(got, expected(mixer_run, found[3], found[5], (75.0, 15.0, 2.5), steps=2))
+    assert np.array_equal(got, expected(mixer_run, found[3], found[5], (75.0, 15.0, 2.5), steps=int(STEPS)))
 
 
 def test_an_uploaded_object_folder_becomes_a_source(server, mixer_run, tmp_path):
