@@ -287,8 +287,8 @@ def test_meta_keys_the_project_writes_stay_valid(chairs_dir, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(categroy="chair"),
-     r"meta\.json: unknown key 'categroy' \(did you mean 'category'\?\); valid keys: category, views, "
-     r"keypoint_flip, keypoint_names, shape, extra$"),
+     r"meta\.json: unknown key 'categroy' \(did you mean 'category'\?\); valid keys: category, frame, views, "
+     r"keypoint_flip, keypoint_names, shape, source, extra$"),
     (lambda m: m["views"]["000"].update(elevaton=10),
      r"meta\.json: views\.000: unknown key 'elevaton' \(did you mean 'elevation'\?\); valid keys: azimuth, "
      r"elevation, distance, keypoints, extra$"),
