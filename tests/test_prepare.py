@@ -103,9 +103,15 @@ def test_roll_and_off_axis_cameras_are_warned_about(tmp_path, capsys):
     c2w = orbit_c2w(*CAMERAS[2], roll=25.0)           # SRN's world is the project's: only the axes differ
     c2w[:3, :3] = c2w[:3, :3] * AXIS_FLIPS["opencv"][None, :]
     pose.write_text(" ".join(f"{v:.17g}" for v in c2w.ravel()))
+    c2w = orbit_c2w(*CAMERAS[4])                      # panned 15 degrees off the object's centre
+    angle = np.radians(15.0)
+    c2w[:3, :3] = c2w[:3, :3] @ np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    c2w[:3, :3] = c2w[:3, :3] * AXIS_FLIPS["opencv"][None, :]
+    pose.with_name("000004.txt").write_text(" ".join(f"{v:.17g}" for v in c2w.ravel()))
     assert prepare([str(src), str(tmp_path / "out"), "--from", "srn"]) == 0
     err = capsys.readouterr().err
-    assert "000002.png: camera roll 25.0 degrees" in err and err.count("warning:") == 1
+    assert "000002.png: camera roll 25.0 degrees" in err and "000004.png: the camera looks 15.0 degrees away" in err
+    assert err.count("warning:") == 2
 
 
 # -- masks and frames ------------------------------------------------------------------------------
