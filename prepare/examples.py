@@ -132,6 +132,18 @@ def write_photos(root: Path, objects: int = 2) -> Path:
     return root
 
 
+def world2_scenes(background: int, count: int = 12, resolution: int = 128):
+    """ToyWorld 2 objects on a background level (0 plain, 1 floor, 2 clutter) with their true masks."""
+    from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES
+    from guided_concepts.toyworld.world2 import CATEGORIES, Shape, WorldObject, render
+    rng = np.random.default_rng(background)
+    for i in range(count):
+        obj = WorldObject(CATEGORIES[i % 4], Shape.sample(rng), COLOURS[COLOUR_NAMES[i % 6]])
+        image, mask = render(obj, float(rng.uniform(-180, 180)), float(rng.uniform(10, 35)), 2.6, resolution,
+                             background, i)
+        yield Image.fromarray(image), np.asarray(mask)
+
+
 WRITERS = {"transforms": write_transforms, "objaverse": write_objaverse, "srn": write_srn, "co3d": write_co3d,
            "photos": write_photos}
 

@@ -15,8 +15,8 @@ from PIL import Image
 from guided_concepts.objectdata import scan_objects
 from guided_concepts.prepare.__main__ import main as prepare
 from guided_concepts.prepare.cameras import AXIS_FLIPS, orbit, orbit_c2w
-from guided_concepts.prepare.examples import (CAMERAS, random_similarity, views_of, write_co3d, write_objaverse,
-                                              write_photos, write_srn, write_transforms)
+from guided_concepts.prepare.examples import (CAMERAS, random_similarity, views_of, world2_scenes, write_co3d,
+                                              write_objaverse, write_photos, write_srn, write_transforms)
 
 def wrap(angle):
     return (np.asarray(angle) + 180.0) % 360.0 - 180.0
@@ -129,18 +129,6 @@ def test_masks_come_from_alpha_files_or_the_segmenter_and_match_the_renders(tmp_
             # threshold at 48 px: edge pixels are a large share (measured min 0.89)
             assert iou(mask, expected) > (0.999 if source != "threshold" else 0.87), (fmt, i)
         assert (out / "contact_sheet.png").is_file()
-
-
-def world2_scenes(background: int, count: int = 12, resolution: int = 128):
-    """ToyWorld 2 objects on a background level (0 plain, 1 floor, 2 clutter) with their true masks."""
-    from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES
-    from guided_concepts.toyworld.world2 import CATEGORIES, Shape, WorldObject, render
-    rng = np.random.default_rng(background)
-    for i in range(count):
-        obj = WorldObject(CATEGORIES[i % 4], Shape.sample(rng), COLOURS[COLOUR_NAMES[i % 6]])
-        image, mask = render(obj, float(rng.uniform(-180, 180)), float(rng.uniform(10, 35)), 2.6, resolution,
-                             background, i)
-        yield Image.fromarray(image), np.asarray(mask)
 
 
 def test_threshold_masks_plain_backgrounds_and_not_textured_ones():
