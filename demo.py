@@ -32,7 +32,7 @@ from guided_concepts.rundata import resolve_data_root
 from guided_concepts.tokens import TokenError
 
 SLIDERS = "pose sliders"            # the pose word's source when its camera comes from the sliders
-ERRORS = (ConfigError, DataError, TokenError, ValueError, OSError, zipfile.BadZipFile)
+ERRORS = (ConfigError, DataError, TokenError, ValueError, OSError)
 
 
 def to_png(image: torch.Tensor) -> Image.Image:
@@ -64,14 +64,20 @@ class Mixer:
         return "a chair, " + ", ".join(f"{n} {t}" for n, t in tokens.items())
 
     def upload(self, path: str) -> str:
-        """An object folder in a .zip -> its name, added to every word's choices."""
+        """An object folder in a .zip -> its name, added to every word's choices (a later upload
+        of the same name replaces it in the list; each is extracted into its own folder)."""
         name = Path(path).stem
-        target = self.uploads / name
-        with zipfile.ZipFile(path) as archive:
-            archive.extractall(target)
-        folders = [p.parent for p in target.rglob("views")] or [target]
-        records = scan_objects(folders[0], require_masks=False)
-        self.objects[f"upload: {name}"] = records[0].root
+        target = Path(tempfile.mkdtemp(prefix="upload-", dir=self.uploads))
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.extractall(target)
+        except zipfile.BadZipFile:
+            raise ValueError(f"{Path(path).name}: not a zip file") from None
+        folders = sorted({p.parent for p in target.rglob("views") if p.is_dir()})
+        if len(folders) != 1:
+            raise ValueError(f"{Path(path).name}: expected one object folder (with views/), found {len(folders)}")
+        scan_objects(folders[0], require_masks=False)           # checked like training data
+        self.objects[f"upload: {name}"] = folders[0]
         return f"upload: {name}"
 
     def sources(self, picks: dict[str, str], camera: tuple[float, float, float]) -> dict:
@@ -88,6 +94,9 @@ class Mixer:
     def run(self, prompt: str, picks: dict[str, str], camera, diversity: float, seed: int, steps: int,
             guidance: float, num: int):
         """-> (samples as PNG images, the attention grid, status line)."""
+        for label, value in (("seed", seed), ("steps", steps), ("samples", num)):
+            if value is None or float(value) != int(value):
+                raise ValueError(f"{label}: give a whole number, got {value!r}")
         reference, images, maps = generate(self.system, self.cfg, prompt, self.sources(picks, camera), num=int(num),
                                    seed=int(seed), steps=int(steps), guidance_scale=float(guidance),
                                    diversity=float(diversity))

@@ -25,8 +25,10 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.total, self.step, self.desc, self.clock = total, initial, desc, clock
         self.enabled = enabled and not _env_true("TQDM_DISABLE")
-        interval = os.environ.get("TQDM_MININTERVAL")
-        self.every_seconds = float(interval) if interval else every_seconds
+        try:                    # tqdm's own variable; a value that is not a number is ignored
+            self.every_seconds = float(os.environ.get("TQDM_MININTERVAL") or every_seconds)
+        except ValueError:
+            self.every_seconds = every_seconds
         self.every_steps = every_steps
         terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = tqdm(total=total, initial=initial, desc=desc, file=self.stream) if terminal and self.enabled else None

@@ -20,7 +20,7 @@ from pathlib import Path
 from guided_concepts.objectdata.records import DataError
 from guided_concepts.prepare.cameras import AXIS_FLIPS, world_rotation
 from guided_concepts.prepare.formats import FORMATS
-from guided_concepts.prepare.masks import SEGMENTERS
+from guided_concepts.prepare.masks import SEGMENTERS, check_segmenter
 from guided_concepts.prepare.write import plan, write
 
 
@@ -47,19 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     options = parser.parse_args(argv)
     reader = FORMATS[options.format]
+    world_given = options.world is not None
     for key in ("world", "frame", "axes"):
         if getattr(options, key) is None:
             setattr(options, key, reader.DEFAULTS[key])
+    warnings = []
+    if world_given and options.frame == "relative":
+        warnings.append(f"--world {options.world} is not used: a relative frame reads up and front from the cameras")
     try:
         if options.views < 0 or options.distance < 0:
             raise ValueError("--views and --distance must be >= 0")
         world_rotation(options.world)
-        objects = reader.read(options.src.expanduser(), options)
-        plans, warnings = plan(objects, options.views, options.distance)
-        source = {"format": options.format, "path": str(options.src), "camera_axes": options.axes}
-        report = write(plans, options.out, source, options.segmenter, options.force)
+        check_segmenter(options.segmenter)
+        src = options.src.expanduser().resolve()       # "." names the object after its folder
+        objects = reader.read(src, options)
+        plans, notes = plan(objects, options.views, options.distance)
+        warnings += notes
+        source = {"format": options.format, "path": str(src), "camera_axes": options.axes}
+        report = write(plans, options.out, source, options.segmenter, options.force, src)
     except (DataError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:          # OUT not writable, a full disk, a folder where a file should be
+        print(f"error: {error.filename or options.out}: {error.strerror or error}", file=sys.stderr)
         return 2
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)

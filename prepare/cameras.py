@@ -50,6 +50,8 @@ def as_matrix(values, kind: str = "c2w") -> np.ndarray:
         raise CameraError(f"the {kind} camera matrix has a NaN or infinite entry")
     if matrix.shape == (3, 4):
         matrix = np.vstack([matrix, [0.0, 0.0, 0.0, 1.0]])
+    elif not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0], atol=1e-6):
+        raise CameraError(f"a {kind} camera matrix's last row must be 0 0 0 1, got {matrix[3].tolist()}")
     rotation = matrix[:3, :3]
     if not np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-4) or np.linalg.det(rotation) < 0:
         raise CameraError(f"the {kind} camera matrix's 3x3 part is not a rotation (det {np.linalg.det(rotation):.3g})")

@@ -42,7 +42,7 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
 def threshold_mask(image: Image.Image, threshold: float | None = None) -> np.ndarray:
     """Pixels whose colour is over `threshold` from the border's median colour (default: Otsu's
     split of the distances, at least THRESHOLD, so an edge pixel counts when it is mostly object),
-    speckles opened away (a 1/128-of-the-image filter, none under 384 px, where it would cut thin
+    speckles opened away (a 1/128-of-the-image filter, none under 256 px, where it would cut thin
     legs). Holes are kept: the gaps of a chair's back are background."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255                 # [H,W,3]
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
@@ -133,18 +133,27 @@ class SamSegmenter:
         return masks[0, best].numpy().astype(bool)
 
 
+def check_segmenter(name: str) -> None:
+    """ValueError for a name segmenter() would refuse, without loading anything."""
+    kind, _, folder = name.partition(":")
+    if name in ("threshold", "grabcut"):
+        return
+    if kind in ("hf", "sam") and folder:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--segmenter {name}: {folder} is not a model folder")
+        return
+    raise ValueError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {name!r}")
+
+
 def segmenter(name: str):
     """A segmenter by name (SEGMENTERS) -> callable(PIL image) -> bool [H,W]."""
+    check_segmenter(name)
     if name == "threshold":
         return threshold_mask
     if name == "grabcut":
         return grabcut_mask
     kind, _, folder = name.partition(":")
-    if kind in ("hf", "sam") and folder:
-        if not Path(folder).is_dir():
-            raise ValueError(f"--segmenter {name}: {folder} is not a model folder")
-        return PipelineSegmenter(folder) if kind == "hf" else SamSegmenter(folder)
-    raise ValueError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {name!r}")
+    return PipelineSegmenter(folder) if kind == "hf" else SamSegmenter(folder)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -33,6 +33,7 @@ class SourceObject:
 def existing_file(path: Path, where: str, extensions=(".png", ".jpg", ".jpeg", ".webp")) -> Path:
     """`path`, or `path` plus an image extension (NeRF's file_path has none): DataError naming
     `where` when neither exists."""
+    path = Path(path)
     if path.is_file():
         return path
     for extension in extensions:
@@ -47,6 +48,8 @@ def camera(where: str, matrix, axes: str, kind: str) -> np.ndarray:
         return opengl_c2w(matrix, axes, kind)
     except CameraError as error:
         raise data_error(where, str(error)) from None
+    except (ValueError, TypeError):          # ragged, text, a dict: not a matrix of numbers
+        raise data_error(where, f"the camera matrix is not a 4x4 or 3x4 array of numbers: {str(matrix)[:80]}") from None
 
 
 def spread_views(views: list[SourceView], count: int) -> list[SourceView]:

@@ -170,4 +170,11 @@ def test_an_uploaded_object_folder_becomes_a_source(server, mixer_run, tmp_path)
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"not a zip")
     *_, status = client.predict(handle_file(str(broken)), api_name="/upload")
-    assert status.startswith("**error:**") and "\n" not in status
+    assert status == "**error:** broken.zip: not a zip file"
+    empty = tmp_path / "empty.zip"
+    zipfile.ZipFile(empty, "w").close()
+    *_, status = client.predict(handle_file(str(empty)), api_name="/upload")
+    assert status == "**error:** empty.zip: expected one object folder (with views/), found 0"
+    *_, status = client.predict("a chair, shape *s", source.name, "pose sliders", source.name, 0, 10, 2.5, 0, None,
+                                2, 5, 1, api_name="/generate")
+    assert status == "**error:** seed: give a whole number, got None"

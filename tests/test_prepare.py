@@ -3,6 +3,7 @@ back into object folders; cameras round-trip through each convention; masks from
 segmenters; bad input refused before anything is written; prepared data trains."""
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -246,6 +247,16 @@ def test_relative_frames_are_never_the_same_camera_as_another_object(tmp_path):
 
 
 # -- bad input: one line naming the file, nothing written -----------------------------------------
+def broken_co3d(root: Path, change) -> Path:
+    folder = write_co3d(root, objects=1)
+    with gzip.open(folder / "frame_annotations.jgz", "rt") as handle:
+        frames = json.load(handle)
+    change(frames)
+    with gzip.open(folder / "frame_annotations.jgz", "wt") as handle:
+        json.dump(frames, handle)
+    return folder
+
+
 def broken_transforms(root: Path, change) -> Path:
     write_transforms(root, objects=1)
     path = root / "scene_0" / "transforms.json"
@@ -263,10 +274,15 @@ def broken_transforms(root: Path, change) -> Path:
     (lambda r: broken_transforms(r, lambda c: c["frames"][0]["transform_matrix"][0].__setitem__(3, float("nan"))),
      "NaN"),
     (lambda r: (r / "empty").mkdir(parents=True) or r / "empty", "no images"),
+    (lambda r: broken_transforms(r, lambda c: c["frames"][0].update(file_path=7)), "file_path must be a path string"),
+    (lambda r: broken_transforms(r, lambda c: c["frames"][0].update(transform_matrix=[[1, 2], [3]])),
+     "not a 4x4 or 3x4 array of numbers"),
+    (lambda r: broken_co3d(r, lambda f: f[1]["image"].pop("path")), "[1]: needs image.path"),
+    (lambda r: broken_co3d(r, lambda f: f[2].update(sequence_name="../up")), "cannot be a folder name"),
 ])
 def test_bad_input_is_one_line_naming_the_file_and_writes_nothing(tmp_path, capsys, make, needle):
     src = make(tmp_path / "src")
-    fmt = "photos" if needle == "no images" else "transforms"
+    fmt = "photos" if needle == "no images" else "co3d" if src.name == "chair" else "transforms"
     out = tmp_path / "out"
     assert prepare([str(src), str(out), "--from", fmt]) == 2
     err = capsys.readouterr().err.strip()
@@ -293,3 +309,30 @@ def test_unknown_format_and_existing_output(tmp_path, capsys):
     assert not (out / "dog0" / "views" / "000.png").exists()
     assert prepare([str(src), str(out), "--from", "photos", "--force"]) == 0
     assert (out / "dog0" / "views" / "000.png").is_file()
+
+
+def test_force_never_replaces_a_source_inside_out_or_files_prepare_did_not_write(tmp_path, capsys):
+    out = tmp_path / "data"
+    src = write_photos(out / "raw", objects=1)
+    assert prepare([str(src), str(out), "--from", "photos", "--force"]) == 2
+    assert "holds the source" in capsys.readouterr().err and (src / "dog0").is_dir()
+    other = tmp_path / "prepared"
+    assert prepare([str(src), str(other), "--from", "photos"]) == 0
+    (other / "my_notes.txt").write_text("mine")
+    assert prepare([str(src), str(other), "--from", "photos", "--force"]) == 2
+    assert "my_notes.txt: was not written by prepare" in capsys.readouterr().err
+    assert (other / "my_notes.txt").read_text() == "mine" and (other / "dog0").is_dir()
+
+
+def test_nerf_synthetic_splits_are_one_object_and_a_dot_source_is_named_after_its_folder(tmp_path, monkeypatch):
+    scene = write_transforms(tmp_path / "src", objects=1) / "scene_0"
+    content = json.loads((scene / "transforms.json").read_text())
+    (scene / "transforms.json").unlink()
+    for split, frames in (("train", content["frames"][:4]), ("test", content["frames"][4:])):
+        (scene / f"transforms_{split}.json").write_text(json.dumps({**content, "frames": frames}))
+    monkeypatch.chdir(scene)
+    out = tmp_path / "out"
+    assert prepare([".", str(out), "--from", "transforms", "--views", "0", "--distance", "0"]) == 0
+    got = cameras_in(out, "scene_0")
+    truth = np.array(CAMERAS)[[4, 5, 0, 1, 2, 3]]             # transforms_test.json sorts first
+    assert len(got) == 6 and np.abs(wrap(got[:, 0] - wrap(truth[:, 0] - truth[0, 0]))).max() < 1e-6
