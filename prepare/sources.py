@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guided_concepts.objectdata.folder import IMAGE_EXTENSIONS
 from guided_concepts.objectdata.records import data_error
 from guided_concepts.prepare.cameras import CameraError, opengl_c2w
 
@@ -30,7 +31,7 @@ class SourceObject:
     notes: dict = field(default_factory=dict)
 
 
-def existing_file(path: Path, where: str, extensions=(".png", ".jpg", ".jpeg", ".webp")) -> Path:
+def existing_file(path: Path, where: str, extensions=IMAGE_EXTENSIONS) -> Path:
     """`path`, or `path` plus an image extension (NeRF's file_path has none): DataError naming
     `where` when neither exists."""
     path = Path(path)

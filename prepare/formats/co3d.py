@@ -47,12 +47,6 @@ def field(where: str, record, *keys, kind=None):
     return value
 
 
-def safe_name(where: str, name: str) -> str:
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise data_error(where, f"sequence_name {name!r} cannot be a folder name")
-    return name
-
-
 def read(src: Path, options) -> list[SourceObject]:
     frames_file, sequences_file = src / "frame_annotations.jgz", src / "sequence_annotations.jgz"
     sequences = {}
@@ -62,7 +56,7 @@ def read(src: Path, options) -> list[SourceObject]:
     by_sequence: dict[str, list[SourceView]] = {}
     for index, frame in enumerate(load(frames_file)):
         where = f"{frames_file}: [{index}]"
-        name = safe_name(where, field(where, frame, "sequence_name", kind=str))
+        name = field(where, frame, "sequence_name", kind=str)     # write.safe_name checks it as a folder name
         image_path = field(where, frame, "image", "path", kind=str)
         try:
             c2w = pytorch3d_c2w(field(where, frame, "viewpoint", "R"), field(where, frame, "viewpoint", "T"))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from guided_concepts.objectdata.folder import IMAGE_EXTENSIONS
 from guided_concepts.objectdata.records import data_error
 from guided_concepts.prepare.sources import SourceObject, SourceView
 
 DEFAULTS = {"world": "+y,+z", "frame": "relative", "axes": "opengl"}
-IMAGES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGES = IMAGE_EXTENSIONS
 
 
 def images(folder: Path) -> list[Path]:
