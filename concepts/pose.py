@@ -13,7 +13,7 @@ from torch import nn
 from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
 from guided_concepts.losses import consistency_loss, mask_attention_loss, offset_l2
 from guided_concepts.objectdata.heatmaps import has_keypoints, keypoint_heatmaps
-from guided_concepts.objectdata.meta import CAMERA_RANGES
+from guided_concepts.objectdata.meta import camera_problem
 
 POSE_INPUTS = ("camera", "keypoints", "image")
 
@@ -262,11 +262,9 @@ def check_camera(values, where: str = "pose camera") -> dict:
             raise ValueError(f"{where}: {key} is required")
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise ValueError(f"{where}: {key} must be a number, got {value!r}")
-    for key, (lo, hi) in CAMERA_RANGES.items():
-        if not (math.isfinite(camera[key]) and lo <= camera[key] <= hi):
-            raise ValueError(f"{where}: {key} must be in [{lo:g}, {hi:g}] degrees, got {camera[key]:g}")
-    if camera["distance"] is not None and not (math.isfinite(camera["distance"]) and camera["distance"] > 0):
-        raise ValueError(f"{where}: distance must be a finite number > 0, got {camera['distance']:g}")
+    problem = camera_problem({key: None if value is None else float(value) for key, value in camera.items()})
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     return {key: None if value is None else float(value) for key, value in camera.items()}
 
 

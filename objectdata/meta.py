@@ -81,19 +81,30 @@ def _check_keys(meta_path: Path, where: str, content: dict, valid: tuple[str, ..
             raise data_error(meta_path, f"{where}unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
 
 
+def camera_problem(camera: dict) -> str | None:
+    """What is wrong with a camera of numbers or None ({"azimuth", "elevation", "distance"}), as
+    "key must ..., got value", or None. Degrees: elevation past the poles is not a camera; azimuth
+    wraps, but beyond one turn either way it is a unit or typing error (radians are within these
+    bounds and cannot be told apart). Shared by meta.json's views and the pose word's --pose."""
+    distance = camera.get("distance")
+    if distance is not None and not (math.isfinite(distance) and distance > 0):
+        return f"distance must be a finite number > 0, got {distance:g}"
+    for name, (lo, hi) in CAMERA_RANGES.items():
+        value = camera.get(name)
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            return f"{name} must be in [{lo:g}, {hi:g}] degrees, got {value:g}"
+    return None
+
+
 def _view_meta(meta_path: Path, view_id: str, entry: Any) -> ViewMeta:
     key = f"views.{view_id}"
     if not isinstance(entry, dict):
         raise data_error(meta_path, f"{key} must be an object, got {entry!r}")
     _check_keys(meta_path, f"{key}: ", entry, VIEW_KEYS)
     camera = {name: _number(meta_path, f"{key}.{name}", entry.get(name)) for name in CAMERA_KEYS}
-    if camera["distance"] is not None and camera["distance"] <= 0:
-        raise data_error(meta_path, f"{key}.distance must be positive, got {camera['distance']!r}")
-    # Degrees. Elevation past the poles is not a camera; azimuth wraps, but beyond one turn either
-    # way it is a unit or typing error (radians are within these bounds and cannot be told apart).
-    for name, (lo, hi) in CAMERA_RANGES.items():
-        if camera[name] is not None and not lo <= camera[name] <= hi:
-            raise data_error(meta_path, f"{key}.{name} must be in [{lo:g}, {hi:g}] degrees, got {camera[name]!r}")
+    problem = camera_problem(camera)
+    if problem:
+        raise data_error(meta_path, f"{key}.{problem}")
     keypoints = _keypoints(meta_path, f"{key}.keypoints", entry.get("keypoints"))
     return ViewMeta(keypoints=keypoints, **camera)
 

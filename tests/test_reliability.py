@@ -126,7 +126,7 @@ BAD_INPUTS = {
                                               ["--set", "data.resolution=16"],
                                               rf"{C0}/masks/001.png: mask is empty at data.resolution 16"),
     "elevation past the pole": (lambda r: edit_meta(r, camera("elevation", 500)), ["--tokens", "shape,pose"],
-                                rf"{C0}/meta.json: views.000.elevation must be in \[-90, 90\] degrees, got 500.0"),
+                                rf"{C0}/meta.json: views.000.elevation must be in \[-90, 90\] degrees, got 500"),
     "azimuth beyond a turn": (lambda r: edit_meta(r, camera("azimuth", 7200)), [],
                               rf"{C0}/meta.json: views.000.azimuth must be in \[-360, 360\]"),
     "mask resolution too small": (None, ["--set", "concepts.shape.mask_resolution=8"],
