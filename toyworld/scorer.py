@@ -98,18 +98,27 @@ def train_scorer(data: dict, steps: int = 1500, batch: int = 128, seed: int = 0,
     return model, {"render_accuracy": accuracy, "train_images": int(len(train_x)), "test_images": int(len(test_x))}
 
 
-def save_scorer(model: Scorer, folder: Path) -> None:
+def save_weights(model: nn.Module, folder: Path, config: dict) -> None:
+    """A scorer's weights (model.safetensors) and what rebuilds it (config.json)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def load_weights(folder: str | Path, build, model_kind: str) -> nn.Module:
+    """build(config) -> the module, filled from folder/model.safetensors, in eval mode (fp32)."""
+    folder = Path(folder)
+    if not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(f"{folder}: no scorer (model.safetensors); it ships in {model_kind}'s scorer/")
+    model = build(json.loads((folder / "config.json").read_text()))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()})
+    return model.eval()
+
+
+def save_scorer(model: Scorer, folder: Path) -> None:
     width = model.heads[next(iter(model.heads))].in_features // 16
-    (folder / "config.json").write_text(json.dumps({"width": width, "attributes": model.attributes}))
+    save_weights(model, folder, {"width": width, "attributes": model.attributes})
 
 
 def load_scorer(folder: str | Path) -> Scorer:
-    folder = Path(folder)
-    if not (folder / "model.safetensors").exists():
-        raise FileNotFoundError(f"{folder}: no scorer (model.safetensors); it ships in a ToyWorld model's scorer/")
-    config = json.loads((folder / "config.json").read_text())
-    model = Scorer(config["width"], config["attributes"])
-    model.load_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()})
-    return model.eval()
+    return load_weights(folder, lambda c: Scorer(c["width"], c["attributes"]), "a ToyWorld model")

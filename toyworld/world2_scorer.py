@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from guided_concepts.toyworld.scorer import Scorer, augment, mask_iou
+from guided_concepts.toyworld.scorer import Scorer, augment, load_weights, mask_iou, save_weights
 from guided_concepts.toyworld.world import COLOURS, DIRECTIONS
 from guided_concepts.toyworld.world2 import BACKGROUNDS, CATEGORIES, SHAPE_PARAMS
 from guided_concepts.toyworld.world2_pretraining import render_set
@@ -114,19 +113,11 @@ def train_and_measure(data: dict, steps: int, batch: int = 96, seed: int = 0, pr
 
 
 def save_scorer2(model: Scorer2, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"world": "toyworld2", "size": model.size, "width": model.width}))
+    save_weights(model, folder, {"world": "toyworld2", "size": model.size, "width": model.width})
 
 
 def load_scorer2(folder: str | Path) -> Scorer2:
-    folder = Path(folder)
-    if not (folder / "model.safetensors").exists():
-        raise FileNotFoundError(f"{folder}: no scorer (model.safetensors); it ships in a ToyWorld 2 model's scorer/")
-    config = json.loads((folder / "config.json").read_text())
-    model = Scorer2(config["size"], config["width"])
-    model.load_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()})
-    return model.eval()
+    return load_weights(folder, lambda c: Scorer2(c["size"], c["width"]), "a ToyWorld 2 model")
 
 
 def main(argv=None):
