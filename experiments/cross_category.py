@@ -127,7 +127,6 @@ def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, gu
         t0 = time.time()
         tuned = tuned_words(run, objects, ["shape"], tuned_steps, out, hue_jitter)
         log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
-    system, cfg = generate.load_run(run)              # tuning changed its own copy; reload to be safe
     token = system.concepts["shape"].config.token
     conditions = [(mode, label.format(token=token, tuned=tuned_steps, which=token,
                                       jitter=f", hue jitter {hue_jitter:g}" if hue_jitter else ""), words)

@@ -436,7 +436,7 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
                          "or pass --all-pairs")
     scorer = world.load_scorer(resolve_model_path(cfg.model.name))
     active = [n for n in system.tokens if n in owns_of(world)]
-    started = time.time()
+    started = time.time()     # tune.py loads its own copy of the run, so `system` stays as loaded here
     words = {n: ({d: encode_word(system, cfg, n, camera_of(d)) for d in range(8)} if n == "pose" else
                  {i: encode_word(system, cfg, n, f) for i, f in enumerate(objects)}) for n in active}
     ti = None
@@ -444,7 +444,6 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
         t0 = time.time()
         ti = inversion_words(run, objects, active, ti_steps, out)
         log(f"textual inversion: {time.time() - t0:.0f} s")
-        system, cfg = generate.load_run(run)          # tune_object changed its own copy; reload to be safe
     tuned_by = {}
     if "tuned" in modes and tuned_steps > 0:
         t0 = time.time()
@@ -453,7 +452,6 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
             raise ValueError(f"--tuned-words {','.join(unknown)}: not a word of this run ({', '.join(active)})")
         tuned_by = tuned_words(run, objects, list(tuned_names or active), tuned_steps, out, hue_jitter)
         log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
-        system, cfg = generate.load_run(run)
     every_object_word = [n for n in active if CONCEPTS[n].concept.object_level]
     which = "words" if sorted(tuned_by) == sorted(every_object_word) else \
         " and ".join(system.concepts[n].config.token for n in tuned_by) + " (others the encoder's)"
