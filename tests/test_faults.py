@@ -519,6 +519,8 @@ EDGE_FLAGS = {   # entry point, arguments -> the message (argparse or one line; 
         ["--prompt", "a chair", "--model", "tiny", "--device", "bogus"]), "is not a device"),
     "toyworld evaluate --seeds 0": (lambda t: __import__("guided_concepts.toyworld.__main__").toyworld.__main__.main(
         ["evaluate", "--seeds", "0"]), "must be a whole number >= 1"),
+    "toyworld evaluate --guidance-scale -1": (lambda t: __import__("guided_concepts.toyworld.__main__").toyworld.__main__.main(
+        ["evaluate", "--guidance-scale", "-1"]), "must be a finite number >= 0"),
     "toyworld evaluate --model missing": (lambda t: __import__("guided_concepts.toyworld.__main__").toyworld.__main__
                                           .main(["evaluate", "--model", str(t / "nope")]), "--model"),
 }

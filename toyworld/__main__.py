@@ -1,7 +1,7 @@
 """ToyWorld command line.
 
     python -m toyworld pretrain --out runs/toyworld [--world toyworld2] [--resume | --overwrite] [--set key=value ...]
-    python -m toyworld evaluate --model toyworld/weights        # base-model attribute accuracy
+    python -m toyworld evaluate --model toyworld/weights        # base-model attribute accuracy (--guidance-scale 7.5)
     python -m toyworld objects --world toyworld2 --out data/tw2 --objects 200 --background floor
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from guided_concepts.argtypes import positive_int
+from guided_concepts.argtypes import non_negative_float, positive_int
 from guided_concepts.cli import entry_point
 from guided_concepts.toyworld.pretrain import STAGES
 from guided_concepts.toyworld.worlds import WORLDS
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", default="toyworld", help="'toyworld' (the shipped weights) or a model folder")
     ev.add_argument("--seeds", type=positive_int, default=2)
     ev.add_argument("--grid", type=Path, default=None, help="write the held-out samples as a PNG grid")
+    ev.add_argument("--steps", type=positive_int, default=20, help="DDIM sampling steps")
+    ev.add_argument("--guidance-scale", type=non_negative_float, default=4.0, help="classifier-free guidance")
     obj = sub.add_parser("objects", help="write object folders with ground truth (views, masks, meta.json)")
     obj.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     obj.add_argument("--world", choices=WORLDS, default="toyworld")
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         world = model_world(Path(model))
     except (ValueError, OSError) as error:
         parser.error(f"--model {args.model}: {error}")
-    metrics = WORLDS[world].evaluate(model, seeds=args.seeds, grid=args.grid)
+    metrics = WORLDS[world].evaluate(model, seeds=args.seeds, steps=args.steps,
+                                     guidance_scale=args.guidance_scale, grid=args.grid)
     print(json.dumps(metrics, indent=1))
     return 0
 
