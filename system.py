@@ -25,7 +25,13 @@ def render_prompt(template: str, category: str, clauses: dict[str, str]) -> str:
     clause, or nothing when the concept is inactive; {phrases} gets every other active clause.
 
     'a photo of a {category} {phrases}' -> 'a photo of a chair in the shape of *s with pose *p'
+    A clause holding {category} (appearance's "{token} {category}") wraps the noun instead:
+    -> 'a photo of a *a chair in the shape of *s'.
     """
+    for name, clause in list(clauses.items()):      # "{token} {category}": the word goes on the noun
+        if "{category}" in clause:
+            category = clause.replace("{category}", category)
+            clauses = {**clauses, name: ""}
     slots = {name: "" for name in CONCEPTS}
     slots.update(clauses)
     named = [n for n in CONCEPTS if "{" + n + "}" in template]
@@ -130,7 +136,7 @@ class GuidedConcepts(nn.Module):
     # -- text side -------------------------------------------------------------------------------
     def clause(self, name: str) -> str:
         config = self.concepts[name].config
-        return config.phrase.format(token=config.token)
+        return config.phrase.format(token=config.token, category="{category}")   # render_prompt fills it
 
     def prompts_for(self, batch: dict, templates: list[str], active: list[str], rng: random.Random,
                     by_category: dict | None = None) -> list[str]:

@@ -17,7 +17,9 @@ APPEARANCE_ENCODERS = ("cnn", "pretrained", "colour")
 class AppearanceConfig(ConceptConfig):
     token: str = field(default="*a", metadata={"help": "placeholder word for the appearance"})
     initializer: str = field(default="texture", metadata={"help": "vocabulary word the embedding starts from"})
-    phrase: str = field(default="with the appearance of {token}", metadata={"help": "prompt clause"})
+    # Before the noun, where captions put a colour ("a red chair"): trained as a trailing "with the
+    # appearance of *a", ToyWorld 2's word read back its colour in 0.45 of samples, on the noun 1.00.
+    phrase: str = field(default="{token} {category}", metadata={"help": "prompt clause; {category}: on the noun ('a *a chair')"})
     encoder: str = field(default="cnn", metadata={"help": f"one of {APPEARANCE_ENCODERS}: cnn (small, trained, on the masked pixels) | pretrained (the frozen image encoder) | colour (colour statistics inside the mask: no silhouette, so shape has one route only)"})
 
     def __post_init__(self):

@@ -13,7 +13,7 @@ class ConceptConfig:
     token: str = field(default="*x", metadata={"help": "placeholder word written in prompts"})
     initializer: str = field(default="object", metadata={"help": "vocabulary word (one token) the embedding starts from"})
     num_vectors: int = field(default=1, metadata={"help": "embedding vectors behind the word"})
-    phrase: str = field(default="{token}", metadata={"help": "prompt clause for this concept; {token} is replaced"})
+    phrase: str = field(default="{token}", metadata={"help": "prompt clause for this concept; {token} is replaced; with {category} the clause goes on the noun ('{token} {category}': 'a *a chair') instead of after it"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of this concept's head"})
     scale: float = field(default=0.1, metadata={"help": "embedding = initializer + scale * offset"})
     hidden_dim: int = field(default=128, metadata={"help": "width of the head's MLP"})

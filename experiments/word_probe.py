@@ -4,7 +4,7 @@ factor back. What the ablation table of the swap-matrix work was measured with.
     python -m experiments.word_probe --name lr3 --steps 300 --tokens shape --set concepts.shape.lr=1e-3
     python -m experiments.word_probe --name oracle --tokens shape --oracle-shape      # true arms/back as the code
 
-Per held-out chair: "a chair in the shape of *s" (arms, back), "a chair with the appearance of *a"
+Per held-out chair: "a chair in the shape of *s" (arms, back), "a *a chair"
 (colour); per direction: "a chair with pose *p" (direction), `--samples` each. Also the shape
 word's spread across the held-out chairs (norm of the per-dimension std) and its mean norm: a
 spread near 0 is the collapse (one word for every chair). Appends a line to OUT/results.jsonl.
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from guided_concepts import generate
+from guided_concepts.system import render_prompt
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, truth_of, tuned_words, world_of
 from guided_concepts.objectdata import scan_objects
@@ -127,7 +128,7 @@ def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> 
         hits = []
         for o, folder in enumerate(objects):
             truth = truth_of(folder)
-            images = generate.generate(system, cfg, f"a {world.noun(truth)} {system.clause('appearance')}",
+            images = generate.generate(system, cfg, render_prompt("a {category}", world.noun(truth), {"appearance": system.clause("appearance")}),
                                        {"appearance": folder}, samples, seed=10 * o, steps=20, guidance_scale=4.0)[1]
             hits.append([v == world.value(truth, "colour") for v in world.read(scorer, images)["colour"]])
         result["colour"], result["colour_se"] = mean_and_se(hits)

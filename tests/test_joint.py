@@ -62,20 +62,21 @@ def test_union_sampling_masks_the_absent_words_losses(fresh_backbone, chair_batc
 @pytest.mark.parametrize("subset", [list(c) for r in range(0, len(ALL) + 1) for c in itertools.combinations(ALL, r)],
                          ids=lambda s: "+".join(s) or "none")
 def test_templates_render_for_every_subset(subset):
-    clauses = {n: entry.config().phrase.format(token=entry.config().token) for n, entry in CONCEPTS.items()}
+    clauses = {n: entry.config().phrase.format(token=entry.config().token, category="{category}")
+               for n, entry in CONCEPTS.items()}
     active = {n: clauses[n] for n in subset}
+    written = {n: c.replace("{category}", "chair") for n, c in clauses.items()}   # a noun clause wraps "chair"
     slots = [f"{{{n}}}" for n in ALL]                    # "{shape} {pose}, {appearance}, {style}, ..."
     named = render_prompt("a photo of a {category} " + " ".join(slots[:2]) + "".join(", " + s for s in slots[2:]),
                           "chair", active)
     free = render_prompt("a photo of a {category} {phrases}", "chair", active)
     for text in (named, free):
-        assert text.startswith("a photo of a chair")
+        assert text.startswith("a photo of a ") and "chair" in text and "{" not in text
         assert "  " not in text and " ," not in text and ",," not in text and not text.endswith(",")
         for n in ALL:
-            assert (clauses[n] in text) == (n in subset), (n, text)
+            assert (written[n] in text) == (n in subset), (n, text)
     if subset == ["shape", "pose", "appearance", "style"]:
-        assert named == ("a photo of a chair in the shape of *s with pose *p, with the appearance of *a, "
-                         "in the style of *t")
+        assert named == "a photo of a *a chair in the shape of *s with pose *p, in the style of *t"
     with pytest.raises(ValueError, match="unknown slot"):
         render_prompt("a {colour} {category}", "chair", active)
 
@@ -140,7 +141,7 @@ def test_all_four_words_train_and_log(joint_run):
 
 def test_generation_mixes_sources(joint_run, chairs_dir, tmp_path):
     system, cfg = generate.load_run(joint_run)
-    prompt = "a photo of a chair in the shape of *s with pose *p, with the appearance of *a, in the style of *t"
+    prompt = "a photo of a *a chair in the shape of *s with pose *p, in the style of *t"
     sources = {"shape": chairs_dir / "chair_001", "pose": {"azimuth": 30.0, "elevation": 10.0, "distance": None},
                "appearance": chairs_dir / "chair_004", "style": chairs_dir / "chair_007"}
     reference, images, maps = generate.generate(system, cfg, prompt, sources, num=1, steps=2)
