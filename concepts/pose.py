@@ -262,10 +262,11 @@ def check_camera(values, where: str = "pose camera") -> dict:
             raise ValueError(f"{where}: {key} is required")
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise ValueError(f"{where}: {key} must be a number, got {value!r}")
-    problem = camera_problem({key: None if value is None else float(value) for key, value in camera.items()})
+    camera = {key: None if value is None else float(value) for key, value in camera.items()}
+    problem = camera_problem(camera)
     if problem:
         raise ValueError(f"{where}: {problem}")
-    return {key: None if value is None else float(value) for key, value in camera.items()}
+    return camera
 
 
 def camera_batch(values: dict, distance_range) -> dict:

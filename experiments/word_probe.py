@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from guided_concepts import generate
-from guided_concepts.system import render_prompt
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, truth_of, tuned_words, world_of
 from guided_concepts.objectdata import scan_objects
+from guided_concepts.system import render_prompt
 from guided_concepts.rundata import resolve_data_root
 from guided_concepts.objectdata.synthetic import ensure_generated
 from guided_concepts.toyworld.truth import ToyWorld1Truth
@@ -128,7 +128,8 @@ def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> 
         hits = []
         for o, folder in enumerate(objects):
             truth = truth_of(folder)
-            images = generate.generate(system, cfg, render_prompt("a {category}", world.noun(truth), {"appearance": system.clause("appearance")}),
+            prompt = render_prompt("a {category}", world.noun(truth), {"appearance": system.clause("appearance")})
+            images = generate.generate(system, cfg, prompt,
                                        {"appearance": folder}, samples, seed=10 * o, steps=20, guidance_scale=4.0)[1]
             hits.append([v == world.value(truth, "colour") for v in world.read(scorer, images)["colour"]])
         result["colour"], result["colour_se"] = mean_and_se(hits)
