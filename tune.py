@@ -89,9 +89,12 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mode: str = "encoder",
-                overrides: dict | None = None, seed: int = 0) -> dict:
+                overrides: dict | None = None, seed: int = 0, more_views=None) -> dict:
     """mode "encoder": tune the heads (+ adapters) from the run; "textual_inversion": the baseline,
-    each word a free vector starting at its initializer word, same steps and lr."""
+    each word a free vector starting at its initializer word, same steps and lr.
+    more_views: a folder of object folders that are more views of this object (the same object as
+    another category or in another scene; each with its own meta.json, so each prompt names its own
+    category); the words tune on all of them and are written from the object's own first view."""
     _check_counts({"steps": steps, **{k: v for k, v in (overrides or {}).items() if k in ("batch_size", "grad_accum")}})
     if out_dir is not None:
         check_artefact_folder(Path(out_dir), Path(object_dir))
@@ -117,6 +120,8 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     records = scan_objects(object_dir)
     if len(records) != 1:
         raise DataError(f"{object_dir}: expected one object folder (with views/)")
+    if more_views is not None:
+        records += scan_objects(more_views)         # scan_objects names a folder without objects
     mask_set = mask_set_options(cfg)
     views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, **mask_set)
     all_views = collate([views[i] for i in range(len(views))])
@@ -177,6 +182,7 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     adapters = getattr(system, "adapters", None)
     return _write_artefact(system, out_dir, all_views, adapters,
                            {"run": str(run_dir), "object": str(object_dir), "mode": mode, "steps": steps,
+                            "more_views": None if more_views is None else str(more_views), "views": len(views),
                             "batch_size": tc.batch_size, "grad_accum": tc.grad_accum, "seconds": round(seconds, 3),
                             "denoise_before": before, "denoise_after": after, "tune_losses": tc.losses})
 
@@ -189,9 +195,11 @@ def _check_counts(counts: dict) -> None:
             raise ConfigError(f"{key}: must be a whole number >= 1, got {value!r}")
 
 
-def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, progress=print) -> dict:
+def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, progress=print, more_views=None) -> dict:
     """Tune every training object of the run (its data minus the held-out objects) from the run's
-    heads and write their object-level words to `out_path` (keys <concept>/<object>)."""
+    heads and write their object-level words to `out_path` (keys <concept>/<object>).
+    more_views: a folder holding, for every training object, <object name>/ with more views of it
+    (tune_object's more_views; e.g. `python -m toyworld objects --as-other-categories`)."""
     import tempfile
     _check_counts({"steps": steps})
     run_dir = Path(run_dir)
@@ -203,14 +211,20 @@ def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, pro
     names = [n for n in cfg.tokens if CONCEPTS[n].concept.object_level]
     if not names:
         raise ConfigError(f"{run_dir}: none of its words ({', '.join(cfg.tokens)}) is one word per object")
+    if more_views is not None:
+        missing = [r.name for r in training if not (Path(more_views) / r.name).is_dir()]
+        if missing:
+            raise DataError(f"--more-views {more_views}: no folder for {len(missing)} training objects, e.g. {missing[0]}")
     targets, started = {n: {} for n in names}, time.time()
     with tempfile.TemporaryDirectory() as scratch:
         for i, record in enumerate(training):
-            info = tune_object(run_dir, record.root, steps, Path(scratch) / record.name, "encoder", seed=seed)
+            info = tune_object(run_dir, record.root, steps, Path(scratch) / record.name, "encoder", seed=seed,
+                               more_views=None if more_views is None else Path(more_views) / record.name)
             for n in names:
                 targets[n][record.name] = load_token(Path(info["path"]) / "tokens" / f"{n}.safetensors")[1]
             progress(f"{i + 1}/{len(training)} {record.name}: denoising {info['denoise_before']:.4f} -> {info['denoise_after']:.4f}")
     info = {"run": str(run_dir), "objects": len(training), "concepts": names, "steps": info["steps"],
+            "more_views": None if more_views is None else str(more_views),
             "seconds": round(time.time() - started, 1)}
     atomic_write(out_path, lambda tmp: save_word_targets(tmp, targets, info))
     return {**info, "path": str(out_path)}
@@ -312,19 +326,25 @@ def main(argv=None):
     p.add_argument("--grad-accum", type=positive_int, help="gradient accumulation (tune.grad_accum)")
     p.add_argument("--out", help="artefact folder (default: <run>/objects/<object>); with --fit, the new run folder")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="--fit: the regression's learning rate")
+    p.add_argument("--more-views", metavar="DIR", help="more views of the object (--object: a folder of object "
+                   "folders; --targets: DIR/<object name>/ for each), e.g. its shape rendered as other categories "
+                   "(python -m toyworld objects --as-other-categories); prompts name each folder's category")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v is not None}
     try:
         if args.fit:
+            if args.more_views:
+                p.error("--more-views: --fit regresses onto the words in FILE; give it to --targets")
             if not args.out:
                 p.error("--fit writes a new run folder: give --out")
             info = fit_heads_to_targets(args.run, args.fit, args.out, args.steps or 100, args.lr)
         elif args.targets:
             if args.mode != "encoder" or args.out:
                 p.error("--targets tunes the run's heads (--mode encoder) and writes only FILE (no --out)")
-            info = tune_targets(args.run, args.targets, args.steps)
+            info = tune_targets(args.run, args.targets, args.steps, more_views=args.more_views)
         else:
-            info = tune_object(args.run, args.object, args.steps, args.out, args.mode, overrides)
+            info = tune_object(args.run, args.object, args.steps, args.out, args.mode, overrides,
+                               more_views=args.more_views)
     except (ConfigError, DataError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(json.dumps(info, indent=1))

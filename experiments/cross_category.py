@@ -65,6 +65,32 @@ def markdown_table(world, rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def holds_table(world, rows: dict, token: str) -> str:
+    """What the shape word holds (the notes' doubt): across categories (A ≠ B), the share of samples
+    in which each factor follows A, for every row that writes a `*s` of A (one pass, tuned,
+    inverted), beside the same share without `*s` (what the prompt gives by chance). A factor
+    `*s` holds rises above its no-word share: every shape parameter should; category, colour and
+    camera (direction) should not."""
+    cross = {label: cells for (block, label), cells in rows.items() if block == "A ≠ B"}
+    none = cross.get(f"without {token}")
+    words = {label: cells for label, cells in cross.items() if label.startswith(token)}
+    if none is None or not words:
+        return ""
+    lines = [f"| factor | without {token} | " + " | ".join(words) + " |",
+             "|---" * (len(words) + 2) + "|"]
+    for factor in ("category", "colour", "direction", *world.shape_factors, "silhouette"):
+        if "follows" not in none.get(factor, {}):
+            continue
+        n = none[factor]
+        cells = []
+        for cells_of in words.values():
+            w = cells_of.get(factor, {})
+            cells.append(f"{w['follows']:.2f} ({w['follows'] - n['follows']:+.2f} ± {(w['se'] ** 2 + n['se'] ** 2) ** 0.5:.2f})"
+                         if "follows" in w else "–")
+        lines.append(f"| {factor} | {n['follows']:.2f} (n={n['n']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def figure(world, truths: list, pairs: list, images: dict, seeds: int, resolution: int, path: Path) -> None:
     """One row per example pair (one donor per category, every other category as recipient):
     A, B, the true render of B with A's shape, then a sample of each row (images: row -> samples)."""
@@ -173,7 +199,9 @@ def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, gu
               "rows": [{"pairs": block, "row": label, **cells} for (block, label), cells in rows.items()]}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     table = markdown_table(world, rows)
-    (out / "table.md").write_text(table)
+    holds = holds_table(world, rows, token)
+    (out / "table.md").write_text(table + (f"\nWhat {token} holds (A ≠ B): the share following A (its difference from "
+                                           f"the row without {token} ± se)\n\n{holds}" if holds else ""))
     if cross_images:
         figure(world, truths, blocks["A ≠ B"], cross_images, seeds, cfg.data.resolution, out / "figure.png")
     log(table)

@@ -21,6 +21,8 @@ trains every weight on the same objects on white, on a floor and among blocks
 "a {B} in the shape of *s" for every other category B: the same scores against B rendered with the
 object's shape ("cross_" keys), the category kept, and the spread of the scorer's six shape
 readings across seeds ("shape_spread", a second diversity measure beside the silhouettes').
+--fit scores every run after HyperDreamBooth's regression phase (tune.py --targets, then --fit), so
+the shape word whose diversity is measured is one that carries the shape.
 
     python -m experiments.seeds_tradeoff --out runs/seeds_tradeoff        # ~20 min on 2 cores
     python -m experiments.seeds_tradeoff --config configs/toyworld2.yaml --backgrounds plain,floor,clutter \
@@ -46,6 +48,19 @@ from guided_concepts.toyworld.world import direction_azimuth
 
 COLOURS = (None, "red", "blue")
 BACKGROUND_ROOTS = {"plain": "toyworld2", "floor": "toyworld2-floor", "clutter": "toyworld2-clutter"}
+
+
+def fitted(run: Path) -> Path:
+    """HyperDreamBooth's regression phase on a run (tune.py --targets, then --fit): <run>_fit,
+    kept when it exists."""
+    from guided_concepts import tune
+    out = run.with_name(run.name + "_fit")
+    if not (out / "config.yaml").exists():
+        targets = run / "word_targets.safetensors"
+        if not targets.exists():
+            tune.tune_targets(run, targets, progress=lambda line: None)
+        tune.fit_heads_to_targets(run, targets, out)
+    return out
 
 
 def train_run(out: Path, weight: float, steps: int, extra: list[str], config: Path, background: str | None = None) -> Path:
@@ -179,6 +194,8 @@ def main(argv=None):
                    f"({', '.join(BACKGROUND_ROOTS)}; comma-separated); default: the config's data.root")
     p.add_argument("--cross-category", action="store_true", help="ToyWorld 2: also 'a {B} in the shape of *s' "
                    "for every other category B")
+    p.add_argument("--fit", action="store_true", help="score each run after HyperDreamBooth's regression phase "
+                   "(tune.py --targets, then --fit: <run>_fit), the encoder's one pass that carries the shape")
     args = p.parse_args(argv)
     backgrounds = [b.strip() for b in args.backgrounds.split(",") if b.strip()] or [None]
     unknown = [b for b in backgrounds if b is not None and b not in BACKGROUND_ROOTS]
@@ -193,6 +210,8 @@ def main(argv=None):
     weights = [float(w) for w in args.weights.split(",")]
     started = time.time()
     runs = {(b, w): train_run(args.out, w, args.steps, extra, args.config, b) for b in backgrounds for w in weights}
+    if args.fit:
+        runs = {key: fitted(run) for key, run in runs.items()}
     scorer = world = None
     rows, curve = {}, {}
     for (b, w), run in runs.items():
@@ -209,7 +228,7 @@ def main(argv=None):
                                               tau, cross_category=args.cross_category)
                 print(f"tau {tau:g}: {curve[f'tau {tau:g}']}", flush=True)
     first = f"{backgrounds[0]}, mask weight {weights[0]:g}" if backgrounds[0] else f"mask weight {weights[0]:g}"
-    result = {"steps": args.steps, "seeds": args.seeds, "mask_variant": "mse_maxnorm", "weights": rows,
+    result = {"steps": args.steps, "seeds": args.seeds, "mask_variant": "mse_maxnorm", "fit": args.fit, "weights": rows,
               "diversity_curve_on": first, "diversity_curve": curve, "seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))

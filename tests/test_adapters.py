@@ -225,3 +225,44 @@ def test_fitting_the_heads_to_target_words_writes_a_new_run_closer_to_them(tmp_p
                           "--num", "1", "--steps", "1", "--out", str(tmp_path / "g.png")]).exists()
     with pytest.raises(SystemExit, match="exists; the fitted run is written to a new folder"):
         tune.main(["--run", str(domain), "--fit", str(targets), "--out", str(fitted)])
+
+
+def test_more_views_tune_on_every_folder_each_prompt_naming_its_own_category(adapter_run, chairs_dir, tmp_path,
+                                                                          monkeypatch):
+    """tune.py --more-views: the object's words tune on its own views and on every folder given
+    (here another chair's views labelled a table), each prompt naming its folder's category; the
+    word is still written from the object's own first view. A folder without objects, or a
+    --targets folder missing a training object, is refused before any tuning."""
+    import shutil
+    from guided_concepts.objectdata import DataError
+    more = tmp_path / "more"
+    shutil.copytree(chairs_dir / "chair_003", more / "as_table")
+    meta = json.loads((more / "as_table" / "meta.json").read_text())
+    (more / "as_table" / "meta.json").write_text(json.dumps({**meta, "category": "table"}))
+    seen = []
+    load_run = generate.load_run
+
+    def recording(run):
+        system, cfg = load_run(run)
+        prompts_for = system.prompts_for
+
+        def record(*args, **kwargs):
+            prompts = prompts_for(*args, **kwargs)
+            seen.extend(prompts)
+            return prompts
+        system.prompts_for = record
+        return system, cfg
+    monkeypatch.setattr(generate, "load_run", recording)
+    alone = tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=2, out_dir=tmp_path / "alone")
+    assert not any("table" in p for p in seen)
+    both = tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=2, out_dir=tmp_path / "both", more_views=more)
+    assert both["views"] == 2 * alone["views"] and both["more_views"] == str(more)
+    assert any("table" in p for p in seen) and any("chair" in p for p in seen[len(seen) // 2:])
+    words = [load_file(str(tmp_path / d / "tokens" / "shape.safetensors")) for d in ("alone", "both")]
+    assert not all(torch.equal(words[0][k], words[1][k]) for k in words[0])             # the extra views did tune
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no object folders"):
+        tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=2, out_dir=tmp_path / "x", more_views=tmp_path / "empty")
+    with pytest.raises(DataError, match="no folder for .* training objects"):
+        tune.tune_targets(adapter_run, tmp_path / "t.safetensors", steps=1, more_views=more, progress=lambda line: None)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "t.safetensors").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import die_after_unet_checkpoint
@@ -369,6 +370,36 @@ def test_the_objects_command_writes_folders_of_either_world_and_never_into_a_ful
     assert "ToyWorld 1's chairs are on white only" in capsys.readouterr().err
     assert main(["objects", "--out", str(tmp_path / "c"), "--objects", "2", "--views", "2"]) == 0
     assert len(scan_objects(tmp_path / "c")) == 2
+
+
+def test_objects_as_other_categories_keep_shape_colour_and_cameras_and_change_only_the_category(tmp_path, capsys):
+    """python -m toyworld objects --as-other-categories: each object again as each other category
+    (decoupled renders for tune.py --more-views): the same ground truth but the category, the same
+    cameras, and views that differ from the object's own."""
+    from guided_concepts.objectdata import scan_objects
+    from guided_concepts.toyworld.__main__ import main
+    assert main(["objects", "--world", "toyworld2", "--out", str(tmp_path / "a"), "--objects", "2", "--views", "2"]) == 0
+    assert main(["objects", "--as-other-categories", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    for own in scan_objects(tmp_path / "a"):
+        others = scan_objects(tmp_path / "b" / own.name)
+        assert sorted(r.category for r in others) == sorted(c for c in CATEGORIES if c != own.category)
+        truth = json.loads((own.root / "meta.json").read_text())
+        for other in others:
+            meta = json.loads((other.root / "meta.json").read_text())
+            assert meta["shape"] == truth["shape"]
+            cameras = [[(v["azimuth"], v["elevation"], v["distance"]) for v in m["views"].values()] for m in (meta, truth)]
+            assert cameras[0] == cameras[1]
+            assert not np.array_equal(np.asarray(Image.open(other.root / "masks" / "000.png")),
+                                      np.asarray(Image.open(own.root / "masks" / "000.png")))
+    with pytest.raises(SystemExit):
+        main(["objects", "--as-other-categories", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert "not empty" in capsys.readouterr().err
+    (tmp_path / "c" / "object_000").mkdir(parents=True)
+    (tmp_path / "c" / "object_000" / "meta.json").write_text('{"category": "chair", "shape": {}}')
+    with pytest.raises(SystemExit):
+        main(["objects", "--as-other-categories", str(tmp_path / "c"), "--out", str(tmp_path / "d")])
+    assert "object_000/meta.json: no shape.toyworld2 ground truth" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_the_complexity_experiment_refuses_an_unknown_background_before_training(tmp_path, capsys):

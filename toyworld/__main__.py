@@ -3,6 +3,7 @@
     python -m toyworld pretrain --out runs/toyworld [--world toyworld2] [--resume | --overwrite] [--set key=value ...]
     python -m toyworld evaluate --model toyworld/weights        # base-model attribute accuracy (--guidance-scale 7.5)
     python -m toyworld objects --world toyworld2 --out data/tw2 --objects 200 --background floor
+    python -m toyworld objects --as-other-categories data/tw2 --out data/tw2_as_others   # for tune.py --more-views
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     obj.add_argument("--views", type=positive_int, default=8, help="views per object (cameras of the shared pool)")
     obj.add_argument("--background", choices=("plain", "floor", "clutter"), default="plain", help="ToyWorld 2 only")
     obj.add_argument("--seed", type=int, default=0)
+    obj.add_argument("--as-other-categories", type=Path, metavar="DATA", help="ToyWorld 2: instead, write every "
+                     "object folder of DATA again as each other category (same shape, colour and cameras): "
+                     "--out/<object>/<category>/, for tune.py --more-views")
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -86,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "objects":
         from guided_concepts.toyworld.world import write_toy_objects
         from guided_concepts.toyworld.world2 import BACKGROUNDS
-        from guided_concepts.toyworld.world2_data import write_world2_objects
+        from guided_concepts.toyworld.world2_data import write_as_other_categories, write_world2_objects
+        if args.as_other_categories:
+            try:
+                write_as_other_categories(args.as_other_categories, args.out)
+            except (ValueError, FileExistsError) as error:
+                parser.error(str(error))
+            print(args.out)
+            return 0
         if args.world == "toyworld" and args.background != "plain":
             parser.error("--background: ToyWorld 1's chairs are on white only; use --world toyworld2")
         try:

@@ -51,22 +51,54 @@ def write_world2_objects(out_dir, num_objects: int = 64, views: int = 8, resolut
         rng = np.random.default_rng([OBJECT_SEED_OFFSET, seed, index])
         obj = draw_object(rng, index % len(CATEGORIES))
         cameras = [TOY_CAMERA_POOL[int(i)] for i in np.sort(rng.choice(len(TOY_CAMERA_POOL), views, replace=False))]
-        folder = out_dir / f"object_{index:03d}"
-        (folder / "views").mkdir(parents=True)
-        (folder / "masks").mkdir()
-        geometry, views_meta = build(obj), {}
-        for v, camera in enumerate(cameras):
-            view_id = f"{v:03d}"
-            image, mask = render(obj, *camera, resolution, background, background_seed=1000 * index + v)
-            keypoints = render_view(geometry, *camera, resolution)[2]
-            Image.fromarray(image).save(folder / "views" / f"{view_id}.png")
-            Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"{view_id}.png")
-            views_meta[view_id] = {"azimuth": camera[0], "elevation": camera[1], "distance": camera[2],
-                                   "keypoints": [[round(float(x), 3), round(float(y), 3)] for x, y in keypoints],
-                                   "extra": {"background": BACKGROUNDS[background]}}
-        meta = {**obj.to_meta(), "keypoint_names": list(KEYPOINT_NAMES), "keypoint_flip": list(KEYPOINT_FLIP),
-                "views": views_meta}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        write_object_folder(out_dir / f"object_{index:03d}", obj, cameras, resolution, background, 1000 * index)
+    return out_dir
+
+
+def write_object_folder(folder: Path, obj: WorldObject, cameras, resolution: int, background: int,
+                        background_seed: int) -> None:
+    """One object folder: each camera's view, mask and keypoints; meta.json with the ground truth."""
+    (folder / "views").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    geometry, views_meta = build(obj), {}
+    for v, camera in enumerate(cameras):
+        view_id = f"{v:03d}"
+        image, mask = render(obj, *camera, resolution, background, background_seed=background_seed + v)
+        keypoints = render_view(geometry, *camera, resolution)[2]
+        Image.fromarray(image).save(folder / "views" / f"{view_id}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"{view_id}.png")
+        views_meta[view_id] = {"azimuth": camera[0], "elevation": camera[1], "distance": camera[2],
+                               "keypoints": [[round(float(x), 3), round(float(y), 3)] for x, y in keypoints],
+                               "extra": {"background": BACKGROUNDS[background]}}
+    meta = {**obj.to_meta(), "keypoint_names": list(KEYPOINT_NAMES), "keypoint_flip": list(KEYPOINT_FLIP),
+            "views": views_meta}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_as_other_categories(data_dir, out_dir, resolution: int = RESOLUTION) -> Path:
+    """For every ToyWorld 2 object folder in `data_dir`, <out>/<object>/<category>/: the same shape,
+    colour and cameras as each other category (decoupled renders: what the object's shape looks like
+    as a table, a sofa, ...). tune.py --more-views reads them as more views of the object."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty; decoupled renders go to a new folder")
+    folders = sorted(f for f in data_dir.iterdir() if (f / "meta.json").is_file()) if data_dir.is_dir() else []
+    if not folders:
+        raise ValueError(f"{data_dir}: no object folders (with meta.json)")
+    for index, folder in enumerate(folders):
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{folder / 'meta.json'}: not JSON ({error})") from None
+        if "toyworld2" not in meta.get("shape", {}):
+            raise ValueError(f"{folder / 'meta.json'}: no shape.toyworld2 ground truth (not a ToyWorld 2 object)")
+        obj = WorldObject.from_meta(meta)
+        cameras = [(v["azimuth"], v["elevation"], v["distance"]) for _, v in sorted(meta["views"].items())]
+        level = BACKGROUNDS.index(next(iter(meta["views"].values())).get("extra", {}).get("background", "plain"))
+        for category in CATEGORIES:
+            if category != obj.category:
+                write_object_folder(out_dir / folder.name / category, WorldObject(category, obj.shape, obj.colour),
+                                    cameras, resolution, level, 1000 * index)
     return out_dir
 
 
