@@ -195,19 +195,35 @@ def _check_counts(counts: dict) -> None:
             raise ConfigError(f"{key}: must be a whole number >= 1, got {value!r}")
 
 
-def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, progress=print, more_views=None) -> dict:
+def target_objects(run_dir: Path, cfg, objects_dir=None) -> list:
+    """The objects targets are tuned on and heads fitted to: the run's training split, or every
+    object in `objects_dir` (more objects than the run trained on), never one the run holds out."""
+    root = resolve_data_root(cfg.data.root)
+    training, held_out = run_split(scan_objects(root), cfg.data.holdout, root, run_dir)[:2]
+    if objects_dir is None:
+        return training
+    records = scan_objects(objects_dir)
+    kept_out = {r.root.resolve() for r in held_out}
+    leaked = [r.name for r in records if r.root.resolve() in kept_out]
+    if leaked:
+        raise DataError(f"--objects {objects_dir}: holds the run's held-out object {leaked[0]}; targets must not see them")
+    return records
+
+
+def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, progress=print, more_views=None,
+                 objects_dir=None) -> dict:
     """Tune every training object of the run (its data minus the held-out objects) from the run's
     heads and write their object-level words to `out_path` (keys <concept>/<object>).
     more_views: a folder holding, for every training object, <object name>/ with more views of it
-    (tune_object's more_views; e.g. `python -m toyworld objects --as-other-categories`)."""
+    (tune_object's more_views; e.g. `python -m toyworld objects --as-other-categories`).
+    objects_dir: tune every object there instead of the run's training split (target_objects)."""
     import tempfile
     _check_counts({"steps": steps})
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    root = resolve_data_root(cfg.data.root)
-    training = run_split(scan_objects(root), cfg.data.holdout, root, run_dir)[0]      # the run's own split
+    training = target_objects(run_dir, cfg, objects_dir)
     names = [n for n in cfg.tokens if CONCEPTS[n].concept.object_level]
     if not names:
         raise ConfigError(f"{run_dir}: none of its words ({', '.join(cfg.tokens)}) is one word per object")
@@ -225,17 +241,19 @@ def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, pro
             progress(f"{i + 1}/{len(training)} {record.name}: denoising {info['denoise_before']:.4f} -> {info['denoise_after']:.4f}")
     info = {"run": str(run_dir), "objects": len(training), "concepts": names, "steps": info["steps"],
             "more_views": None if more_views is None else str(more_views),
+            "objects_dir": None if objects_dir is None else str(objects_dir),
             "seconds": round(time.time() - started, 1)}
     atomic_write(out_path, lambda tmp: save_word_targets(tmp, targets, info))
     return {**info, "path": str(out_path)}
 
 
 def fit_heads_to_targets(run_dir, targets_path, out_dir, steps: int = 100, lr: float = 1e-3,
-                         progress=print) -> dict:
+                         progress=print, objects_dir=None) -> dict:
     """Regress every object-level head of the run onto the target words of its training objects
     (`tune.py --targets`): 1 - cos(word, target), all of each object's masks, full heads (encoder and
     MLP), batch norm running statistics kept (generation uses them). Writes a copy of the run with
-    the fitted heads in its latest checkpoint to `out_dir` (never over an existing folder)."""
+    the fitted heads in its latest checkpoint to `out_dir` (never over an existing folder).
+    objects_dir: the objects the targets were tuned on, when not the run's (tune_targets')."""
     import shutil
 
     from guided_concepts.checkpointing import latest_checkpoint
@@ -249,14 +267,13 @@ def fit_heads_to_targets(run_dir, targets_path, out_dir, steps: int = 100, lr: f
     names = [n for n in system.tokens if CONCEPTS[n].concept.object_level]
     shapes = {n: (system.concepts[n].config.num_vectors, system.table.embedding_dim) for n in names}
     targets = load_word_targets(targets_path, names, shapes)
-    root = resolve_data_root(cfg.data.root)
-    records = [r for r in run_split(scan_objects(root), cfg.data.holdout, root, run_dir)[0]
-               if all(r.name in targets[n] for n in names)]
+    records = [r for r in target_objects(run_dir, cfg, objects_dir) if all(r.name in targets[n] for n in names)]
     if not records:
         raise ConfigError(f"{targets_path}: no target words for this run's training objects")
     batch = first_views(ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, **mask_set_options(cfg)),
                         len(records))
-    info = {"run": str(run_dir), "targets": str(targets_path), "objects": len(records), "steps": steps, "lr": lr}
+    info = {"run": str(run_dir), "targets": str(targets_path), "objects": len(records), "steps": steps, "lr": lr,
+            "objects_dir": None if objects_dir is None else str(objects_dir)}
     torch.manual_seed(0)
     for n in names:
         concept = system.concepts[n]
@@ -326,6 +343,8 @@ def main(argv=None):
     p.add_argument("--grad-accum", type=positive_int, help="gradient accumulation (tune.grad_accum)")
     p.add_argument("--out", help="artefact folder (default: <run>/objects/<object>); with --fit, the new run folder")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="--fit: the regression's learning rate")
+    p.add_argument("--objects", metavar="DIR", help="--targets / --fit: every object folder in DIR instead of the "
+                   "run's training objects (more objects than it trained on; never its held-out ones)")
     p.add_argument("--more-views", metavar="DIR", help="more views of the object (--object: a folder of object "
                    "folders; --targets: DIR/<object name>/ for each), e.g. its shape rendered as other categories "
                    "(python -m toyworld objects --as-other-categories); prompts name each folder's category")
@@ -337,11 +356,11 @@ def main(argv=None):
                 p.error("--more-views: --fit regresses onto the words in FILE; give it to --targets")
             if not args.out:
                 p.error("--fit writes a new run folder: give --out")
-            info = fit_heads_to_targets(args.run, args.fit, args.out, args.steps or 100, args.lr)
+            info = fit_heads_to_targets(args.run, args.fit, args.out, args.steps or 100, args.lr, objects_dir=args.objects)
         elif args.targets:
             if args.mode != "encoder" or args.out:
                 p.error("--targets tunes the run's heads (--mode encoder) and writes only FILE (no --out)")
-            info = tune_targets(args.run, args.targets, args.steps, more_views=args.more_views)
+            info = tune_targets(args.run, args.targets, args.steps, more_views=args.more_views, objects_dir=args.objects)
         else:
             info = tune_object(args.run, args.object, args.steps, args.out, args.mode, overrides,
                                more_views=args.more_views)

@@ -266,3 +266,32 @@ def test_more_views_tune_on_every_folder_each_prompt_naming_its_own_category(ada
     with pytest.raises(DataError, match="no folder for .* training objects"):
         tune.tune_targets(adapter_run, tmp_path / "t.safetensors", steps=1, more_views=more, progress=lambda line: None)
     assert not (tmp_path / "x").exists() and not (tmp_path / "t.safetensors").exists()
+
+
+def test_targets_and_fit_on_more_objects_than_the_run_trained_on_but_never_its_held_out_ones(adapter_run, chairs_dir,
+                                                                                          tmp_path):
+    """tune.py --targets/--fit --objects DIR: HyperDreamBooth's regression phase on any object set
+    (more objects than the run's own), keyed by DIR's names; a DIR holding one of the run's
+    held-out objects is refused before anything is tuned or written."""
+    import shutil
+    from safetensors import safe_open
+
+    from guided_concepts.configs.schema import ConfigError
+    from guided_concepts.objectdata import DataError
+    more = tmp_path / "more"
+    for name, new in (("chair_001", "extra_a"), ("chair_002", "extra_b")):
+        shutil.copytree(chairs_dir / name, more / new)
+    targets = tmp_path / "targets.safetensors"
+    info = tune.tune_targets(adapter_run, targets, steps=1, objects_dir=more, progress=lambda line: None)
+    with safe_open(str(targets), "pt") as f:
+        assert {k.split("/")[1] for k in f.keys()} == {"extra_a", "extra_b"}
+    assert info["objects"] == 2 and info["objects_dir"] == str(more)
+    fitted = tune.fit_heads_to_targets(adapter_run, targets, tmp_path / "fit", steps=2, objects_dir=more,
+                                       progress=lambda line: None)
+    assert fitted["objects"] == 2 and (tmp_path / "fit" / "config.yaml").exists()
+    with pytest.raises(ConfigError, match="no target words"):      # the run's own objects have none in this file
+        tune.fit_heads_to_targets(adapter_run, targets, tmp_path / "fit2", steps=2, progress=lambda line: None)
+    with pytest.raises(DataError, match="held-out object"):
+        tune.tune_targets(adapter_run, tmp_path / "t2.safetensors", steps=1, objects_dir=chairs_dir,
+                          progress=lambda line: None)
+    assert not (tmp_path / "t2.safetensors").exists() and not (tmp_path / "fit2").exists()
