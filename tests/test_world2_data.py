@@ -419,3 +419,43 @@ def test_the_cross_category_matrix_refuses_unknown_rows_and_a_world_of_one_categ
         seeds_tradeoff.main(["--cross-category", "--out", str(tmp_path / "c")])       # configs/base.yaml: ToyWorld 1
     assert "ToyWorld 2 only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "c").exists()
+
+
+@shipped2
+def test_the_shape_word_of_two_chairs_draws_two_different_tables(tmp_path):
+    """The cross-category guard (issue 24): `*s` encoded from a short-legged and a long-legged
+    held-out chair (one forward pass of a 150-step shape run), written into "a table in the shape
+    of *s" at one camera: the scorer reads longer legs on the tables of the long-legged chair's word
+    (by more than three standard errors), and the two words' silhouettes at one seed are further
+    apart (1 - IoU) than one word's at two seeds. A head that ignores its masks gives one word for
+    both chairs, and a word that stops reaching a table draws the same table: either fails."""
+    from guided_concepts import generate, train
+    from guided_concepts.evaluation.runner import held_out_objects
+    from guided_concepts.experiments.swap_matrix import encode_word, sample_batch, truth_of
+    from guided_concepts.toyworld.scorer import mask_iou
+    from guided_concepts.toyworld.truth import ToyWorld2Truth
+    run = train.main(["--config", str(ROOT / "configs" / "toyworld2.yaml"), "--tokens", "shape", "--name", "s",
+                      "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=150",
+                      "--set", "train.sample_every=0"])
+    system, cfg = generate.load_run(run)
+    chairs = sorted((o for o in held_out_objects(cfg, run) if truth_of(o).category == "chair"),
+                    key=lambda o: truth_of(o).shape.leg_length)
+    short, tall = chairs[0], chairs[-1]
+    assert truth_of(tall).shape.leg_length - truth_of(short).shape.leg_length > 0.5
+    seeds, world = 8, ToyWorld2Truth()
+    scorer = world.load_scorer(SHIPPED2)
+
+    def tables(chair):            # sample k of either word starts from the same noise
+        word = encode_word(system, cfg, "shape", chair)[None].expand(seeds, -1, -1)
+        images = sample_batch(system, ["a photo of a table in the shape of *s, seen from the front left"] * seeds,
+                              {"shape": word}, seed=0, steps=15, guidance=4.0)
+        return torch.tensor(world.read(scorer, images)["leg_length"]), world.silhouette(scorer, images)
+
+    (legs_short, masks_short), (legs_tall, masks_tall) = tables(short), tables(tall)
+    difference = float(legs_tall.mean() - legs_short.mean())
+    se = float((legs_tall.var() / seeds + legs_short.var() / seeds) ** 0.5)
+    assert difference > 3 * se, (difference, se)
+    between_words = float((1 - mask_iou(masks_short, masks_tall)).mean())
+    between_seeds = float((1 - mask_iou(masks_short, masks_short.roll(1, 0))).mean() / 2
+                          + (1 - mask_iou(masks_tall, masks_tall.roll(1, 0))).mean() / 2)
+    assert between_words > between_seeds, (between_words, between_seeds)
