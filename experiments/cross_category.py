@@ -65,6 +65,18 @@ def markdown_table(world, rows: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def on_white(world, scorer, images: torch.Tensor) -> dict:
+    """The share of samples drawn on a white background, as every held-out object's views are
+    (the prompts name no background): more than 90% of the pixels outside the scorer's mask are
+    near white. Whether a word carries its views' background shows as a rise over the row without it."""
+    outside = ~world.silhouette(scorer, images)                                         # [N, H, W]
+    white = (images.amin(1) > 0.85)                                                      # [N, H, W]
+    share = (white & outside).flatten(1).sum(1) / outside.flatten(1).sum(1).clamp(min=1)
+    flags = (share > 0.9).tolist()
+    p = sum(flags) / len(flags)
+    return {"white": p, "n": len(flags), "se": (p * (1 - p) / len(flags)) ** 0.5}
+
+
 def holds_table(world, rows: dict, token: str) -> str:
     """What the shape word holds (the notes' doubt): across categories (A ≠ B), the share of samples
     in which each factor follows A, for every row that writes a `*s` of A (one pass, tuned,
@@ -88,6 +100,12 @@ def holds_table(world, rows: dict, token: str) -> str:
             cells.append(f"{w['follows']:.2f} ({w['follows'] - n['follows']:+.2f} ± {(w['se'] ** 2 + n['se'] ** 2) ** 0.5:.2f})"
                          if "follows" in w else "–")
         lines.append(f"| {factor} | {n['follows']:.2f} (n={n['n']}) | " + " | ".join(cells) + " |")
+    if "white" in none.get("background", {}):         # every view of A is on white: drawn on white
+        n = none["background"]
+        cells = [f"{c['background']['white']:.2f} ({c['background']['white'] - n['white']:+.2f} ± "
+                 f"{(c['background']['se'] ** 2 + n['se'] ** 2) ** 0.5:.2f})" if "background" in c else "–"
+                 for c in words.values()]
+        lines.append(f"| background: on white, as A's views | {n['white']:.2f} (n={n['n']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +205,7 @@ def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, gu
             images = sample_batch(system, prompts, {n: torch.stack(v) for n, v in embeds.items()}, seed=1000,
                                   steps=steps, guidance=guidance)
             cells = score(world, images, scorer, items)
+            cells["background"] = on_white(world, scorer, images)
             rows[(block, label)] = cells
             log(f"{block} / {mode}: {len(prompts)} samples, {time.time() - t0:.0f} s; e.g. {prompts[-1]!r}")
             if block == "A ≠ B" and kept == pairs:                     # the figure indexes every pair
