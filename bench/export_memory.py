@@ -61,8 +61,9 @@ def main(argv=None):
         rows = []
         for n in args.objects:
             for batch in (args.bound, n):           # bounded (now), one batch of all (before)
-                out = subprocess.run([sys.executable, "-m", "guided_concepts.bench.export_memory", "--child", str(n),
-                                      str(batch), tmp], capture_output=True, text=True, check=True)
+                out = subprocess.run([sys.executable, "-m", "bench.export_memory", "--child", str(n),
+                                      str(batch), tmp], capture_output=True, text=True, check=True,
+                                      cwd=Path(__file__).resolve().parent.parent)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(rows[-1], flush=True)
         for n in args.objects:

@@ -1,6 +1,6 @@
 """Segmenters against true masks: ToyWorld 2 objects at 128 px on each background level.
 
-    python -m guided_concepts.bench.masks [--scenes 12]
+    python -m bench.masks [--scenes 12]
 
 Prints IoU (min / mean) per segmenter and level; docs/prepare/README.md keeps the table.
 """

@@ -35,9 +35,9 @@ from types import SimpleNamespace
 
 import torch
 
-from guided_concepts.experiments.swap_matrix import (DISTANCE, ELEVATION, ROW_MODES, add_matrix_args, camera_of, cell_text,
-                                                     encode_word, factors_of, inversion_words, pairs_of, sample_batch,
-                                                     score, swap_inputs, train_run, truth_of, tuned_words, world_of)
+from guided_concepts.toyworld.probes import (DISTANCE, ELEVATION, ROW_MODES, add_matrix_args, camera_of, cell_text,
+                                             encode_word, factors_of, inversion_words, pairs_of, sample_batch, score,
+                                             swap_inputs, train_run, truth_of, tuned_words, world_of)
 from guided_concepts import generate
 from guided_concepts.argtypes import finite_float
 from guided_concepts.backbone.load import resolve_model_path

@@ -40,8 +40,8 @@ import torch
 
 from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
-from guided_concepts.experiments.swap_matrix import (encode_word, held_out_objects, proportion, sample_batch, true_mask,
-                                                     truth_of, world_of)
+from guided_concepts.evaluation.runner import held_out_objects
+from guided_concepts.toyworld.probes import encode_word, proportion, sample_batch, true_mask, truth_of, world_of
 from guided_concepts.system import render_prompt
 from guided_concepts.toyworld.scorer import mask_iou
 from guided_concepts.toyworld.world import direction_azimuth

@@ -22,7 +22,7 @@ def sd15_unet_flops(batch: int = 1) -> float:
     """Forward FLOPs of SD 1.5's UNet at 512 px (64x64 latents), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from guided_concepts.bench.floor import sd15_modules
+    from bench.floor import sd15_modules   # run from the repository root
     unet = sd15_modules()[0]
     with torch.device("meta"):
         x, e = torch.randn(batch, 4, 64, 64, dtype=unet.dtype), torch.randn(batch, 77, 768, dtype=unet.dtype)

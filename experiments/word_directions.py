@@ -23,7 +23,7 @@ import torch
 
 from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
-from guided_concepts.experiments.swap_matrix import encode_word, own_word_accuracy, truth_of, world_of
+from guided_concepts.toyworld.probes import encode_word, own_word_accuracy, truth_of, world_of
 from guided_concepts.objectdata import scan_objects
 from guided_concepts.rundata import resolve_data_root
 

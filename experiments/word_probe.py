@@ -33,7 +33,8 @@ import torch
 
 from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
-from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects, truth_of, tuned_words, world_of
+from guided_concepts.evaluation.runner import held_out_objects
+from guided_concepts.toyworld.probes import encode_word, truth_of, tuned_words, world_of
 from guided_concepts.objectdata import scan_objects
 from guided_concepts.system import render_prompt
 from guided_concepts.rundata import resolve_data_root

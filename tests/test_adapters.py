@@ -149,7 +149,7 @@ def test_word_targets_from_tuning_pull_the_encoders_words_toward_them(tmp_path, 
     same run without the pull."""
     from safetensors import safe_open
 
-    from guided_concepts.experiments.swap_matrix import encode_word
+    from guided_concepts.toyworld.probes import encode_word
     common = ["--set", f"run.output_dir={tmp_path}", "--set", "train.sample_every=0", "--set", "sample.steps=1",
               "--set", "concepts.shape.fixed_norm=0.5", "--set", "data.holdout=2"]
     domain = train.main(["--name", "domain", "--tokens", "shape,pose", "--set", "train.steps=2", *common])
@@ -191,7 +191,7 @@ def test_fitting_the_heads_to_target_words_writes_a_new_run_closer_to_them(tmp_p
     """tune.py --fit (HyperDreamBooth's regression phase): the fitted run's words for the training
     objects are far closer to the targets than the run's own; the original run is untouched, the new
     one loads and generates, batch norm statistics stay the run's, and an existing --out is refused."""
-    from guided_concepts.experiments.swap_matrix import encode_word
+    from guided_concepts.toyworld.probes import encode_word
     common = ["--set", f"run.output_dir={tmp_path}", "--set", "train.sample_every=0", "--set", "sample.steps=1",
               "--set", "data.holdout=2", "--set", "concepts.shape.standardize=true"]
     domain = train.main(["--name", "domain", "--tokens", "shape,pose", "--set", "train.steps=2", *common])

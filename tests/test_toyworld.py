@@ -252,7 +252,8 @@ def test_shape_word_differs_between_chairs_and_moves_the_silhouette_more_than_th
     steps with a pose word; the collapse gave 0.)"""
     from guided_concepts import generate
     from guided_concepts import train
-    from guided_concepts.experiments.swap_matrix import encode_word, held_out_objects
+    from guided_concepts.evaluation.runner import held_out_objects
+    from guided_concepts.toyworld.probes import encode_word
     from guided_concepts.toyworld.scorer import mask_iou, silhouette
     run = train.main(["--config", str(ROOT / "configs" / "base.yaml"), "--tokens", "shape", "--name", "collapse",
                       "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=120",

@@ -259,7 +259,7 @@ def test_world2_truth_writes_the_shape_in_caption_words_and_follows_the_nearer_v
 
 def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tmp_path):
     from guided_concepts import train
-    from guided_concepts.experiments.swap_matrix import run_matrix
+    from experiments.swap_matrix import run_matrix
     train.main(["--config", str(ROOT / "configs" / "toyworld2.yaml"), "--tokens", "shape,pose", "--name", "r",
                 "--set", f"run.output_dir={tmp_path}", "--set", f"model.name={pretrained2 / 'model'}",
                 "--set", "data.resolution=32", "--set", "train.steps=2", "--set", "train.sample_every=0"])
@@ -275,7 +275,7 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
 
     # The cross-category matrix: every ordered pair, the two blocks apart, the category kept.
     from guided_concepts import generate
-    from guided_concepts.experiments.cross_category import run_cross_category
+    from experiments.cross_category import run_cross_category
     cross = run_cross_category(tmp_path / "r", tmp_path / "cross", seeds=1, steps=2, ti_steps=0, tuned_steps=0,
                                modes=("word", "none", "residual"), strengths=(3.0,), log=lambda *_: None)
     assert cross["pairs"] == {"A = B": 48, "A ≠ B": 16 * 12}
@@ -299,7 +299,7 @@ def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tm
     # The other ToyWorld experiments read ToyWorld 2's factors through the same truth.
     from guided_concepts import generate
     from guided_concepts.evaluation.runner import held_out_objects
-    from guided_concepts.experiments import seeds_tradeoff, toyworld_masks, word_directions, word_probe
+    from experiments import seeds_tradeoff, toyworld_masks, word_directions, word_probe
     from guided_concepts.toyworld.truth import ToyWorld2Truth
     system, cfg = generate.load_run(tmp_path / "r")
     world = ToyWorld2Truth()
@@ -403,7 +403,7 @@ def test_objects_as_other_categories_keep_shape_colour_and_cameras_and_change_on
 
 
 def test_the_complexity_experiment_refuses_an_unknown_background_before_training(tmp_path, capsys):
-    from guided_concepts.experiments import seeds_tradeoff
+    from experiments import seeds_tradeoff
     with pytest.raises(SystemExit):
         seeds_tradeoff.main(["--backgrounds", "plain,sky", "--out", str(tmp_path / "c")])
     assert "--backgrounds sky: not one of plain, floor, clutter" in capsys.readouterr().err
@@ -411,7 +411,7 @@ def test_the_complexity_experiment_refuses_an_unknown_background_before_training
 
 
 def test_the_cross_category_matrix_refuses_unknown_rows_and_a_world_of_one_category(tmp_path, capsys):
-    from guided_concepts.experiments import cross_category, seeds_tradeoff
+    from experiments import cross_category, seeds_tradeoff
     with pytest.raises(SystemExit):
         cross_category.main(["--run", str(tmp_path / "nope"), "--rows", "word,residul", "--out", str(tmp_path / "x")])
     assert "--rows residul: not one of" in capsys.readouterr().err
@@ -431,7 +431,7 @@ def test_the_shape_word_of_two_chairs_draws_two_different_tables(tmp_path):
     both chairs, and a word that stops reaching a table draws the same table: either fails."""
     from guided_concepts import generate, train
     from guided_concepts.evaluation.runner import held_out_objects
-    from guided_concepts.experiments.swap_matrix import encode_word, sample_batch, truth_of
+    from guided_concepts.toyworld.probes import encode_word, sample_batch, truth_of
     from guided_concepts.toyworld.scorer import mask_iou
     from guided_concepts.toyworld.truth import ToyWorld2Truth
     run = train.main(["--config", str(ROOT / "configs" / "toyworld2.yaml"), "--tokens", "shape", "--name", "s",
