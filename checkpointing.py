@@ -281,7 +281,7 @@ class RunLock:
         self.stale: str | None = None
 
     def acquire(self) -> "RunLock":
-        if os.name != "posix":           # no flock: no lock (said once in the README)
+        if os.name != "posix":           # no flock: no lock (said in docs/usage.md)
             return self
         self.file.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(LOCK_TRIES):

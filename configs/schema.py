@@ -489,10 +489,13 @@ def _fields_with_help(cls, prefix: str) -> dict:
     return out
 
 
-def config_help() -> dict:
-    """Every config key -> its help text (the dataclasses' metadata: the one place defaults live)."""
+def config_help(active: list[str] | None = None) -> dict:
+    """Every config key -> its help text (the dataclasses' metadata: the one place defaults live);
+    with `active`, only those concepts' keys."""
     keys = _fields_with_help(Config, "")
     for name, entry in CONCEPTS.items():
+        if active is not None and name not in active:
+            continue
         keys.update(_fields_with_help(entry.config, f"concepts.{name}."))
         keys.update(_fields_with_help(entry.loss_config, f"losses.{name}."))
     return keys
@@ -528,7 +531,7 @@ def config_sources(path: str | Path | None, overrides: list[str] = (), tokens: s
 def explain_config(config: Config, sources: dict) -> str:
     """The resolved config, one key a line, with its source and help (what --help-config prints)."""
     data, lines = config_to_dict(config), []
-    for key, help_text in config_help().items():
+    for key, help_text in config_help(config.tokens).items():     # only the active concepts' keys
         value = _lookup(data, key)
         # The last thing that set it (a file, then --set, then --tokens), or a part of it (a dict key).
         source = next((s for k, s in reversed(sources.items()) if k == key or k.startswith(key + ".")), "default")

@@ -143,6 +143,7 @@ def test_tuning_keeps_the_domain_statistics_of_a_standardised_shape_code(tmp_pat
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))   # it did tune
 
 
+@pytest.mark.slow
 def test_word_targets_from_tuning_pull_the_encoders_words_toward_them(tmp_path, chairs_dir):
     """tune.py --targets tunes each training object (not the held-out ones) and keeps the
     object-level words; a run with losses.shape.target_weight then ends closer to them than the
@@ -187,6 +188,7 @@ def test_a_target_pull_without_usable_targets_stops_before_the_run_folder_exists
     assert not (tmp_path / "runs" / "t").exists()
 
 
+@pytest.mark.slow
 def test_fitting_the_heads_to_target_words_writes_a_new_run_closer_to_them(tmp_path, chairs_dir):
     """tune.py --fit (HyperDreamBooth's regression phase): the fitted run's words for the training
     objects are far closer to the targets than the run's own; the original run is untouched, the new

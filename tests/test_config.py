@@ -84,8 +84,10 @@ def test_help_config_lists_every_key_with_its_help_and_source(tmp_path, capsys):
     assert out is None and not (tmp_path / "runs").exists()               # a dry run: nothing written
     lines = printed.splitlines()
     keys = {line.split(" = ")[0]: line for line in lines if not line.startswith(" ")}
-    helps = config_help()
-    assert set(keys) == set(helps) and len(helps) > 100
+    helps = config_help(["shape", "pose"])
+    assert set(keys) == set(helps) and len(helps) > 80
+    assert any(k.startswith("concepts.pose.") for k in keys) and any(k.startswith("losses.shape.") for k in keys)
+    assert not any(k.startswith(("concepts.appearance.", "losses.appearance.", "concepts.style.")) for k in keys)
     for key, text in helps.items():                     # every key's help printed under it
         assert lines[lines.index(keys[key]) + 1].strip() == text, key
     assert keys["train.steps"] == "train.steps = 7    [--set train.steps=7]"
@@ -107,3 +109,20 @@ def test_shipped_configs_hold_only_what_differs(path):
     underneath = config_to_dict(load_config(path.parent / base if base else None))
     repeated = [k for k, v in flatten(own).items() if k != "tokens" and _lookup(underneath, k) == v]
     assert not repeated, f"{path.name} repeats {repeated}"
+
+
+ALL_WORDS = ",".join(CONCEPTS)
+CONFIG_PAGE_COMMAND = f"python train.py --config configs/base.yaml --tokens {ALL_WORDS} --help-config"
+
+
+def test_the_config_reference_page_is_what_help_config_prints(capsys, monkeypatch):
+    """docs/config.md holds --help-config's output for the default config with every word; a key,
+    default or help text changed without the page fails here."""
+    from guided_concepts import train
+    monkeypatch.chdir(CONFIGS.parent)
+    train.main(["--config", "configs/base.yaml", "--tokens", ALL_WORDS, "--help-config"])
+    printed = capsys.readouterr().out
+    page = (CONFIGS.parent / "docs" / "config.md").read_text()
+    assert CONFIG_PAGE_COMMAND in page
+    block = page.split("```text\n", 1)[1].split("```", 1)[0]
+    assert block == printed, f"docs/config.md is stale; regenerate its block with: {CONFIG_PAGE_COMMAND}"

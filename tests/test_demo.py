@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow      # a server process and a browser: the full suite only
+
 pytest.importorskip("gradio", reason='the mixer needs the [demo] extra: pip install -e ".[demo]"')
 
 ROOT = Path(__file__).resolve().parent.parent

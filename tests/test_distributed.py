@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.test_reliability import metric_lines
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow      # several processes: the full suite only
 
 
 def free_port() -> int:

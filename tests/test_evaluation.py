@@ -77,6 +77,7 @@ def test_plugins_load_by_name():
 # ----------------------------------------------------------------------------------------------
 # Runs: evaluation CLI, sweeps, report
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sweep_trains_evaluates_and_reports(tmp_path):
     import csv
     import json

@@ -111,6 +111,7 @@ def test_overwrite_replaces_a_run_but_not_a_file_of_the_users_inside_it(world):
 HOLD = "import sys; from guided_concepts.checkpointing import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()"
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_by_name_and_a_stale_lock_is_taken_over(world, capsys):
     from guided_concepts.checkpointing import RunLock
     tmp, data, runs = world
@@ -167,6 +168,7 @@ DATA_EDITS = {
 
 
 @pytest.mark.parametrize("case", list(DATA_EDITS))
+@pytest.mark.slow
 def test_resume_refuses_changed_data_and_force_keeps_the_recorded_split(case, world, chairs_dir, capsys):
     tmp, data, runs = world
     args = ["--set", f"run.output_dir={runs}", "--set", f"data.root={data}", *QUICK, "--name", "r"]
@@ -371,6 +373,7 @@ ENTRY_POINTS = {     # command -> bad input; each must answer with one line and 
 
 
 @pytest.mark.parametrize("name", list(ENTRY_POINTS))
+@pytest.mark.slow
 def test_every_entry_point_answers_bad_input_with_one_line_and_code_2(name, tmp_path):
     argv, message = ENTRY_POINTS[name]
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -48,6 +48,7 @@ print("no collision")
 """
 
 
+@pytest.mark.slow
 def test_user_modules_do_not_collide(tmp_path):
     (tmp_path / "metrics.py").write_text("MINE = True\n")
     (tmp_path / "train.py").write_text("MINE = True\n")
@@ -79,6 +80,7 @@ def unresolved_own_imports(args: list[str], cwd: Path) -> tuple[int, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("pyright") is None, reason="pyright: pip install -e '.[dev]'")
+@pytest.mark.slow
 def test_pyright_resolves_every_import_in_the_repository_and_in_a_user_script(tmp_path):
     analysed, missing = unresolved_own_imports([], REPO)          # [tool.pyright] in pyproject.toml
     assert analysed > 100 and not missing, missing[:10]
@@ -98,6 +100,7 @@ def collected(command: list[str]) -> list[str]:
     return [line for line in run.stdout.splitlines() if "::" in line]
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_plain_pytest_collects_what_python_m_pytest_collects():
     plain = shutil.which("pytest", path=str(Path(sys.executable).parent)) or shutil.which("pytest")

@@ -358,6 +358,7 @@ def test_large_views_are_decoded_once_per_run(tmp_path, chairs_dir, monkeypatch)
 
 
 @pytest.mark.parametrize("damaged", ["heads.safetensors", "optimizer.pt", "state.json"])
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_is_named_and_resume_continues_from_the_newest_intact_one(damaged, tmp_path,
                                                                                              chairs_dir, capsys):
     from guided_concepts.evaluation import __main__ as evaluation_cli
@@ -542,6 +543,7 @@ def wait_for(condition, process, timeout=PATIENCE_S):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one_loadable(tmp_path):
     marker = tmp_path / "saving"
     prelude = f"""
@@ -571,6 +573,7 @@ def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one_loadable(tmp_p
     assert not list((run / "checkpoints").glob(".*"))                      # resume cleared the debris
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_exits_and_resumes_bit_for_bit(tmp_path):
     """Ctrl-C at an arbitrary step, to the whole process group (main process and a data-loader
     worker): checkpoint, exit 130; --resume then matches a run that was never interrupted,

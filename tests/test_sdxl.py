@@ -162,6 +162,7 @@ print(json.dumps({"equal": bool(equal), "change": float((after - before).abs().m
 """
 
 
+@pytest.mark.slow
 def test_tiny_sdxl_run_resumes_exactly_exports_and_loads_in_a_plain_pipeline(tmp_path, sdxl_dir, chairs_dir):
     from guided_concepts import export
     from guided_concepts import train

@@ -108,6 +108,7 @@ def test_object_folders_record_ground_truth_that_renders_their_views(tmp_path):
 
 
 # -- the scorer -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_scorer_learns_attributes_from_renders_and_silhouettes_match_masks():
     from guided_concepts.toyworld.scorer import mask_iou, silhouette, train_scorer
     data = render_set(60, 4, 32, seed=11)
@@ -132,6 +133,7 @@ def pretrained(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_pretraining_writes_an_sd_folder_in_fp16_that_loads_like_any_other(pretrained):
     from diffusers import StableDiffusionPipeline
     from guided_concepts.backbone import load_backbone
@@ -150,6 +152,7 @@ def test_pretraining_writes_an_sd_folder_in_fp16_that_loads_like_any_other(pretr
     assert (model / "scorer" / "model.safetensors").exists() and (model / "samples.png").exists()
 
 
+@pytest.mark.slow
 def test_pretraining_resumed_mid_stage_equals_a_run_never_stopped(pretrained, tmp_path, monkeypatch):
     restore = die_after_unet_checkpoint(monkeypatch)
     out = tmp_path / "run"
@@ -199,6 +202,7 @@ def test_shipped_model_draws_the_colour_and_direction_it_is_asked_for():
 
 
 @shipped
+@pytest.mark.slow
 def test_framework_trains_shape_and_pose_on_toyworld(tmp_path):
     from guided_concepts import train
     train.main(["--config", str(ROOT / "configs" / "base.yaml"), "--name", "tw",
@@ -243,6 +247,7 @@ def test_generate_without_a_run_samples_the_base_model(tmp_path, capsys):
 
 
 @shipped
+@pytest.mark.slow
 def test_shape_word_differs_between_chairs_and_moves_the_silhouette_more_than_the_seed(tmp_path):
     """The collapse the swap matrix found: every chair got the same *s, and swapping it changed
     nothing (0.000 of what a new seed changes). With the default config's shape head, different

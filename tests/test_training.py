@@ -111,6 +111,7 @@ def test_frozen_modules_in_bf16_heads_stay_fp32(fresh_backbone, chair_batch):
     assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in params)
 
 
+@pytest.mark.slow
 def test_wandb_offline_logging(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = train.main(args(tmp_path, "w", "--report-to", "wandb", "--set", "train.steps=2"))
@@ -155,6 +156,7 @@ def train_shape(backbone, records, mask_weight, steps=150, seed=0, encoder="set"
 
 
 @pytest.mark.parametrize("encoder", ["view", "set"])
+@pytest.mark.slow
 def test_mask_loss_moves_attention_into_the_mask(tiny_model_dir, chairs_dir, encoder):
     """Held-out objects, t=100: with the mask loss *s's attention lies clearly more inside the
     mask than in the same run with weight 0 (single-view head and set encoder alike)."""
@@ -291,6 +293,7 @@ def test_latent_cache_draws_the_same_latents_and_encodes_once(fresh_backbone, ch
     assert encodes[-1] == len(chair_batch["image"])                                  # a flip is another entry
 
 
+@pytest.mark.slow
 def test_compiled_unet_trains_and_still_captures(tmp_path):
     """--compile: the capture bookkeeping is a graph break, so maps (and the mask loss) survive."""
     run = train.main(["--name", "c", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2",

@@ -71,6 +71,7 @@ def pretrained2(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_pretraining_on_world2_writes_a_model_with_its_scorer_and_accuracy_file(pretrained2):
     model = pretrained2 / "model"
     assert json.loads((model / "pretrain_config.json").read_text())["world"] == "toyworld2"
@@ -90,6 +91,7 @@ def test_pretraining_on_world2_writes_a_model_with_its_scorer_and_accuracy_file(
                for w in ("sofa", "stool", "legs", "floor"))
 
 
+@pytest.mark.slow
 def test_pretraining_on_world2_resumed_mid_stage_equals_a_run_never_stopped(pretrained2, tmp_path, monkeypatch):
     restore = die_after_unet_checkpoint(monkeypatch)
     out = tmp_path / "run"
@@ -224,6 +226,7 @@ def test_bad_rendered_settings_are_one_line_errors_before_a_run_folder(tmp_path,
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_the_framework_trains_on_objects_rendered_on_demand(tmp_path):
     from guided_concepts import train
     train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--name", "r", "--set", f"run.output_dir={tmp_path}",
@@ -257,6 +260,7 @@ def test_world2_truth_writes_the_shape_in_caption_words_and_follows_the_nearer_v
         truth_for({"category": "chair"})
 
 
+@pytest.mark.slow
 def test_the_swap_matrix_runs_on_world2_with_same_category_pairs(pretrained2, tmp_path):
     from guided_concepts import train
     from experiments.swap_matrix import run_matrix
@@ -422,6 +426,7 @@ def test_the_cross_category_matrix_refuses_unknown_rows_and_a_world_of_one_categ
 
 
 @shipped2
+@pytest.mark.slow
 def test_the_shape_word_of_two_chairs_draws_two_different_tables(tmp_path):
     """The cross-category guard (issue 24): `*s` encoded from a short-legged and a long-legged
     held-out chair (one forward pass of a 150-step shape run), written into "a table in the shape

@@ -2,8 +2,8 @@
 word's place"). For a trained run: *a encoded from each of the 16 held-out objects, 4 seeds, prompts
 with *a alone or beside *s (another object's) and *p; the scorer reads the colour back.
 
-    PYTHONPATH=. python docs/toyworld2/appearance_position.py RUN          # trailing "with the appearance of *a"
-    PRE=1 PYTHONPATH=. python docs/toyworld2/appearance_position.py RUN    # *a on the noun
+    PYTHONPATH=. python results/toyworld2/appearance_position.py RUN          # trailing "with the appearance of *a"
+    PRE=1 PYTHONPATH=. python results/toyworld2/appearance_position.py RUN    # *a on the noun
 """
 import sys, torch, numpy as np
 from guided_concepts import generate
