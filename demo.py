@@ -47,7 +47,7 @@ class Mixer:
     def __init__(self, run: str | Path, device: str = "cpu"):
         self.system, self.cfg = load_run(run, device=device)
         self.words = list(self.system.tokens)
-        self.tokens = {n: self.system.concepts[n].config.token for n in self.words}
+        self.tokens = {n: self.system.heads[n].config.token for n in self.words}
         root = resolve_data_root(self.cfg.data.root)
         self.objects = {r.name: r.root for r in scan_objects(root, require_masks=False)}
         self.uploads = Path(tempfile.mkdtemp(prefix="mixer-uploads-"))

@@ -79,7 +79,7 @@ def _resolve_checkpoint(run_dir: Path, checkpoint) -> tuple[Path, int]:
 
 def _encode(system, cfg, name: str, source, view: int) -> tuple[torch.Tensor, dict]:
     """-> (vectors [K, D], the source as recorded in the manifest)."""
-    concept = system.concepts[name]
+    concept = system.heads[name]
     config = cfg.concepts[name]
     batch = CONCEPTS[name].concept.source_batch(source, config)
     if batch is not None:          # given in values (e.g. --pose azimuth=30)
@@ -148,7 +148,7 @@ def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None
                 files["a1111_pt"] = f"{token}.pt"
                 save_a1111(out_dir / files["a1111_pt"], token, vectors, step=step, base_model=cfg.model.name)
         entries.append({
-            "concept": name, "placeholder": system.concepts[name].config.token, "token": token,
+            "concept": name, "placeholder": system.heads[name].config.token, "token": token,
             "a1111_word": Path(next(iter(files.values())) if len(dims) == 2 else files["a1111"]).name[:-len(".safetensors")],
             "files": files, "num_vectors": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
             **({"encoders": dict(zip(SDXL_KEYS, dims))} if len(dims) == 2 else {}),

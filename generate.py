@@ -18,15 +18,15 @@ from PIL import Image
 
 from guided_concepts.argtypes import finite_float, non_negative_float, positive_int, word_strength, device as device_type
 from guided_concepts.backbone import load_backbone
-from guided_concepts.backbone.adapters import UNetAdapters
 from guided_concepts.checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.configs.schema import ConfigError, load_config
 from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, scan_objects
 from guided_concepts.overlays import attention_grid
-from guided_concepts.system import GuidedConcepts, to_device
+from guided_concepts.system import GuidedConcepts, build_system, to_device
 from guided_concepts.tokens import TokenError, check_prompt
 from guided_concepts.cli import entry_point
+from guided_concepts import sampling
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
@@ -42,8 +42,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
     needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
-    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
-                            latent_size=cfg.data.resolution // backbone.vae_scale_factor)
+    system = build_system(cfg, backbone)
     if artefact:
         origin = f"artefact {ckpt}; this run's model is {cfg.model.name!r}"
     else:
@@ -52,8 +51,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         origin = f"checkpoint {ckpt}{trained_on}; this run's model is {cfg.model.name!r}"
     heads = load_heads(ckpt)      # generation needs no optimizer state
     system.load_trainable_state(heads, origin)
-    if cfg.adapters.kind != "none":       # the run's UNet adapters (E4T domain tuning)
-        system.adapters = UNetAdapters(backbone.unet, cfg.adapters)
+    if system.adapters is not None:       # the run's UNet adapters (E4T domain tuning)
         state = load_adapters(ckpt)
         if state is not None:
             check_fits(state, system.adapters.state_dict(), "adapters", origin)
@@ -153,7 +151,7 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
     check_sampling(num, steps, guidance_scale, diversity)
     options = dict(options or {})
     check_prompt(prompt, system.table.specs.values())
-    used = [n for n in system.tokens if re.search(rf"(?<![\w*]){re.escape(system.concepts[n].config.token)}(?!\w)", prompt)]
+    used = [n for n in system.tokens if re.search(rf"(?<![\w*]){re.escape(system.heads[n].config.token)}(?!\w)", prompt)]
     strengths = dict(strengths or {})
     strange = [n for n in strengths if n not in system.tokens]
     if strange:
@@ -168,7 +166,7 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
     # Each word is encoded from its own object, so words of different objects can be mixed.
     device = next(system.backbone.unet.parameters()).device
     for name in system.tokens:
-        system.concepts[name].apply_generation_options(options)
+        system.heads[name].apply_generation_options(options)
     batches, reference = {}, None
     for name in used:
         concept = CONCEPTS[name].concept
@@ -184,14 +182,14 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
     images, maps = [], []
     for i in range(num):   # one seed per sample, so sample i is the same whatever `num` is
         with torch.no_grad():
-            outs = {}
+            encoded = {}
             for name, batch in batches.items():
-                concept = system.concepts[name]
+                concept = system.heads[name]
                 concept.diversity = diversity
                 concept.noise_generator = torch.Generator().manual_seed(seed + i)
-                outs[name] = concept.encode(batch)
-        outs = system.with_strength(outs, strengths)
-        image, attn = system.sample([prompt], steps=steps, guidance_scale=guidance_scale, seed=seed + i, outs=outs)
+                encoded[name] = concept.encode(batch)
+        encoded = sampling.with_strength(system, encoded, strengths)
+        image, attn = sampling.sample(system, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed + i, encoded=encoded)
         images.append(image)
         maps.append(attn)
     maps = torch.cat(maps) if maps[0] is not None else None
@@ -236,7 +234,7 @@ def main(argv=None):
     except (ConfigError, DataError, TokenError, ValueError) as err:
         sys.exit(f"error: {err}")
     out = Path(args.out) if args.out else Path(args.run) / "samples" / "generated.png"
-    names = [system.concepts[n].config.token for n in system.attention_concepts]
+    names = [system.heads[n].config.token for n in system.attention_concepts]
     write_output(out, attention_grid(reference[None].repeat(len(images), 1, 1, 1), images, maps, names).save)
     print(f"wrote {out}")
     return out

@@ -15,15 +15,15 @@ def attention_mask_metrics(system, batch: dict, prompts: list[str], timestep: in
     Returns {"<concept>/mass_inside": [B], "<concept>/iou": [B]} (and the maps [B, C, h, w] when
     `return_maps`).
     """
-    bb = system.backbone
-    device = next(bb.unet.parameters()).device
+    backbone = system.backbone
+    device = next(backbone.unet.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    latents = bb.vae.encode(batch["image"].to(device, bb.vae.dtype)).latent_dist.mode().float() * bb.vae.config.scaling_factor
+    latents = backbone.vae.encode(batch["image"].to(device, backbone.vae.dtype)).latent_dist.mode().float() * backbone.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     t = torch.full((latents.shape[0],), timestep, device=device, dtype=torch.long)
-    noisy = bb.scheduler.add_noise(latents, noise, t)
+    noisy = backbone.scheduler.add_noise(latents, noise, t)
     text, selection, pooled = system.text_conditioning(prompts, system.encode(batch))
-    added = system.added_conditioning(pooled, batch, batch["image"].shape[-1])
+    added = system.backbone.added_conditioning(pooled, batch, batch["image"].shape[-1])
     _, maps = system.unet_with_attention(noisy.float(), t, text, selection, added=added)   # maps [B, C, h, w]
     system.store.end()
     mask = batch["mask"].to(device)

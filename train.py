@@ -25,7 +25,6 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
 from guided_concepts.backbone import load_backbone
-from guided_concepts.backbone.adapters import UNetAdapters
 from guided_concepts.checkpointing import (CheckpointError, RunFolderError, RunLock, StopSignals, append_environment, atomic_write,
                                            check_run_dir, check_run_name, check_writable, end_training_patiently, environment_record,
                                            global_rng_states, heads_fingerprint, latest_checkpoint,
@@ -42,9 +41,12 @@ from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletB
 from guided_concepts.cli import describe_os_error, entry_point
 from guided_concepts.rundata import (DATA_RECORD, build_data, data_changes, data_record, read_data_record,
                                      resolve_data_root)
-from guided_concepts.system import GuidedConcepts
+from guided_concepts.system import build_system
 from guided_concepts.tokens.targets import load_word_targets
 from guided_concepts.validation import export_tokens, validate
+from guided_concepts.prompts import make_prompts
+from guided_concepts.objective import training_losses
+from guided_concepts.backbone.latents import LatentCache
 
 CONFIG_ENV_VAR = "GUIDED_CONCEPTS_CONFIG"   # a default config of your own (the tests point it at configs/tiny.yaml)
 
@@ -203,16 +205,16 @@ def build_model(cfg: Config):
     needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
     set_seed(cfg.train.seed)     # after loading: building a missing tiny model draws from the RNG too
-    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
-                            latent_size=cfg.data.resolution // backbone.vae_scale_factor)
-    adapters = UNetAdapters(backbone.unet, cfg.adapters) if cfg.adapters.kind != "none" else None
     pulled = [n for n in cfg.tokens if getattr(cfg.losses[n], "target_weight", 0.0) > 0]
+    targets = None
     if pulled:
         if not cfg.train.word_targets:
             raise ValueError(f"losses.{pulled[0]}.target_weight > 0 needs train.word_targets "
                              "(write one with tune.py --run <domain run> --targets <file>)")
-        shapes = {n: tuple(system.concepts[n].head.rows.shape) for n in pulled}
-        system.word_targets = load_word_targets(cfg.train.word_targets, pulled, shapes)
+        width = sum(te.get_input_embeddings().weight.shape[1] for _, te in backbone.text_side)   # both encoders' parts
+        targets = load_word_targets(cfg.train.word_targets, pulled, {n: (cfg.concepts[n].num_vectors, width) for n in pulled})
+    system = build_system(cfg, backbone, word_targets=targets)
+    adapters = system.adapters
     if cfg.data.resolution % backbone.vae_scale_factor:
         r, f = cfg.data.resolution, backbone.vae_scale_factor
         raise ValueError(f"data.resolution: {r} is not divisible by the VAE's downsampling factor {f} of "
@@ -277,13 +279,11 @@ def place_model(accelerator, cfg: Config, backbone, system) -> None:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if weight_dtype != torch.float32:
         backbone.cast_frozen(weight_dtype)
-    system.concepts.to(accelerator.device)
+    system.heads.to(accelerator.device)
     if cfg.model.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
     if cfg.model.compile:
         backbone.unet.compile()
-    if cfg.data.cache_latents:
-        system.latent_cache = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def make_loader(cfg: Config, train_set, accelerator):
 # step); the adapters join as one more group in phase 2
 # ----------------------------------------------------------------------------------------------
 def make_optimizer(cfg: Config, system) -> torch.optim.Optimizer:
-    groups = [{"params": [p for p in system.concepts[n].parameters() if p.requires_grad],
+    groups = [{"params": [p for p in system.heads[n].parameters() if p.requires_grad],
                "lr": cfg.concepts[n].lr, "base_lr": cfg.concepts[n].lr, "name": n} for n in cfg.tokens]
     return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
 
@@ -336,7 +336,8 @@ def new_loop_state(cfg: Config, process_index: int) -> SimpleNamespace:
     global RNG."""
     return SimpleNamespace(step=0, epoch=0, skip=0, means=RunningMeans(),
                            noise=torch.Generator().manual_seed(cfg.train.seed * 1000 + process_index),
-                           prompts=random.Random(cfg.train.seed + 7919 * process_index))
+                           prompts=random.Random(cfg.train.seed + 7919 * process_index),
+                           latent_cache=LatentCache() if cfg.data.cache_latents else None)
 
 
 def restore(loop, resumed, accelerator, cfg: Config, run_dir: Path, optimizer, adapters) -> None:
@@ -395,7 +396,7 @@ def checkpoint(loop, accelerator, cfg: Config, run_dir: Path, system, optimizer,
 # ----------------------------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------------------------
-def agree(accelerator, loss: torch.Tensor, signals: StopSignals) -> tuple[bool, bool]:
+def sync_stop_flags(accelerator, loss: torch.Tensor, signals: StopSignals) -> tuple[bool, bool]:
     """(a non-finite loss, a stop signal) on any process: every rank learns of either before
     backward, so all ranks stop, or checkpoint, together."""
     flags = torch.tensor([float(not torch.isfinite(loss)), float(bool(signals.received))], device=accelerator.device)
@@ -404,12 +405,13 @@ def agree(accelerator, loss: torch.Tensor, signals: StopSignals) -> tuple[bool, 
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
-def losses_of(system, heads, batch: dict, cfg: Config, loop, adapters, in_phase2: bool):
+def step_losses(system, heads, batch: dict, cfg: Config, loop, adapters, in_phase2: bool):
     """-> (prompts, terms: name -> (weight, per-sample values [B])) for one batch."""
-    prompts, present = system.make_prompts(batch, cfg.prompt.templates, loop.prompts, cfg.train.union_sampling,
-                                           cfg.prompt.by_category)
-    outs = heads(batch)                                   # through DDP on several GPUs
-    terms = system.training_losses(batch, prompts, loop.noise, present=present, outs=outs)
+    prompts, present = make_prompts(batch["category"], cfg.prompt.templates, system.clauses, loop.prompts,
+                                    cfg.train.union_sampling, cfg.prompt.by_category)
+    encoded = heads(batch)                                   # through DDP on several GPUs
+    terms = training_losses(system, batch, prompts, loop.noise, present=present, encoded=encoded,
+                            latent_cache=loop.latent_cache)
     if adapters is not None and cfg.adapters.kind == "e4t" and in_phase2:
         terms["adapters/l2"] = (cfg.adapters.l2_weight, adapters.penalty().expand(len(prompts)))
     return prompts, terms
@@ -446,10 +448,10 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
     # -- data and optimizer
     sampler, loader = make_loader(cfg, train_set, accelerator)
     optimizer = make_optimizer(cfg, system)
-    heads, optimizer, loader = accelerator.prepare(system.concepts, optimizer, loader)
+    heads, optimizer, loader = accelerator.prepare(system.heads, optimizer, loader)
     # -- resume
     loop = new_loop_state(cfg, accelerator.process_index)
-    system.concepts.set_noise_generator(loop.noise)
+    system.heads.set_noise_generator(loop.noise)
     if resumed:
         restore(loop, resumed, accelerator, cfg, run_dir, optimizer, adapters)
     if accelerator.is_main_process and cfg.run.report_to != "none":
@@ -490,9 +492,9 @@ def run(cfg: Config, args, train_set, val_set, run_dir: Path) -> Path:
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * cfg.train.lr_factor(loop.step)
                 with accelerator.accumulate(heads), accelerator.autocast():
-                    prompts, terms = losses_of(system, heads, batch, cfg, loop, adapters, loop.step >= phase2)
+                    prompts, terms = step_losses(system, heads, batch, cfg, loop, adapters, loop.step >= phase2)
                     loss = sum(w * v.float().mean() for w, v in terms.values())      # the loop reduces
-                    nonfinite, signalled = agree(accelerator, loss, signals)
+                    nonfinite, signalled = sync_stop_flags(accelerator, loss, signals)
                     if nonfinite:   # nothing is stepped or saved: the last checkpoint stays the last good one
                         message, record = record_failure(run_dir, loop.step + 1, terms, loss, batch, prompts,
                                                          accelerator.process_index)

@@ -42,17 +42,20 @@ from guided_concepts.tokens.export import load_token, save_word
 from guided_concepts.losses import word_target_loss
 from guided_concepts.tokens.targets import load_word_targets, save_word_targets
 from guided_concepts.cli import entry_point
+from guided_concepts.prompts import prompts_for
+from guided_concepts.objective import training_losses
+from guided_concepts.backbone.latents import LatentCache
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 @torch.no_grad()
-def object_denoise_loss(system, batch: dict, prompts: list[str]) -> float:
+def object_denoise_loss(system, batch: dict, prompts: list[str], latent_cache: LatentCache | None = None) -> float:
     """Mean denoising loss over the object's views at fixed timesteps and fixed noise."""
     values = []
     for t in EVAL_TIMESTEPS:
-        terms = system.training_losses(batch, prompts, torch.Generator().manual_seed(t),
-                                       outs=system.encode(batch), timesteps=t)
+        terms = training_losses(system, batch, prompts, torch.Generator().manual_seed(t),
+                                encoded=system.encode(batch), timesteps=t, latent_cache=latent_cache)
         values.append(terms["denoise"][1].mean().item())
     return sum(values) / len(values)
 
@@ -109,14 +112,14 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     _check_counts({"tune.steps": tc.steps if steps is None else None, "tune.batch_size": tc.batch_size,
                    "tune.grad_accum": tc.grad_accum})          # the run's own, where not overridden
     # A few views, encoded at every timestep and step: encode each once (a hue-shifted view is new).
-    system.latent_cache = {} if tc.hue_jitter == 0 else None
+    latent_cache = LatentCache() if tc.hue_jitter == 0 else None
     steps = tc.steps if steps is None else steps
     for name, changes in tc.losses.items():            # e.g. no mask loss while tuning (the seeds)
-        if name in system.concepts:
+        if name in system.heads:
             for key, value in changes.items():
-                if not hasattr(system.concepts[name].loss_config, key):
+                if not hasattr(system.heads[name].loss_config, key):
                     raise ConfigError(f"tune.losses.{name}.{key}: no such loss setting")
-                setattr(system.concepts[name].loss_config, key, value)
+                setattr(system.heads[name].loss_config, key, value)
     records = scan_objects(object_dir)
     if len(records) != 1:
         raise DataError(f"{object_dir}: expected one object folder (with views/)")
@@ -125,11 +128,11 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
     mask_set = mask_set_options(cfg)
     views = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=0.0, **mask_set)
     all_views = collate([views[i] for i in range(len(views))])
-    prompts_all = system.prompts_for(all_views, cfg.prompt.templates[:1], system.tokens, random.Random(0))
+    prompts_all = prompts_for(all_views["category"], cfg.prompt.templates[:1], system.clauses, system.tokens, random.Random(0))
 
     params = []
     if mode == "textual_inversion":
-        for concept in system.concepts.values():
+        for concept in system.heads.values():
             with torch.no_grad():
                 if concept.head.mlp is not None:
                     concept.head.mlp[-1].weight.zero_()
@@ -141,26 +144,26 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
             params.append(concept.head.rows)
         groups = [{"params": params, "lr": tc.lr}]
     elif mode == "encoder":
-        groups = [{"params": [p for p in system.concepts.parameters() if p.requires_grad], "lr": tc.lr}]
+        groups = [{"params": [p for p in system.heads.parameters() if p.requires_grad], "lr": tc.lr}]
         adapters = getattr(system, "adapters", None)
         if adapters is not None and tc.train_adapters:
             adapters.set_trainable(True)
             groups.append({"params": adapters.parameters(), "lr": tc.adapter_lr})
     else:
         raise ValueError(f"mode must be 'encoder' or 'textual_inversion', got {mode!r}")
-    before = object_denoise_loss(system.eval(), all_views, prompts_all)
+    before = object_denoise_loss(system.eval(), all_views, prompts_all, latent_cache)
 
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     training = ObjectViewsDataset(records, cfg.data.resolution, flip_prob=cfg.data.flip_prob, seed=seed,
                                   random_set_size=True, **mask_set)
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-    system.concepts.train()
-    for module in system.concepts.modules():
+    system.heads.train()
+    for module in system.heads.modules():
         # Statistics across objects (a standardised shape code) are the domain run's: one
         # object's views cannot supply them, and batch statistics would erase the object.
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
-    system.concepts.set_noise_generator(generator)
+    system.heads.set_noise_generator(generator)
     started = time.time()
     for step in range(steps):
         for _ in range(tc.grad_accum):                   # explicit: tuning is sensitive to batch size
@@ -168,15 +171,15 @@ def tune_object(run_dir, object_dir, steps: int | None = None, out_dir=None, mod
             batch = collate([training[i] for i in indices])
             if tc.hue_jitter > 0:
                 batch["image"] = shift_hue(batch["image"], tc.hue_jitter, generator)
-            prompts = system.prompts_for(batch, cfg.prompt.templates, system.tokens, rng)
-            terms = system.training_losses(batch, prompts, generator)
+            prompts = prompts_for(batch["category"], cfg.prompt.templates, system.clauses, system.tokens, rng)
+            terms = training_losses(system, batch, prompts, generator, latent_cache=latent_cache)
             loss = sum(w * v.float().mean() for w, v in terms.values()) / tc.grad_accum
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     seconds = time.time() - started
-    system.concepts.eval()
-    after = object_denoise_loss(system, all_views, prompts_all)
+    system.heads.eval()
+    after = object_denoise_loss(system, all_views, prompts_all, latent_cache)
 
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "objects" / records[0].name
     adapters = getattr(system, "adapters", None)
@@ -265,7 +268,7 @@ def fit_heads_to_targets(run_dir, targets_path, out_dir, steps: int = 100, lr: f
         raise ConfigError(f"--fit needs steps >= 1 and a positive lr, got {steps}, {lr}")
     system, cfg = generate.load_run(run_dir)
     names = [n for n in system.tokens if CONCEPTS[n].concept.object_level]
-    shapes = {n: (system.concepts[n].config.num_vectors, system.table.embedding_dim) for n in names}
+    shapes = {n: (system.heads[n].config.num_vectors, system.table.embedding_dim) for n in names}
     targets = load_word_targets(targets_path, names, shapes)
     records = [r for r in target_objects(run_dir, cfg, objects_dir) if all(r.name in targets[n] for n in names)]
     if not records:
@@ -276,7 +279,7 @@ def fit_heads_to_targets(run_dir, targets_path, out_dir, steps: int = 100, lr: f
             "objects_dir": None if objects_dir is None else str(objects_dir)}
     torch.manual_seed(0)
     for n in names:
-        concept = system.concepts[n]
+        concept = system.heads[n]
         wanted = torch.stack([targets[n][name] for name in batch["object_name"]])          # [N, K, D]
         valid = torch.ones(len(wanted), dtype=torch.bool)
         optimizer = torch.optim.Adam([p for p in concept.parameters() if p.requires_grad], lr=lr)
@@ -315,7 +318,7 @@ def _write_artefact(system, out_dir: Path, views: dict, adapters, info: dict) ->
         with torch.no_grad():
             first = {k: v[:1] for k, v in views.items()}           # the object's first view
             for concept, out in system.encode(first).items():
-                save_word(tmp / "tokens" / f"{concept}.safetensors", system.concepts[concept].config.token, out.embeds[0],
+                save_word(tmp / "tokens" / f"{concept}.safetensors", system.heads[concept].config.token, out.embeds[0],
                           system.table.embedding_dims)
         if adapters is not None:
             save_file(adapters.state_dict(), str(tmp / "adapters.safetensors"))

@@ -69,6 +69,21 @@ class Backbone:
         mods = [self.vae, self.unet] + [te for _, te in self.text_side]
         return mods + ([self.image_encoder] if self.image_encoder is not None else [])
 
+    def added_conditioning(self, pooled: torch.Tensor | None, batch: dict | None, size: int) -> dict | None:
+        """SDXL's extra UNet inputs: the pooled text embedding and the time ids [B, 6] (the view's
+        original size, its crop's top-left corner, the target size; from the data, as diffusers'
+        SDXL training does; a batch without them counts as uncropped at `size`). None for SD."""
+        if not self.is_sdxl:
+            return None
+        if pooled is None:
+            raise ValueError("an SDXL UNet needs the pooled text embedding: use text_conditioning()")
+        count = pooled.shape[0]
+        target = torch.tensor([size, size], dtype=torch.float32).expand(count, 2)
+        original = batch["original_size"].float() if batch is not None and "original_size" in batch else target
+        corner = batch["crop_top_left"].float() if batch is not None and "crop_top_left" in batch else torch.zeros(count, 2)
+        time_ids = torch.cat([original, corner, target], dim=-1).to(pooled.device, pooled.dtype)     # [B, 6]
+        return {"text_embeds": pooled, "time_ids": time_ids}
+
     def pipeline_setting(self, key: str, default):
         """A setting of the model folder's model_index.json (e.g. SDXL's force_zeros_for_empty_prompt)."""
         index = Path(self.path, "model_index.json")

@@ -94,9 +94,9 @@ def last_hidden_state(encoders, ids):
 def sdxl_conditioning(encoders, ids):
     """SDXL: both encoders' penultimate hidden states concatenated [B, 77, 768 + 1280]; added
     conditioning: text_encoder_2's projected pooled embedding [B, 1280] and the time ids [B, 6]."""
-    outs = [encoder(input_ids=ids, output_hidden_states=True) for encoder in encoders]
-    hidden = torch.cat([out.hidden_states[-2] for out in outs], dim=-1)
-    pooled = outs[-1].text_embeds
+    encoded = [encoder(input_ids=ids, output_hidden_states=True) for encoder in encoders]
+    hidden = torch.cat([out.hidden_states[-2] for out in encoded], dim=-1)
+    pooled = encoded[-1].text_embeds
     return hidden, {"text_embeds": pooled, "time_ids": pooled.new_zeros(ids.shape[0], 6)}
 
 

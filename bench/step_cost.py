@@ -34,7 +34,9 @@ from guided_concepts import train
 from guided_concepts.backbone import load_backbone
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.objectdata import TripletBatchSampler, collate
-from guided_concepts.system import GuidedConcepts, to_device
+from guided_concepts.system import build_system, to_device
+from guided_concepts.prompts import make_prompts, prompts_for
+from guided_concepts.objective import training_losses
 
 LAYOUTS = {   # layout -> (train.py arguments, batch size)
     "tiny": (["--model", "tiny"], 9),
@@ -125,15 +127,14 @@ def build(layout: str, variant: str, device: torch.device):
     train_set, _ = train.build_data(cfg)
     needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels)
-    system = GuidedConcepts(backbone, cfg.concepts, cfg.losses, cfg.tokens, cfg.attention.resolutions,
-                            latent_size=cfg.data.resolution // backbone.vae_scale_factor)
+    system = build_system(cfg, backbone)
     for module in backbone.frozen_modules():
         module.to(device)
-    system.concepts.to(device)
+    system.heads.to(device)
     sampler = TripletBatchSampler(train_set, max(1, batch_size // 3), seed=0)
     batch = to_device(collate([train_set[i] for i in next(iter(sampler))]), device)
     generator = torch.Generator().manual_seed(0)
-    system.concepts.set_noise_generator(generator)
+    system.heads.set_noise_generator(generator)
     rng = random.Random(0)
 
     if variant == "a_textual_inversion":
@@ -142,16 +143,15 @@ def build(layout: str, variant: str, device: torch.device):
         rows = system.table.initializer_rows["shape"].to(device)
         word = torch.nn.Parameter(rows.clone()[None])                   # [1, K, D], the only trainable tensor
         optimizer = torch.optim.AdamW([word], lr=5e-3)
-        prompts = system.prompts_for(batch, cfg.prompt.templates, ["shape"], rng)
-        bb = backbone
+        prompts = prompts_for(batch["category"], cfg.prompt.templates, system.clauses, ["shape"], rng)
 
         def step():
             with torch.no_grad():
-                latents = bb.vae.encode(batch["image"]).latent_dist.sample(generator) * bb.vae.config.scaling_factor
+                latents = backbone.vae.encode(batch["image"]).latent_dist.sample(generator) * backbone.vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator).to(device)
-            t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
-            text, _ = system.text_embeddings(prompts, {"shape": SimpleNamespace(embeds=word.expand(len(latents), -1, -1))})
-            pred = bb.unet(bb.scheduler.add_noise(latents, noise, t), t, text).sample
+            t = torch.randint(0, backbone.scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
+            text, _ = system.text_conditioning(prompts, {"shape": SimpleNamespace(embeds=word.expand(len(latents), -1, -1))})[:2]
+            pred = backbone.unet(backbone.scheduler.add_noise(latents, noise, t), t, text).sample
             loss = F.mse_loss(pred, noise)
             loss.backward()
             optimizer.step()
@@ -159,15 +159,15 @@ def build(layout: str, variant: str, device: torch.device):
             return ["denoise"]
         return step
 
-    groups = [{"params": [p for p in system.concepts[n].parameters() if p.requires_grad], "lr": cfg.concepts[n].lr}
+    groups = [{"params": [p for p in system.heads[n].parameters() if p.requires_grad], "lr": cfg.concepts[n].lr}
               for n in cfg.tokens]
     optimizer = torch.optim.AdamW(groups)
     params = [p for g in groups for p in g["params"]]
 
     def step():
-        prompts, present = system.make_prompts(batch, cfg.prompt.templates, rng, cfg.train.union_sampling)
-        outs = system.concepts(batch)
-        terms = system.training_losses(batch, prompts, generator, present=present, outs=outs)
+        prompts, present = make_prompts(batch["category"], cfg.prompt.templates, system.clauses, rng, cfg.train.union_sampling)
+        encoded = system.heads(batch)
+        terms = training_losses(system, batch, prompts, generator, present=present, encoded=encoded)
         loss = sum(w * v.float().mean() for w, v in terms.values())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)

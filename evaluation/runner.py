@@ -18,9 +18,11 @@ from guided_concepts.configs.schema import mask_set_options
 from guided_concepts.metrics import attention_mask_metrics
 from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
 from guided_concepts.rundata import read_data_record, resolve_data_root, run_split
-from guided_concepts.system import render_prompt, to_device
+from guided_concepts.prompts import render_prompt
+from guided_concepts.system import to_device
 from guided_concepts.toyworld import truth
 from guided_concepts.toyworld.truth import ground_truth_scores
+from guided_concepts.prompts import prompts_for
 
 # The seeds' prompts: base, two edits, and the words alone ("what did *s learn").
 DEFAULT_PROMPTS = {
@@ -60,15 +62,15 @@ def held_out_objects(cfg, run_dir=None) -> list[Path]:
 
 
 def prompt_text(system, template: str, category: str) -> str:
-    words = " ".join(system.concepts[n].config.token for n in system.tokens)
-    clauses = {n: system.clause(n) for n in system.tokens}
+    words = " ".join(system.heads[n].config.token for n in system.tokens)
+    clauses = {n: system.clauses[n] for n in system.tokens}
     return render_prompt(template.replace("{words}", words), category, clauses)
 
 
 def class_word_prompt(system, prompt: str, category: str) -> str:
     """The prompt with each placeholder replaced by the class word (for CLIP-T)."""
     for n in system.tokens:
-        prompt = prompt.replace(system.concepts[n].config.token, category)
+        prompt = prompt.replace(system.heads[n].config.token, category)
     return prompt
 
 
@@ -117,18 +119,18 @@ def evaluate_run(run_dir: str | Path, settings: EvalSettings, clip: ClipScorer |
                 row["clip_t"] = clip.text_image(images, texts).mean().item()
             rows.append(row)
         for n in system.tokens:     # each word alone, for the Inspiration-Tree token scores
-            _, images, _ = generate.generate(system, cfg, f"a photo of {system.concepts[n].config.token}", sources,
+            _, images, _ = generate.generate(system, cfg, f"a photo of {system.heads[n].config.token}", sources,
                                              settings.num_samples, settings.seed, settings.steps, settings.guidance_scale)
-            token_features.setdefault(system.concepts[n].config.token, []).append(features_fn(images))
+            token_features.setdefault(system.heads[n].config.token, []).append(features_fn(images))
         # Attention-mask IoU and pose error on the object's own views (meaningful on tiny models).
         batch = to_device(collate([views[i] for i in range(len(views))]), settings.device)
-        prompts = system.prompts_for(batch, cfg.prompt.templates[:1], system.tokens, random.Random(0),
+        prompts = prompts_for(batch["category"], cfg.prompt.templates[:1], system.clauses, system.tokens, random.Random(0),
                                      cfg.prompt.by_category)
         if system.attention_concepts:
             for name, value in attention_mask_metrics(system, batch, prompts, timestep=100).items():
                 rows[-1].setdefault("_views", {})[name] = value.mean().item()
         for name, out in system.encode(batch).items():
-            for metric, value in system.concepts[name].validation_metrics(out, batch).items():
+            for metric, value in system.heads[name].validation_metrics(out, batch).items():
                 rows[-1].setdefault("_views", {})[f"{name}/{metric}"] = value.median().item()
     view_metrics = {}
     for row in rows:
@@ -175,4 +177,4 @@ def write_results(results: list[dict], out_dir: Path) -> tuple[Path, Path]:
 
 
 def needs_for(system) -> dict:
-    return {n: CONCEPTS[n].concept.needs_for(system.concepts[n].config) for n in system.tokens}
+    return {n: CONCEPTS[n].concept.needs_for(system.heads[n].config) for n in system.tokens}

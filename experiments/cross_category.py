@@ -43,6 +43,7 @@ from guided_concepts.argtypes import finite_float
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.evaluation.runner import held_out_objects
 from guided_concepts.tokens import TokenError
+from guided_concepts import sampling
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toyworld2.yaml"
 BLOCKS = ("A = B", "A ≠ B")
@@ -171,7 +172,7 @@ def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, gu
         t0 = time.time()
         tuned = tuned_words(run, objects, ["shape"], tuned_steps, out, hue_jitter)
         log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
-    token = system.concepts["shape"].config.token
+    token = system.heads["shape"].config.token
     conditions = [(mode, label.format(token=token, tuned=tuned_steps, which=token,
                                       jitter=f", hue jitter {hue_jitter:g}" if hue_jitter else ""), words)
                   for mode, label in ROW_MODES
@@ -180,7 +181,7 @@ def run_cross_category(run: Path, out: Path, seeds: int = 2, steps: int = 20, gu
         conditions.append(("residual", f"{token} as a residual on B's category word (ShapeWords)", words))
     for strength in strengths:
         stacked = torch.stack([words["shape"][i] for i in range(len(objects))])             # [N, K, D]
-        scaled = system.with_strength({"shape": SimpleNamespace(embeds=stacked)}, {"shape": strength})
+        scaled = sampling.with_strength(system, {"shape": SimpleNamespace(embeds=stacked)}, {"shape": strength})
         conditions.append((f"strength {strength:g}", f"{token} from A, strength {strength:g}",
                            {**words, "shape": dict(enumerate(scaled["shape"].embeds))}))
     init = system.table.initializer_rows["shape"].reshape(1, -1)                          # [1, D]

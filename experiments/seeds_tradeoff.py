@@ -42,7 +42,7 @@ from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.evaluation.runner import held_out_objects
 from guided_concepts.toyworld.probes import encode_word, proportion, sample_batch, true_mask, truth_of, world_of
-from guided_concepts.system import render_prompt
+from guided_concepts.prompts import render_prompt
 from guided_concepts.toyworld.scorer import mask_iou
 from guided_concepts.toyworld.world import direction_azimuth
 
@@ -118,7 +118,7 @@ def score(system, cfg, seeds: int, steps: int, guidance: float, scorer, tau: flo
         others = [n for n in recipients if n != noun] if cross_category else []
         for colour, target in [(c, noun) for c in COLOURS] + [(None, n) for n in others]:
             prompt = render_prompt("a {category} {phrases}", f"{colour} {target}" if colour else target,
-                                   {"shape": system.clause("shape")})
+                                   {"shape": system.clauses["shape"]})
             if tau == 0:
                 word = encode_word(system, cfg, "shape", folder)
                 images = sample_batch(system, [prompt] * seeds, {"shape": word[None].expand(seeds, -1, -1)},

@@ -30,6 +30,7 @@ from guided_concepts.losses import attention_iou
 from guided_concepts.metrics import variance_ratio
 from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
 from guided_concepts.rundata import resolve_data_root
+from guided_concepts.prompts import prompts_for
 
 TAUS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 
@@ -54,7 +55,7 @@ def view_invariance(run_dir: Path) -> dict:
     # Held-out alone has too few objects for a between-object variance: report train and all.
     for split, records in (("train", train_records), ("all_objects", train_records + held)):
         batch = all_views(records, cfg, random_sets=True)
-        embeds = system.concepts["shape"].encode(batch).embeds
+        embeds = system.heads["shape"].encode(batch).embeds
         out[f"{split}/shape_view_over_object_variance"] = variance_ratio(embeds, batch["object_index"])
     return out
 
@@ -62,27 +63,27 @@ def view_invariance(run_dir: Path) -> dict:
 @torch.no_grad()
 def tradeoff(run_dir: Path, samples: int, timestep_pred: int = 500, timestep_attn: int = 100) -> dict:
     system, cfg = generate.load_run(run_dir)
-    bb, concept = system.backbone, system.concepts["shape"]
+    backbone, concept = system.backbone, system.heads["shape"]
     _, held = split_records(cfg)
     batch = all_views(held, cfg, random_sets=False)
-    device = next(bb.unet.parameters()).device
-    latents = bb.vae.encode(batch["image"].to(device)).latent_dist.mode() * bb.vae.config.scaling_factor
+    device = next(backbone.unet.parameters()).device
+    latents = backbone.vae.encode(batch["image"].to(device)).latent_dist.mode() * backbone.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
-    prompts = system.prompts_for(batch, cfg.prompt.templates[:1], ["shape"], __import__("random").Random(0))
+    prompts = prompts_for(batch["category"], cfg.prompt.templates[:1], system.clauses, ["shape"], __import__("random").Random(0))
     results = {"tau": list(TAUS), "embedding_spread": [], "prediction_distance": [], "attention_iou": []}
     for tau in TAUS:
         concept.diversity = tau
         embeds, preds, ious = [], [], []
         for s in range(samples):
             concept.noise_generator = torch.Generator().manual_seed(1000 + s)
-            outs = {"shape": concept.encode(batch)}
-            embeds.append(outs["shape"].embeds)
-            text, selection = system.text_embeddings(prompts, outs)
+            encoded = {"shape": concept.encode(batch)}
+            embeds.append(encoded["shape"].embeds)
+            text, selection = system.text_conditioning(prompts, encoded)[:2]
             t = torch.full((len(latents),), timestep_pred, dtype=torch.long)
-            pred, _ = system.unet_with_attention(bb.scheduler.add_noise(latents, noise, t), t, text, selection)
+            pred, _ = system.unet_with_attention(backbone.scheduler.add_noise(latents, noise, t), t, text, selection)
             preds.append(pred)
             t = torch.full((len(latents),), timestep_attn, dtype=torch.long)
-            _, maps = system.unet_with_attention(bb.scheduler.add_noise(latents, noise, t), t, text, selection)
+            _, maps = system.unet_with_attention(backbone.scheduler.add_noise(latents, noise, t), t, text, selection)
             ious.append(attention_iou(maps[:, 0], batch["mask"]).mean().item())
         system.store.end()
         embeds, preds = torch.stack(embeds), torch.stack(preds)           # [S, B, ...]
@@ -98,7 +99,7 @@ def tradeoff(run_dir: Path, samples: int, timestep_pred: int = 500, timestep_att
 def alignment(run_dir: Path) -> float:
     system, cfg = generate.load_run(run_dir)
     _, held = split_records(cfg)
-    out = system.concepts["shape"].encode(all_views(held, cfg, random_sets=False))
+    out = system.heads["shape"].encode(all_views(held, cfg, random_sets=False))
     return F.cosine_similarity(out.extras["mu"], out.extras["image_code"], dim=-1).mean().item()
 
 

@@ -41,7 +41,7 @@ from guided_concepts import generate
 from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.evaluation.runner import held_out_objects
-from guided_concepts.system import render_prompt
+from guided_concepts.prompts import render_prompt
 from guided_concepts.toyworld.probes import (ROW_MODES, add_matrix_args, attribute_accuracy, camera_of, cell_text,
                                              encode_word, factors_of, inversion_words, load_token, own_word_accuracy,
                                              owns_of, pairs_of, sample_batch, swap_condition, train_run, truth_of,
@@ -152,10 +152,10 @@ def run_matrix(run: Path, out: Path, seeds: int = 2, steps: int = 20, guidance: 
         log(f"encoder + {tuned_steps} tuning steps: {time.time() - t0:.0f} s")
     every_object_word = [n for n in active if CONCEPTS[n].concept.object_level]
     which = "words" if sorted(tuned_by) == sorted(every_object_word) else \
-        " and ".join(system.concepts[n].config.token for n in tuned_by) + " (others the encoder's)"
+        " and ".join(system.heads[n].config.token for n in tuned_by) + " (others the encoder's)"
     rows, grids = {}, []
     for swapped in active:
-        token = system.concepts[swapped].config.token
+        token = system.heads[swapped].config.token
         for mode, label in ROW_MODES:
             if mode not in modes or (mode == "ti" and ti is None) or (mode == "tuned" and not tuned_by):
                 continue

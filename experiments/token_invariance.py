@@ -36,12 +36,12 @@ def measure(run_dir: Path) -> dict:
                                      mask_set_size=cfg.concepts["shape"].max_views)
         batch = collate([dataset[i] for i in range(len(dataset))])
         with torch.no_grad():
-            outs = system.encode(batch)
+            encoded = system.encode(batch)
         cameras = torch.tensor([hash((round(a, 1), round(e, 1))) for a, e in batch["camera"][:, :2].tolist()])
         if split != "held_out":
-            out[f"{split}/shape_view_over_object_variance"] = variance_ratio(outs["shape"].embeds, batch["object_index"])
-            out[f"{split}/pose_object_over_camera_variance"] = variance_ratio(outs["pose"].embeds, cameras)
-        errors = system.concepts["pose"].azimuth_error(outs["pose"].extras["camera_pred"], batch["camera"])
+            out[f"{split}/shape_view_over_object_variance"] = variance_ratio(encoded["shape"].embeds, batch["object_index"])
+            out[f"{split}/pose_object_over_camera_variance"] = variance_ratio(encoded["pose"].embeds, cameras)
+        errors = system.heads["pose"].azimuth_error(encoded["pose"].extras["camera_pred"], batch["camera"])
         out[f"{split}/pose_probe_median_azimuth_error_deg"] = errors.median().item()
     return out
 

@@ -65,8 +65,8 @@ def score_run(run: Path, loaded: tuple, objects: list[Path], scorer, samples: in
             _, true_mask = world.render(truth, azimuth, elevation, 2.5, resolution)
             for colour in colours:
                 words = f"a {colour + ' ' if colour else ''}{world.noun(truth)}"
-                shape_words = {"word": system.clause("shape"), "none": "", "attributes": world.shape_words(truth)}[shape]
-                prompt = " ".join(filter(None, [words, shape_words, system.clause("pose")]))
+                shape_words = {"word": system.clauses["shape"], "none": "", "attributes": world.shape_words(truth)}[shape]
+                prompt = " ".join(filter(None, [words, shape_words, system.clauses["pose"]]))
                 sources = {"shape": folder, "pose": {"azimuth": azimuth, "elevation": elevation, "distance": 2.5}}
                 _, images, _ = generate.generate(system, cfg, prompt, sources, samples, seed=100 * o + 10 * c,
                                                  steps=steps, guidance_scale=guidance)
@@ -97,7 +97,7 @@ def shape_word_effect(loaded: tuple, objects: list[Path], steps: int, guidance: 
     swap, reseed = [], []
     for o, folder in enumerate(objects):
         world, truth = truth_of_folder(folder)
-        prompt = f"a {world.noun(truth)} {system.clause('shape')} {system.clause('pose')}"
+        prompt = f"a {world.noun(truth)} {system.clauses['shape']} {system.clauses['pose']}"
         for c, (azimuth, elevation) in enumerate(TARGET_CAMERAS[:3]):
             pose = {"azimuth": azimuth, "elevation": elevation, "distance": 2.5}
 

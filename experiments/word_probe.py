@@ -36,11 +36,12 @@ from guided_concepts.backbone.load import resolve_model_path
 from guided_concepts.evaluation.runner import held_out_objects
 from guided_concepts.toyworld.probes import encode_word, truth_of, tuned_words, world_of
 from guided_concepts.objectdata import scan_objects
-from guided_concepts.system import render_prompt
+from guided_concepts.prompts import render_prompt
 from guided_concepts.rundata import resolve_data_root
 from guided_concepts.objectdata.synthetic import ensure_generated
 from guided_concepts.toyworld.truth import ToyWorld1Truth
 from guided_concepts.toyworld.world import direction_bin, write_toy_objects
+from guided_concepts import sampling
 
 
 def use_oracle_shape_code():
@@ -93,7 +94,7 @@ def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> 
         hits = {f: [] for f in world.binary_factors}
         for o, folder in enumerate(objects):
             truth = truth_of(folder)
-            images = generate.generate(system, cfg, f"a {world.noun(truth)} {system.clause('shape')}", {"shape": folder},
+            images = generate.generate(system, cfg, f"a {world.noun(truth)} {system.clauses['shape']}", {"shape": folder},
                                        samples, seed=100 * o, steps=20, guidance_scale=4.0)[1]
             for f, values in shape_hits(world.read(scorer, images), truth).items():
                 hits[f].append(values)
@@ -107,8 +108,8 @@ def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> 
             for o, folder in enumerate(objects):
                 word = SimpleNamespace(embeds=words[o][None])
                 truth = truth_of(folder)
-                images = torch.cat([system.sample([f"a {world.noun(truth)} {system.clause('shape')}"], steps=20,
-                                                  guidance_scale=4.0, seed=100 * o + k, outs={"shape": word})[0]
+                images = torch.cat([sampling.sample(system, [f"a {world.noun(truth)} {system.clauses['shape']}"], steps=20,
+                                                  guidance_scale=4.0, seed=100 * o + k, encoded={"shape": word})[0]
                                     for k in range(samples)])                         # generate's seeds
                 for f, values in shape_hits(world.read(scorer, images), truth).items():
                     tuned_hits[f].append(values)
@@ -121,7 +122,7 @@ def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> 
         noun = world.noun(truth_of(objects[0]))
         for d in range(8):
             camera = {"azimuth": 45.0 * d, "elevation": 20.0, "distance": 2.5}
-            images = generate.generate(system, cfg, f"a {noun} {system.clause('pose')}", {"pose": camera}, samples,
+            images = generate.generate(system, cfg, f"a {noun} {system.clauses['pose']}", {"pose": camera}, samples,
                                        seed=10 * d, steps=20, guidance_scale=4.0)[1]
             hits += [v == direction_bin(45.0 * d) for v in world.read(scorer, images)["direction"]]
         result["direction"] = float(np.mean(hits))
@@ -129,7 +130,7 @@ def probe(run: Path, samples: int = 6, extra: int = 0, tuned_steps: int = 0) -> 
         hits = []
         for o, folder in enumerate(objects):
             truth = truth_of(folder)
-            prompt = render_prompt("a {category}", world.noun(truth), {"appearance": system.clause("appearance")})
+            prompt = render_prompt("a {category}", world.noun(truth), {"appearance": system.clauses["appearance"]})
             images = generate.generate(system, cfg, prompt,
                                        {"appearance": folder}, samples, seed=10 * o, steps=20, guidance_scale=4.0)[1]
             hits.append([v == world.value(truth, "colour") for v in world.read(scorer, images)["colour"]])

@@ -24,7 +24,7 @@ faulthandler.dump_traceback_later(240, repeat=True)
 rank = int(os.environ.get("RANK", "0"))
 seen, calls, systems, losses = [], [], [], []
 
-original_losses, original_init = system.GuidedConcepts.training_losses, system.GuidedConcepts.__init__
+original_losses, original_init = train.training_losses, system.GuidedConcepts.__init__
 
 
 def spy_losses(self, batch, *args, **kwargs):
@@ -40,7 +40,7 @@ def spy_init(self, *args, **kwargs):
     systems.append(self)
 
 
-system.GuidedConcepts.training_losses, system.GuidedConcepts.__init__ = spy_losses, spy_init
+train.training_losses, system.GuidedConcepts.__init__ = spy_losses, spy_init
 for name in ("save_checkpoint", "validate", "export_tokens", "append_environment", "prepare_run_dir"):
     def wrapped(*args, _original=getattr(train, name), _name=name, **kwargs):
         calls.append(_name)

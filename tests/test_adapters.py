@@ -242,19 +242,13 @@ def test_more_views_tune_on_every_folder_each_prompt_naming_its_own_category(ada
     meta = json.loads((more / "as_table" / "meta.json").read_text())
     (more / "as_table" / "meta.json").write_text(json.dumps({**meta, "category": "table"}))
     seen = []
-    load_run = generate.load_run
+    prompts_for = tune.prompts_for
 
-    def recording(run):
-        system, cfg = load_run(run)
-        prompts_for = system.prompts_for
-
-        def record(*args, **kwargs):
-            prompts = prompts_for(*args, **kwargs)
-            seen.extend(prompts)
-            return prompts
-        system.prompts_for = record
-        return system, cfg
-    monkeypatch.setattr(generate, "load_run", recording)
+    def record(*args, **kwargs):
+        prompts = prompts_for(*args, **kwargs)
+        seen.extend(prompts)
+        return prompts
+    monkeypatch.setattr(tune, "prompts_for", record)
     alone = tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=2, out_dir=tmp_path / "alone")
     assert not any("table" in p for p in seen)
     both = tune.tune_object(adapter_run, chairs_dir / "chair_011", steps=2, out_dir=tmp_path / "both", more_views=more)

@@ -9,6 +9,8 @@ import torch
 from guided_concepts.backbone import load_backbone
 from guided_concepts.concepts import CONCEPTS
 from tests.conftest import make_system
+from guided_concepts.prompts import prompts_for
+from guided_concepts.objective import training_losses
 
 # (concept, its config overrides, its loss config overrides)
 ROWS = [
@@ -56,14 +58,14 @@ def test_registry_entries_are_complete():
 
 def test_fresh_word_is_its_initializer(row_system, chair_batch):
     name, system = row_system
-    system.concepts.eval()
+    system.heads.eval()
     with torch.no_grad():
-        out = system.concepts[name].encode(chair_batch)
-    k = system.concepts[name].config.num_vectors
+        out = system.heads[name].encode(chair_batch)
+    k = system.heads[name].config.num_vectors
     b = len(chair_batch["category"])
     assert out.embeds.shape == (b, k, system.table.embedding_dim) == out.offset.shape
     rows = system.table.initializer_rows[name].expand(b, k, -1)
-    fixed = system.concepts[name].config.fixed_norm
+    fixed = system.heads[name].config.fixed_norm
     if fixed:       # the initializer's direction at the fixed norm
         rows = rows * fixed / rows.norm(dim=-1, keepdim=True)
     assert torch.allclose(out.embeds, rows, atol=1e-6) and not out.offset.any()
@@ -71,8 +73,8 @@ def test_fresh_word_is_its_initializer(row_system, chair_batch):
 
 def test_every_loss_is_per_sample_and_finite(row_system, chair_batch):
     name, system = row_system
-    prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], [name], random.Random(0))
-    terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(1))
+    prompts = prompts_for(chair_batch["category"], ["a photo of a {category} {phrases}"], system.clauses, [name], random.Random(0))
+    terms = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(1))
     b = len(chair_batch["category"])
     assert "denoise" in terms and any(k.startswith(f"{name}/") for k in terms)
     for key, (weight, value) in terms.items():
@@ -84,11 +86,11 @@ def test_every_loss_is_per_sample_and_finite(row_system, chair_batch):
 def test_gradient_reaches_every_trainable_parameter(row_system, chair_batch):
     name, system = row_system
     with torch.no_grad():   # move off the zero init so every layer's gradient can be non-zero
-        system.concepts[name].head.mlp[-1].weight.normal_(std=1e-2)
-    prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], [name], random.Random(0))
-    terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(1))
+        system.heads[name].head.mlp[-1].weight.normal_(std=1e-2)
+    prompts = prompts_for(chair_batch["category"], ["a photo of a {category} {phrases}"], system.clauses, [name], random.Random(0))
+    terms = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(1))
     sum(w * v.mean() for w, v in terms.values()).backward()
-    for pname, p in system.concepts[name].named_parameters():
+    for pname, p in system.heads[name].named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, pname
 
@@ -97,19 +99,19 @@ def test_save_load_round_trip(row_system, chair_batch, tiny_model_dir):
     """A trained head saved with trainable_state and loaded into a fresh system gives the same word."""
     name, system = row_system
     with torch.no_grad():
-        for p in system.concepts[name].parameters():
+        for p in system.heads[name].parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 1e-2)
-    system.concepts.eval()
+    system.heads.eval()
     state = system.trainable_state()
     assert state and all(k.startswith(f"{name}.") for k in state)
-    config, loss_config = system.concepts[name].config, system.concepts[name].loss_config
+    config, loss_config = system.heads[name].config, system.heads[name].loss_config
     backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.uses_image_encoder(config))
     again = make_system(backbone, tokens=[name], concepts={name: vars(config)}, losses={name: vars(loss_config)})
     again.load_trainable_state(state)
-    again.concepts.eval()
+    again.heads.eval()
     with torch.no_grad():
-        before, after = system.concepts[name].encode(chair_batch).embeds, again.concepts[name].encode(chair_batch).embeds
+        before, after = system.heads[name].encode(chair_batch).embeds, again.heads[name].encode(chair_batch).embeds
     assert not torch.allclose(after, system.table.initializer_rows[name].expand_as(after))    # not a fresh head
     assert torch.allclose(before, after, atol=1e-6)
 
@@ -117,24 +119,24 @@ def test_save_load_round_trip(row_system, chair_batch, tiny_model_dir):
 def test_gradients_reach_only_this_concepts_head(row_system, chair_batch, tiny_model_dir):
     """Beside every other registered concept, this word's encoding trains its own head only."""
     name, row = row_system
-    config = row.concepts[name].config
+    config = row.heads[name].config
     others = [n for n in CONCEPTS if n != name and not CONCEPTS[n].concept.uses_image_encoder(CONCEPTS[n].config())]
     backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.uses_image_encoder(config))
     system = make_system(backbone, tokens=[name, *others], concepts={name: vars(config)})
-    system.concepts[name].encode(chair_batch).embeds.pow(2).sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in system.concepts[name].parameters())
+    system.heads[name].encode(chair_batch).embeds.pow(2).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in system.heads[name].parameters())
     for other in others:
-        assert all(p.grad is None for p in system.concepts[other].parameters()), other
+        assert all(p.grad is None for p in system.heads[other].parameters()), other
 
 
 def test_encoding_depends_on_the_input_and_is_deterministic(row_system, chair_batch):
     """At evaluation (and at diversity 0 for stochastic heads) a word is a function of its input."""
     name, system = row_system
-    system.concepts.eval()
+    system.heads.eval()
     with torch.no_grad():
-        system.concepts[name].head.mlp[-1].weight.normal_(std=1e-2)
-        a = system.concepts[name].encode(chair_batch).embeds
-        b = system.concepts[name].encode(chair_batch).embeds
+        system.heads[name].head.mlp[-1].weight.normal_(std=1e-2)
+        a = system.heads[name].encode(chair_batch).embeds
+        b = system.heads[name].encode(chair_batch).embeds
     assert torch.equal(a, b)
     assert not torch.allclose(a[0], a[1])       # different objects, different words
 

@@ -87,7 +87,7 @@ def expected(run, shape: Path, appearance: Path, camera: tuple[float, float, flo
     system, cfg = load_run(run)
     sources = {"shape": str(shape), "appearance": str(appearance),
                "pose": dict(zip(("azimuth", "elevation", "distance"), camera))}
-    prompt = Mixer.default_prompt_for({n: system.concepts[n].config.token for n in system.tokens})
+    prompt = Mixer.default_prompt_for({n: system.heads[n].config.token for n in system.tokens})
     _, images, _ = generate(system, cfg, prompt, sources, num=1, seed=0, steps=steps, guidance_scale=5.0)
     return np.asarray(to_png(images[0]))
 

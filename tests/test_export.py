@@ -67,9 +67,9 @@ def reference_vectors(system_cfg, concept, source):
         batch = generate.reference_batch(source, 0, cfg.data.resolution, CONCEPTS[concept].concept.needs_for(cfg.concepts[concept]),
                                          getattr(cfg.concepts[concept], "max_views", 0))
     system.eval()
-    system.concepts[concept].diversity = 0.0
+    system.heads[concept].diversity = 0.0
     with torch.no_grad():
-        return system.concepts[concept].encode(batch).embeds[0]
+        return system.heads[concept].encode(batch).embeds[0]
 
 
 def test_exported_vectors_are_the_heads_output(run, exported, system, chairs_dir, tmp_path):
@@ -106,12 +106,12 @@ def test_two_exported_words_in_one_pipeline_match_the_run_and_generate(exported,
                                  str(manifest.parent / p["files"]["diffusers"])])
     prompt = f"a photo of a chair in the shape of {s['token']} with pose {p['token']}"
     # The pipeline's prompt embedding is the one the run itself builds for *s / *p.
-    outs = {}
+    encoded = {}
     for n in ("shape", "pose"):
         vectors = load_file(str(manifest.parent / entry(data, n)["files"]["diffusers"]))[entry(data, n)["token"]]
-        outs[n] = ConceptOutput(embeds=vectors[None], offset=torch.zeros_like(vectors[None]))
+        encoded[n] = ConceptOutput(embeds=vectors[None], offset=torch.zeros_like(vectors[None]))
     with torch.no_grad():
-        ours = system[0].text_embeddings(["a photo of a chair in the shape of *s with pose *p"], outs)[0]
+        ours = system[0].text_conditioning(["a photo of a chair in the shape of *s with pose *p"], encoded)[:2][0]
         theirs = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
     assert torch.allclose(ours, theirs, atol=1e-5)
     images = pipe(prompt, num_inference_steps=2, output_type="pt", height=64, width=64,

@@ -11,9 +11,12 @@ from guided_concepts import generate
 from guided_concepts.concepts.pose import camera_batch
 from guided_concepts import train
 from guided_concepts.concepts import CONCEPTS
-from guided_concepts.system import random_subsets, render_prompt
+from guided_concepts.prompts import random_subsets, render_prompt
 from tests.conftest import make_system
 from guided_concepts.tokens import TokenError
+from guided_concepts.prompts import make_prompts, prompts_for
+from guided_concepts.objective import training_losses
+from guided_concepts import sampling
 
 ALL = list(CONCEPTS)
 
@@ -22,15 +25,15 @@ ALL = list(CONCEPTS)
                          ids=lambda t: "+".join(t))
 def test_every_active_word_gets_a_gradient_in_a_joint_step(fresh_backbone, chair_batch, tokens):
     system = make_system(fresh_backbone, tokens=tokens)
-    prompts, present = system.make_prompts(chair_batch, ["a photo of a {category} {phrases}"], random.Random(0))
+    prompts, present = make_prompts(chair_batch["category"], ["a photo of a {category} {phrases}"], system.clauses, random.Random(0))
     assert all(present[n].all() for n in tokens)
     for n in tokens:
-        assert system.concepts[n].config.token in prompts[0]
-    terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0), present=present)
+        assert system.heads[n].config.token in prompts[0]
+    terms = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(0), present=present)
     # The shared denoising loss alone must reach every word (through the prompt, not a side loss).
     terms["denoise"][1].mean().backward()
     for n in tokens:
-        head = system.concepts[n].head
+        head = system.heads[n].head
         assert head.rows.grad is not None and head.rows.grad.abs().sum() > 0, n
         assert head.mlp[-1].weight.grad.abs().sum() > 0, n
 
@@ -46,10 +49,10 @@ def test_union_sampling_draws_every_non_empty_subset():
 
 def test_union_sampling_masks_the_absent_words_losses(fresh_backbone, chair_batch):
     system = make_system(fresh_backbone, tokens=("shape", "pose"))
-    prompts, present = system.make_prompts(chair_batch, ["a photo of a {category} {phrases}"], random.Random(0), union=True)
+    prompts, present = make_prompts(chair_batch["category"], ["a photo of a {category} {phrases}"], system.clauses, random.Random(0), union=True)
     for prompt, has_shape, has_pose in zip(prompts, present["shape"], present["pose"]):
         assert ("*s" in prompt) == bool(has_shape) and ("*p" in prompt) == bool(has_pose)
-    terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0), present=present)
+    terms = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(0), present=present)
     absent = ~present["shape"]
     assert absent.any()
     assert (terms["shape/mask_attention"][1][absent] == 0).all()
@@ -89,10 +92,10 @@ def test_ablating_one_words_loss_changes_only_that_word(tiny_model_dir, chair_ba
         torch.manual_seed(0)
         system = make_system(load_backbone(str(tiny_model_dir)), tokens=("shape", "pose"),
                              losses={"pose": {"probe_weight": probe_weight}})
-        prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], system.tokens, random.Random(0))
-        terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0))
+        prompts = prompts_for(chair_batch["category"], ["a photo of a {category} {phrases}"], system.clauses, system.tokens, random.Random(0))
+        terms = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(0))
         sum(w * v.mean() for w, v in terms.values()).backward()
-        grads.append({k: p.grad.clone() for k, p in system.concepts.named_parameters() if p.grad is not None})
+        grads.append({k: p.grad.clone() for k, p in system.heads.named_parameters() if p.grad is not None})
     for key in grads[0]:
         same = torch.allclose(grads[0][key], grads[1][key], atol=1e-7)
         if key.startswith("shape."):
@@ -105,14 +108,14 @@ def test_swapping_one_words_source_changes_only_that_word(fresh_backbone, chairs
     system = make_system(fresh_backbone, tokens=("shape", "pose"))
     with torch.no_grad():
         for n in system.tokens:
-            system.concepts[n].head.mlp[-1].weight.normal_(std=1e-2)
+            system.heads[n].head.mlp[-1].weight.normal_(std=1e-2)
     words = []
     for source in ("chair_000", "chair_005"):
         batch = generate.reference_batch(chairs_dir / source, 0, 64, ("mask",))
         camera = camera_batch({"azimuth": 30.0, "elevation": 10.0, "distance": None}, [2.5, 2.5])
         with torch.no_grad():
-            words.append({"shape": system.concepts["shape"].encode(batch).embeds,
-                          "pose": system.concepts["pose"].encode(camera).embeds})
+            words.append({"shape": system.heads["shape"].encode(batch).embeds,
+                          "pose": system.heads["pose"].encode(camera).embeds})
     assert torch.equal(words[0]["pose"], words[1]["pose"])
     assert not torch.allclose(words[0]["shape"], words[1]["shape"])
 
@@ -170,7 +173,7 @@ def test_prompt_with_an_untrained_word_and_unknown_tokens_are_clear_errors(joint
 def test_templates_per_category(fresh_backbone):
     system = make_system(fresh_backbone, tokens=("shape", "pose"))
     batch = {"category": ["chair", "dog", "chair"]}
-    prompts, _ = system.make_prompts(batch, ["a photo of a {category} {phrases}"], random.Random(0),
+    prompts, _ = make_prompts(batch["category"], ["a photo of a {category} {phrases}"], system.clauses, random.Random(0),
                                      by_category={"dog": ["a {category} {shape}, {pose}"]})
     assert prompts[1] == "a dog in the shape of *s, with pose *p"
     assert prompts[0] == prompts[2] == "a photo of a chair in the shape of *s with pose *p"
@@ -191,7 +194,7 @@ def test_explicit_pose_on_a_keypoint_head_is_a_clear_error(tmp_path, chairs_dir)
 def test_pose_head_takes_objects_with_another_keypoint_count(fresh_backbone, chair_batch):
     """A keypoint pose head trained on 10 points encodes objects listing 6 or 14."""
     system = make_system(fresh_backbone, tokens=("pose",), concepts={"pose": {"inputs": ["keypoints"], "num_keypoints": 10}})
-    concept = system.concepts["pose"].eval()
+    concept = system.heads["pose"].eval()
     for k in (6, 14):
         keypoints = torch.rand(4, k, 2)
         batch = dict(chair_batch, keypoints=keypoints, keypoint_valid=torch.ones(4, k, dtype=torch.bool))
@@ -213,10 +216,10 @@ def test_a_words_strength_moves_it_from_its_initializer_word(joint_run, chairs_d
     # Strength 0 is the initializer word itself: the same image as the prompt that writes it.
     word = cfg.concepts["shape"].initializer
     assert torch.allclose(sample({"shape": 0.0}), sample(None, prompt.replace("*s", word), {}), atol=1e-5)
-    outs = system.encode(generate.concept_reference_batch(chairs_dir / "chair_001", 0, cfg, "shape"), ["shape"])
+    encoded = system.encode(generate.concept_reference_batch(chairs_dir / "chair_001", 0, cfg, "shape"), ["shape"])
     init = system.table.initializer_rows["shape"].reshape(1, 1, -1)
-    doubled = system.with_strength(outs, {"shape": 2.0})["shape"].embeds
-    assert torch.allclose(doubled - init, 2 * (outs["shape"].embeds - init), atol=1e-6)
+    doubled = sampling.with_strength(system, encoded, {"shape": 2.0})["shape"].embeds
+    assert torch.allclose(doubled - init, 2 * (encoded["shape"].embeds - init), atol=1e-6)
     with pytest.raises(ValueError, match=r"--strength pose=\.\.\.: the prompt does not use that word"):
         sample({"pose": 2.0})
     with pytest.raises(SystemExit):

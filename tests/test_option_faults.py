@@ -339,16 +339,16 @@ def one_batch_export(system, dataset, run_dir: Path) -> None:
     """The export as it was: every object's first view encoded in one batch."""
     batch = validation.first_views(dataset, len(dataset.records))
     with torch.no_grad():
-        outs = system.encode(batch)
-    for name, out in outs.items():
+        encoded = system.encode(batch)
+    for name, out in encoded.items():
         for b, obj in enumerate(batch["object_name"]):
-            validation.save_word(run_dir / "tokens" / obj / f"{name}.safetensors", system.concepts[name].config.token,
+            validation.save_word(run_dir / "tokens" / obj / f"{name}.safetensors", system.heads[name].config.token,
                                  out.embeds[b], system.table.embedding_dims)
 
 
 def test_token_export_files_do_not_depend_on_the_batch_bound(system, export_set, tmp_path):
     net, _ = system
-    net.concepts.eval()
+    net.heads.eval()
     one_batch_export(net, export_set, tmp_path / "before")
     validation.export_tokens(net, [export_set], tmp_path / "default", "cpu")        # 5 objects: one batch
     validation.export_tokens(net, [export_set], tmp_path / "bound", "cpu", batch_size=2)

@@ -459,21 +459,20 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
     logged loss and every head weight identical (not close: equal), so heads, optimizer, the
     cosine lr schedule, every RNG, the data position and the half-accumulated log line
     (log_every=2, stopped at 3) all came back."""
-    from guided_concepts.system import GuidedConcepts
     straight = train.main(run_args(tmp_path, "a", *RESUME))
-    original, calls = GuidedConcepts.training_losses, {"n": 0}
+    original, calls = train.training_losses, {"n": 0}
 
     def interrupt_third_step(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGINT)       # Ctrl-C in the middle of step 3
         return original(self, *args, **kwargs)
-    monkeypatch.setattr(GuidedConcepts, "training_losses", interrupt_third_step)
+    monkeypatch.setattr(train, "training_losses", interrupt_third_step)
     with pytest.raises(SystemExit) as stopped:
         train.main(run_args(tmp_path, "b", *RESUME))
     assert stopped.value.code == 128 + signal.SIGINT
     assert latest_checkpoint(tmp_path / "b").name == "step_000003"
-    monkeypatch.setattr(GuidedConcepts, "training_losses", original)
+    monkeypatch.setattr(train, "training_losses", original)
     resumed = train.main(["--name", "b", "--set", f"run.output_dir={tmp_path}", "--resume"])
     a, b = metric_lines(straight), metric_lines(resumed)
     assert [r["step"] for r in a] == [2, 4, 6, 6]                   # training lines + final validation
@@ -491,8 +490,7 @@ def test_extending_a_decaying_schedule_needs_force(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from guided_concepts.system import GuidedConcepts
-    original, calls = GuidedConcepts.training_losses, {"n": 0}
+    original, calls = train.training_losses, {"n": 0}
 
     def poisoned(self, *args, **kwargs):
         terms = original(self, *args, **kwargs)
@@ -502,7 +500,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             terms["denoise"] = (weight, value.clone().index_fill_(0, torch.tensor([1]), float("nan")))
         return terms
 
-    monkeypatch.setattr(GuidedConcepts, "training_losses", poisoned)
+    monkeypatch.setattr(train, "training_losses", poisoned)
     with pytest.raises(SystemExit) as caught:
         train.main(run_args(tmp_path, "nan", "--set", "train.steps=5", "--set", "train.checkpoint_every=2",
                             "--set", "train.log_every=1"))

@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 
 from guided_concepts.capture import AttentionStore, CaptureProcessor, capture_attention, choose_layers, cross_attention_layers
 from tests.conftest import make_system
+from guided_concepts.prompts import prompts_for
+from guided_concepts.objective import training_losses
+from guided_concepts import sampling
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of a chair in the shape of {} with pose {}"
@@ -98,13 +101,13 @@ def test_capture_keeps_the_stock_output_at_the_sdxl_layout(sdxl_backbone):
 def test_a_joint_step_reaches_both_encoders_parts_and_nothing_frozen(sdxl_backbone, chair_batch):
     system = make_system(sdxl_backbone, tokens=("shape", "pose"), losses={"shape": {"mask_variant": "mass_ratio"}})
     frozen = {n: p.detach().clone() for n, p in sdxl_backbone.text_side[1][1].named_parameters()}
-    outs = system.concepts(chair_batch)
-    for out in outs.values():
+    encoded = system.heads(chair_batch)
+    for out in encoded.values():
         out.embeds.retain_grad()
-    prompts = system.prompts_for(chair_batch, ["a {category} {phrases}"], system.tokens, __import__("random").Random(0))
-    losses = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0), outs=outs)
+    prompts = prompts_for(chair_batch["category"], ["a {category} {phrases}"], system.clauses, system.tokens, __import__("random").Random(0))
+    losses = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(0), encoded=encoded)
     sum(w * v.mean() for w, v in losses.values()).backward()
-    for name, out in outs.items():
+    for name, out in encoded.items():
         grad = out.embeds.grad                                           # [B, K, 80]
         assert grad[..., :32].abs().sum() > 0 and grad[..., 32:].abs().sum() > 0, name   # clip_l and clip_g parts
     assert all(p.grad is None for m in sdxl_backbone.frozen_modules() for p in m.parameters())
@@ -129,9 +132,9 @@ def test_time_ids_come_from_the_data(tmp_path, sdxl_backbone):
     (folder / "meta.json").write_text(json.dumps({"category": "chair"}))
     batch = collate([ObjectViewsDataset(scan_objects(tmp_path / "objects"), 32, flip_prob=0.0)[0]])
     system = make_system(sdxl_backbone)
-    added = system.added_conditioning(torch.zeros(1, 32), batch, 32)
+    added = system.backbone.added_conditioning(torch.zeros(1, 32), batch, 32)
     assert added["time_ids"].tolist() == [[64.0, 96.0, 0.0, 8.0, 32.0, 32.0]]
-    assert system.added_conditioning(torch.zeros(2, 32), None, 64)["time_ids"].tolist() == [[64.0, 64, 0, 0, 64, 64]] * 2
+    assert system.backbone.added_conditioning(torch.zeros(2, 32), None, 64)["time_ids"].tolist() == [[64.0, 64, 0, 0, 64, 64]] * 2
     with pytest.raises(ValueError, match="needs added conditioning"):
         system.unet_with_attention(torch.zeros(1, 4, 32, 32), torch.tensor([1]), torch.zeros(1, 77, 80),
                                    torch.zeros(1, 77, 1), capture=False)
@@ -226,7 +229,7 @@ def test_sampling_with_an_fp32_vae_under_fp16_matches_fp32(sdxl_dir):
         backbone.cast_frozen(dtype)
         system = make_system(backbone)
         word = {"shape": type("Out", (), {"embeds": system.table.initializer_rows["shape"].expand(1, 1, -1)})()}
-        images.append(system.sample(["a chair in the shape of *s"], steps=2, outs=word)[0])
+        images.append(sampling.sample(system, ["a chair in the shape of *s"], steps=2, encoded=word)[0])
     assert images[1].dtype == torch.float32 and (images[0] - images[1]).abs().max() < 0.02
 
 
@@ -299,7 +302,7 @@ def test_sampling_equals_the_stock_sdxl_pipeline(sdxl_backbone, sdxl_dir):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     system = make_system(sdxl_backbone)
     words = {"shape": type("Out", (), {"embeds": system.table.initializer_rows["shape"].expand(1, 1, -1)})()}
-    ours, maps = system.sample(["a chair in the shape of *s"], steps=3, guidance_scale=5.0, seed=3, outs=words)
+    ours, maps = sampling.sample(system, ["a chair in the shape of *s"], steps=3, guidance_scale=5.0, seed=3, encoded=words)
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

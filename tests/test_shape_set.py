@@ -13,6 +13,8 @@ from guided_concepts.backbone import load_backbone
 from guided_concepts.concepts.base import StepView
 from guided_concepts.losses import mask_attention_loss
 from tests.conftest import make_system
+from guided_concepts.prompts import prompts_for
+from guided_concepts.objective import training_losses
 
 
 @pytest.fixture
@@ -21,7 +23,7 @@ def shape_system(tiny_model_dir):
     system = make_system(load_backbone(str(tiny_model_dir), need_image_encoder=True),
                          concepts={"shape": {"use_image": True}})
     with torch.no_grad():
-        system.concepts["shape"].head.mlp[-1].weight.normal_(std=1e-2)
+        system.heads["shape"].head.mlp[-1].weight.normal_(std=1e-2)
     return system
 
 
@@ -31,7 +33,7 @@ def shuffled(batch, order):
 
 
 def test_set_encoding_ignores_the_order_of_views(shape_system, chair_batch):
-    concept = shape_system.concepts["shape"].eval()
+    concept = shape_system.heads["shape"].eval()
     with torch.no_grad():
         a = concept.encode(chair_batch)
         b = concept.encode(shuffled(chair_batch, torch.randperm(chair_batch["mask_set"].shape[1])))
@@ -40,7 +42,7 @@ def test_set_encoding_ignores_the_order_of_views(shape_system, chair_batch):
 
 
 def test_single_view_sets_and_missing_sets_work(shape_system, chair_batch):
-    concept = shape_system.concepts["shape"].eval()
+    concept = shape_system.heads["shape"].eval()
     one = dict(chair_batch, mask_set_valid=torch.zeros_like(chair_batch["mask_set_valid"]))
     one["mask_set_valid"][:, 0] = True                       # V = 1
     without = {k: v for k, v in chair_batch.items() if not k.startswith("mask_set")}
@@ -52,7 +54,7 @@ def test_single_view_sets_and_missing_sets_work(shape_system, chair_batch):
 
 
 def test_diversity_zero_is_deterministic_and_spread_grows_with_tau(shape_system, chair_batch):
-    concept = shape_system.concepts["shape"].eval()
+    concept = shape_system.heads["shape"].eval()
     spreads = []
     for tau in (0.0, 0.5, 1.0, 2.0):
         concept.diversity = tau
@@ -69,9 +71,9 @@ def test_diversity_zero_is_deterministic_and_spread_grows_with_tau(shape_system,
 
 
 def test_kl_and_alignment_are_finite_and_get_gradients(shape_system, chair_batch):
-    concept = shape_system.concepts["shape"].train()
-    prompts = shape_system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], ["shape"], random.Random(0))
-    terms = shape_system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0))
+    concept = shape_system.heads["shape"].train()
+    prompts = prompts_for(chair_batch["category"], ["a photo of a {category} {phrases}"], shape_system.clauses, ["shape"], random.Random(0))
+    terms = training_losses(shape_system, chair_batch, prompts, torch.Generator().manual_seed(0))
     for name in ("shape/kl", "shape/align"):
         weight, value = terms[name]
         assert weight > 0 and torch.isfinite(value).all() and value.shape == (4,)
@@ -92,8 +94,8 @@ def test_mask_loss_reads_shape_or_the_shape_pose_union(fresh_backbone, tiny_mode
     shape_map, pose_map = torch.rand(4, 16, 16), torch.rand(4, 16, 16)
     view = StepView(timesteps=torch.zeros(4, dtype=torch.long), attention={"shape": shape_map, "pose": pose_map},
                     pred=torch.zeros(4, 4, 16, 16), target=torch.zeros(4, 4, 16, 16))
-    out = system.concepts["shape"].encode(chair_batch)
-    _, got = system.concepts["shape"].guidance_losses(out, chair_batch, view)["mask_attention"]
+    out = system.heads["shape"].encode(chair_batch)
+    _, got = system.heads["shape"].guidance_losses(out, chair_batch, view)["mask_attention"]
     expected_map = shape_map + pose_map if target == "shape_pose_union" else shape_map
     assert torch.allclose(got, mask_attention_loss(expected_map, chair_batch["mask"], "mass_ratio"))
     if target == "shape_pose_union":
@@ -120,7 +122,7 @@ def test_generation_from_masks_or_from_one_image(tmp_path, chairs_dir):
 def test_view_consistency_reads_the_code_mean_not_the_sampled_code(shape_system, chair_batch):
     """Two samples of one object with the same masks: zero consistency loss although each draws
     its own noise (pulling samples together would collapse the code)."""
-    concept = shape_system.concepts["shape"].train()
+    concept = shape_system.heads["shape"].train()
     batch = {k: (v[[0, 0]] if torch.is_tensor(v) else [v[0], v[0]]) for k, v in chair_batch.items()}
     out = concept.encode(batch)
     assert not torch.allclose(out.extras["code"][0], out.extras["code"][1])       # sampled codes differ
@@ -139,13 +141,13 @@ def test_encoder_none_is_plain_textual_inversion(tiny_model_dir, chair_batch):
     assert CONCEPTS["shape"].concept.needs_for(cfg.concepts["shape"]) == () and mask_set_options(cfg)["mask_set_size"] == 0
     system = make_system(load_backbone(str(tiny_model_dir)), concepts={"shape": {"encoder": "none"}},
                          losses={"shape": {"mask_weight": 0.0}})
-    concept = system.concepts["shape"]
+    concept = system.heads["shape"]
     assert [n for n, p in concept.named_parameters() if p.requires_grad] == ["head.rows"]
     batch = {k: v for k, v in chair_batch.items() if k not in ("mask", "mask_set", "mask_set_valid")}
     out = concept.encode(batch)
     assert torch.equal(out.embeds, system.table.initializer_rows["shape"].expand_as(out.embeds))   # starts at its word
-    prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], ["shape"], random.Random(0))
-    terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(1))
+    prompts = prompts_for(chair_batch["category"], ["a photo of a {category} {phrases}"], system.clauses, ["shape"], random.Random(0))
+    terms = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(1))
     sum(w * v.mean() for w, v in terms.values()).backward()
     assert concept.head.rows.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="reads no masks"):

@@ -35,8 +35,8 @@ def test_fresh_words_reproduce_the_base_model_exactly(fresh_backbone):
     chair_mask = torch.zeros(2, 1, 64, 64)
     chair_mask[:, :, 20:40, 10:50] = 1
     with torch.no_grad():
-        outs = system.encode({"mask": chair_mask, "image": torch.zeros(2, 3, 64, 64)})
-        got, _ = system.text_embeddings(["a photo of a chair in the shape of *s"] * 2, outs)
+        encoded = system.encode({"mask": chair_mask, "image": torch.zeros(2, 3, 64, 64)})
+        got, _ = system.text_conditioning(["a photo of a chair in the shape of *s"] * 2, encoded)[:2]
     assert torch.equal(got, expected)
 
 

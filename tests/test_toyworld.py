@@ -16,6 +16,7 @@ from tests.conftest import die_after_unet_checkpoint
 from guided_concepts.toyworld.world import (ATTRIBUTES, COLOUR_NAMES, DIRECTIONS, HELD_OUT_COMBOS, caption,
                                              direction_azimuth, direction_bin, random_caption, render, render_set,
                                              toy_chair_from_meta, write_toy_objects)
+from guided_concepts import sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "toyworld" / "weights"
@@ -271,8 +272,8 @@ def test_shape_word_differs_between_chairs_and_moves_the_silhouette_more_than_th
 
     def silhouettes(order, seed):
         prompts = ["a chair in the shape of *s"] * len(objects)
-        outs = {"shape": SimpleNamespace(embeds=words[order])}
-        images, _ = system.sample(prompts, steps=10, guidance_scale=4.0, seed=seed, outs=outs)
+        encoded = {"shape": SimpleNamespace(embeds=words[order])}
+        images, _ = sampling.sample(system, prompts, steps=10, guidance_scale=4.0, seed=seed, encoded=encoded)
         return silhouette(images)
 
     swap_change, seed_change = [], []

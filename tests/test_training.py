@@ -14,6 +14,9 @@ from guided_concepts import train
 from guided_concepts.metrics import attention_mask_metrics
 from guided_concepts.objectdata import ObjectViewsDataset, collate, scan_objects
 from tests.conftest import make_system, with_settings
+from guided_concepts.prompts import prompts_for
+from guided_concepts.backbone.latents import LatentCache, encode_latents
+from guided_concepts.objective import training_losses
 
 QUICK = ["--set", "train.steps=4", "--set", "train.batch_size=4", "--set", "train.log_every=2",
          "--set", "train.checkpoint_every=2", "--set", "train.sample_every=2", "--set", "sample.steps=2"]
@@ -51,7 +54,7 @@ def test_saved_run_reloads_to_identical_embeddings(trained_run, chairs_dir):
     batch = generate.reference_batch(chairs_dir / "chair_003", 0, cfg.data.resolution,
                                      CONCEPTS["shape"].concept.needs_for(cfg.concepts["shape"]), cfg.concepts["shape"].max_views)
     with torch.no_grad():
-        embeds = system.concepts["shape"].encode(batch).embeds[0]
+        embeds = system.heads["shape"].encode(batch).embeds[0]
     exported = load_file(str(run / "tokens" / "chair_003" / "shape.safetensors"))["*s"]
     assert torch.allclose(embeds, exported, atol=1e-6)
     initializer = system.table.initializer_rows["shape"]
@@ -81,14 +84,14 @@ def test_only_heads_and_placeholder_rows_train(fresh_backbone, chair_batch):
     frozen = {f"{i}.{k}": v.clone() for i, m in enumerate(fresh_backbone.frozen_modules())
               for k, v in m.state_dict().items()}
     heads_before = {k: v.clone() for k, v in system.trainable_state().items()}
-    trainable = [p for p in system.concepts.parameters() if p.requires_grad]
+    trainable = [p for p in system.heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], ["shape"], random.Random(0))
+    prompts = prompts_for(chair_batch["category"], ["a photo of a {category} {phrases}"], system.clauses, ["shape"], random.Random(0))
     for _ in range(2):
-        terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0))
+        terms = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(0))
         optimizer.zero_grad()
         sum(w * v.mean() for w, v in terms.values()).backward()
-        head = system.concepts["shape"].head
+        head = system.heads["shape"].head
         assert all(head.rows.grad[k].abs().sum() > 0 for k in range(2))          # every vector
         assert head.mlp[-1].weight.grad.abs().sum() > 0
         optimizer.step()
@@ -105,9 +108,9 @@ def test_frozen_modules_in_bf16_heads_stay_fp32(fresh_backbone, chair_batch):
     for module in fresh_backbone.frozen_modules():
         module.to(torch.bfloat16)
     prompts = ["a photo of a chair in the shape of *s"] * len(chair_batch["category"])
-    terms = system.training_losses(chair_batch, prompts)
+    terms = training_losses(system, chair_batch, prompts)
     sum(w * v.float().mean() for w, v in terms.values()).backward()
-    params = [p for p in system.concepts.parameters() if p.requires_grad]
+    params = [p for p in system.heads.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in params)
 
 
@@ -136,22 +139,22 @@ def train_shape(backbone, records, mask_weight, steps=150, seed=0, encoder="set"
     torch.manual_seed(seed)
     system = make_system(backbone, concepts={"shape": {"lr": 1e-2, "encoder": encoder}},
                          losses={"shape": {"mask_weight": mask_weight, "mask_variant": "mass_ratio"}})
-    optimizer = torch.optim.AdamW([p for p in system.concepts.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in system.heads.parameters() if p.requires_grad], lr=1e-2)
     data = ObjectViewsDataset(records, 64, 0.5, mask_set_size=8, random_set_size=True)
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True,
                                          collate_fn=collate, generator=torch.Generator().manual_seed(seed))
     rng, step = random.Random(seed), 0
     while step < steps:
         for batch in loader:
-            prompts = system.prompts_for(batch, ["a photo of a {category} {phrases}"], ["shape"], rng)
-            terms = system.training_losses(batch, prompts)
+            prompts = prompts_for(batch["category"], ["a photo of a {category} {phrases}"], system.clauses, ["shape"], rng)
+            terms = training_losses(system, batch, prompts)
             optimizer.zero_grad()
             sum(w * v.mean() for w, v in terms.values()).backward()
             optimizer.step()
             step += 1
             if step == steps:
                 break
-    system.concepts.eval()
+    system.heads.eval()
     return system
 
 
@@ -208,15 +211,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, chair_b
         system = make_system(backbone, tokens=("shape", "pose"))
         with torch.no_grad():
             for n in system.tokens:
-                system.concepts[n].head.mlp[-1].weight.normal_(std=1e-2, generator=torch.Generator().manual_seed(1))
+                system.heads[n].head.mlp[-1].weight.normal_(std=1e-2, generator=torch.Generator().manual_seed(1))
         if checkpointing:
             backbone.unet.enable_gradient_checkpointing()
             backbone.unet.train()
-        prompts = system.prompts_for(chair_batch, ["a photo of a {category} {phrases}"], system.tokens, random.Random(0))
-        terms = system.training_losses(chair_batch, prompts, torch.Generator().manual_seed(0))
+        prompts = prompts_for(chair_batch["category"], ["a photo of a {category} {phrases}"], system.clauses, system.tokens, random.Random(0))
+        terms = training_losses(system, chair_batch, prompts, torch.Generator().manual_seed(0))
         recorded_in_forward = [layer for layer, recording in calls if recording]
         sum(w * v.mean() for w, v in terms.values()).backward()
-        grads.append({k: p.grad.clone() for k, p in system.concepts.named_parameters() if p.grad is not None})
+        grads.append({k: p.grad.clone() for k, p in system.heads.named_parameters() if p.grad is not None})
         layers = system.attention_layers
         assert sorted(recorded_in_forward) == sorted(layers)                # once per captured layer
         assert [layer for layer, recording in calls if recording] == recorded_in_forward   # none in backward
@@ -267,7 +270,7 @@ def test_trained_word_changes_what_is_generated(trained_run, chairs_dir):
     system, cfg = generate.load_run(run)
     _, trained, _ = generate.generate(system, cfg, "a photo of a chair in the shape of *s",
                                       {"shape": chairs_dir / "chair_011"}, num=1, steps=2)
-    head = system.concepts["shape"].head
+    head = system.heads["shape"].head
     with torch.no_grad():
         head.mlp[-1].weight.zero_()
         head.mlp[-1].bias.zero_()
@@ -279,17 +282,17 @@ def test_trained_word_changes_what_is_generated(trained_run, chairs_dir):
 
 def test_latent_cache_draws_the_same_latents_and_encodes_once(fresh_backbone, chair_batch, monkeypatch):
     system = make_system(fresh_backbone)
-    plain = [system.encode_latents(chair_batch, torch.Generator().manual_seed(s)) for s in (0, 1)]
-    system.latent_cache = {}
+    plain = [encode_latents(system.backbone, chair_batch, torch.Generator().manual_seed(s)) for s in (0, 1)]
+    cache = LatentCache()                                          # what the run owns with data.cache_latents
     encodes = []
     original = type(fresh_backbone.vae).encode
     monkeypatch.setattr(type(fresh_backbone.vae), "encode", lambda self, x, *a, **k: encodes.append(len(x)) or original(self, x, *a, **k))
-    cached = [system.encode_latents(chair_batch, torch.Generator().manual_seed(s)) for s in (0, 1)]
+    cached = [encode_latents(system.backbone, chair_batch, torch.Generator().manual_seed(s), cache) for s in (0, 1)]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, cached))    # same samples as uncached
     assert not torch.allclose(cached[0], cached[1])                                # still sampled, not the mean
     assert encodes == [len(chair_batch["image"])]                                   # second call: all cached
     flipped = {**chair_batch, "flipped": ~chair_batch["flipped"], "image": chair_batch["image"].flip(-1)}
-    system.encode_latents(flipped, torch.Generator().manual_seed(0))
+    encode_latents(system.backbone, flipped, torch.Generator().manual_seed(0), cache)
     assert encodes[-1] == len(chair_batch["image"])                                  # a flip is another entry
 
 

@@ -17,10 +17,12 @@ from guided_concepts import generate
 from guided_concepts.argtypes import positive_int
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.concepts.pose import camera_batch
-from guided_concepts.system import render_prompt, to_device
+from guided_concepts.prompts import render_prompt
+from guided_concepts.system import to_device
 from guided_concepts.toyworld.scorer import mask_iou
 from guided_concepts.toyworld.truth import WorldTruth, truth_of_folder
 from guided_concepts.toyworld.world import DIRECTIONS, direction_azimuth
+from guided_concepts import sampling
 
 
 ELEVATION, DISTANCE = 20.0, 2.5
@@ -67,7 +69,7 @@ def camera_of(direction: int) -> dict:
 @torch.no_grad()
 def encode_word(system, cfg, name: str, source) -> torch.Tensor:
     """The word's embedding [K, D]: from an object folder, or (pose) a camera dict."""
-    concept = system.concepts[name]
+    concept = system.heads[name]
     concept.diversity = 0.0
     if isinstance(source, dict):
         batch = camera_batch(source, getattr(cfg.concepts[name], "distance_range", None))
@@ -96,9 +98,9 @@ def build_prompt(system, world: WorldTruth, words: list[str], mode: dict[str, st
     clauses, colour = {}, ""
     for name in words:
         if mode[name] in ("word", "ti", "tuned"):  # the learned, inverted or tuned word: same clause
-            clauses[name] = system.clause(name)
+            clauses[name] = system.clauses[name]
         elif mode[name] == "residual":
-            noun = system.concepts[name].config.token
+            noun = system.heads[name].config.token
         elif mode[name] == "text":
             if name == "appearance":
                 colour = words_clause(world, name, donor, direction) + " "
@@ -115,9 +117,9 @@ def sample_batch(system, prompts: list[str], embeds: dict[str, torch.Tensor], se
                  guidance: float, chunk: int = 32) -> torch.Tensor:
     images = []
     for start in range(0, len(prompts), chunk):
-        outs = {n: SimpleNamespace(embeds=e[start:start + chunk]) for n, e in embeds.items()}
-        image, _ = system.sample(prompts[start:start + chunk], steps=steps, guidance_scale=guidance,
-                                 seed=seed + start, outs=outs)
+        encoded = {n: SimpleNamespace(embeds=e[start:start + chunk]) for n, e in embeds.items()}
+        image, _ = sampling.sample(system, prompts[start:start + chunk], steps=steps, guidance_scale=guidance,
+                                 seed=seed + start, encoded=encoded)
         images.append(image)
     return torch.cat(images)
 
@@ -299,7 +301,7 @@ def own_word_accuracy(system, cfg, world, objects, truths, word_of, seeds: int, 
     for i in range(len(objects)):
         for _ in range(seeds):
             prompts.append(render_prompt("a {category} {phrases}", world.noun(truths[i]),
-                                         {"shape": system.clause("shape")}))
+                                         {"shape": system.clauses["shape"]}))
             embeds.append(word_of(i))
             items.append(truths[i])
     images = sample_batch(system, prompts, {"shape": torch.stack(embeds)}, seed=2000, steps=steps, guidance=guidance)

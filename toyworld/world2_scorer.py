@@ -60,10 +60,10 @@ class Scorer2(nn.Module):
     def predict(self, images: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
         """images [B,3,H,W] in [0,1] -> category, colour, direction class indices [B]; shape [B,6];
         mask bool [B,H,W] (the object's pixels, at the images' size)."""
-        outs = [self(images[s:s + batch]) for s in range(0, len(images), batch)]
-        predicted = {n: torch.cat([o[0][n].argmax(-1) for o in outs]) for n in CLASSES}
-        predicted["shape"] = torch.cat([o[1] for o in outs])
-        mask = torch.cat([o[2] for o in outs])
+        encoded = [self(images[s:s + batch]) for s in range(0, len(images), batch)]
+        predicted = {n: torch.cat([o[0][n].argmax(-1) for o in encoded]) for n in CLASSES}
+        predicted["shape"] = torch.cat([o[1] for o in encoded])
+        mask = torch.cat([o[2] for o in encoded])
         predicted["mask"] = F.interpolate(mask, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > 0
         return predicted
 
