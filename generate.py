@@ -40,7 +40,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     ckpt = Path(artefact) if artefact else (Path(checkpoint) if checkpoint else latest_checkpoint(run_dir))
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
-    needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
+    needs_pixels = any(CONCEPTS[n].concept.requirements(cfg.concepts[n]).image_encoder for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
     system = build_system(cfg, backbone)
     if artefact:
@@ -93,9 +93,10 @@ def check_sampling(num: int, steps: int, guidance_scale: float, diversity: float
 def concept_reference_batch(folder, view: int, cfg, name: str, needs: tuple[str, ...] | None = None) -> dict:
     """reference_batch for concept `name` of a run's config: its needs (unless given), and the mask
     set its head reads."""
-    entry, config = CONCEPTS[name], cfg.concepts[name]
-    needs = entry.concept.needs_for(config) if needs is None else needs
-    return reference_batch(folder, view, cfg.data.resolution, needs, **entry.concept.mask_set_options(config))
+    required = CONCEPTS[name].concept.requirements(cfg.concepts[name])
+    set_size, set_resolution = required.mask_set
+    return reference_batch(folder, view, cfg.data.resolution, required.data if needs is None else needs,
+                           set_size=set_size, set_resolution=set_resolution)
 
 
 def reference_batch(folder: str | Path, view: int, resolution: int, needs: tuple[str, ...],
@@ -172,7 +173,7 @@ def generate(system: GuidedConcepts, cfg, prompt: str, sources: dict[str, str | 
         concept = CONCEPTS[name].concept
         batch = concept.source_batch(sources[name], cfg.concepts[name])
         if batch is None:                 # an object folder
-            needs = concept.reference_needs(cfg.concepts[name], options)
+            needs = concept.requirements(cfg.concepts[name], at_generation=True, options=options).data
             batch = concept_reference_batch(sources[name], view, cfg, name, needs)
             reference = batch["image"][0] if reference is None else reference
         batches[name] = to_device(batch, device)

@@ -33,7 +33,7 @@ def resolve_data_root(root: str | None) -> Path:
 def build_data(cfg: Config, held_out: list[str] | None = None):
     """-> (train, validation) datasets; raises DataError naming the file at the first problem.
     held_out: these objects are held out (a resumed run's recorded split), not the last data.holdout."""
-    needs = {k for n in cfg.tokens for k in CONCEPTS[n].concept.needs_for(cfg.concepts[n])}
+    needs = {k for n in cfg.tokens for k in CONCEPTS[n].concept.requirements(cfg.concepts[n]).data}
     try:                                 # before a named set is generated or anything scanned
         world2_data.check_rendered_settings(cfg.data.root, cfg.data.rendered_objects, cfg.data.decouple)
     except ValueError as error:

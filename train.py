@@ -25,6 +25,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
 from guided_concepts.backbone import load_backbone
+from guided_concepts.backbone.load import check_vocabulary
 from guided_concepts.checkpointing import (CheckpointError, RunFolderError, RunLock, StopSignals, append_environment, atomic_write,
                                            check_run_dir, check_run_name, check_writable, end_training_patiently, environment_record,
                                            global_rng_states, heads_fingerprint, latest_checkpoint,
@@ -94,6 +95,10 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
             raise CheckpointError(f"{run_dir}: --resume given but the run has no config.yaml (it was stopped before "
                                   "writing it, so there is nothing to continue); start it again with --overwrite")
     cfg = load_config(config_path, overrides, tokens=args.tokens)
+    try:                                 # the vocabulary step of adding a concept, before any model loads
+        check_vocabulary(cfg.model.name, {f"concepts.{n}.initializer": cfg.concepts[n].initializer for n in cfg.tokens})
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if args.help_config:
         args.explained = explain_config(cfg, config_sources(config_path, overrides, args.tokens))
     return cfg, args
@@ -202,7 +207,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
 def build_model(cfg: Config):
     """-> (backbone, system, adapters or None). Raises ValueError/OSError for a model that does not
     fit the config, before anything is written (minutes on real weights)."""
-    needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
+    needs_pixels = any(CONCEPTS[n].concept.requirements(cfg.concepts[n]).image_encoder for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
     set_seed(cfg.train.seed)     # after loading: building a missing tiny model draws from the RNG too
     pulled = [n for n in cfg.tokens if getattr(cfg.losses[n], "target_weight", 0.0) > 0]

@@ -127,6 +127,28 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def check_vocabulary(model_name: str, initializers: dict[str, str]) -> None:
+    """Each word's initializer (key -> word) must be one token of the model's tokenizer(s): checked
+    when the config is built, from the tokenizer files of a shipped or local model folder. The
+    tiny models (built on first use) and hub ids are checked when they load, before any writing."""
+    from transformers import AutoTokenizer
+    if model_name in TINY_LAYOUTS:
+        return
+    try:
+        root = Path(resolve_model_path(model_name))
+    except ValueError:
+        return                                   # load_backbone names a missing model
+    for folder in (root / "tokenizer", root / "tokenizer_2"):
+        if not folder.is_dir():
+            continue
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        for key, word in initializers.items():
+            count = len(tokenizer(word, add_special_tokens=False).input_ids)
+            if count != 1:
+                raise ValueError(f"{key}: {word!r} is {count} tokens in {folder}; the word a head starts from must "
+                                 "be one token of the model's vocabulary (README: Adding a concept)")
+
+
 def _in_hub_cache(repo_id: str) -> bool:
     """Offline, a hub id still loads from the local hub cache (downloaded before)."""
     try:

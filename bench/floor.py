@@ -215,13 +215,13 @@ def head_flops(names: list[str], dim: int = 768, batch: int = BATCH) -> tuple[fl
         info = {"elevation": (0.0, 30.0), "distance": (2.0, 3.0), "num_keypoints": 10}
         config = cls.fit_to_data(config, info)
         image_encoder = None
-        if cls.uses_image_encoder(config):
+        if cls.requirements(config).image_encoder:
             from guided_concepts.backbone.tiny import build_tiny_pipeline
             from guided_concepts.backbone.load import FrozenImageEncoder
             image_encoder = FrozenImageEncoder(build_tiny_pipeline().image_encoder)
         heads[n] = cls(config, loss_cls(), torch.randn(config.num_vectors, dim) * 0.01, image_encoder)
         total_params += sum(p.numel() for p in heads[n].parameters() if p.requires_grad)
-    set_size = max((type(heads[n]).mask_set_options(heads[n].config)["set_size"] for n in names), default=0)
+    set_size = max((type(heads[n]).requirements(heads[n].config).mask_set[0] for n in names), default=0)
     data = ObjectViewsDataset(records[:4], 64, 0.0, mask_set_size=set_size)
     samples = collate([data[i * 6] for i in range(batch)])
     with FlopCounterMode(display=False) as counter:

@@ -125,7 +125,7 @@ def build(layout: str, variant: str, device: torch.device):
     tokens, extra = VARIANTS[variant]
     cfg, _ = train.parse_args([*args, "--tokens", ",".join(tokens), *extra])
     train_set, _ = train.build_data(cfg)
-    needs_pixels = any(CONCEPTS[n].concept.uses_image_encoder(cfg.concepts[n]) for n in cfg.tokens)
+    needs_pixels = any(CONCEPTS[n].concept.requirements(cfg.concepts[n]).image_encoder for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels)
     system = build_system(cfg, backbone)
     for module in backbone.frozen_modules():

@@ -3,7 +3,7 @@ import and one entry below (plus one row in tests/test_concepts.py)."""
 from typing import NamedTuple
 
 from guided_concepts.concepts.appearance import AppearanceConcept, AppearanceConfig, AppearanceLossConfig
-from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, StepView
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, Requirements, StepView
 from guided_concepts.concepts.pose import PoseConcept, PoseConfig, PoseLossConfig
 from guided_concepts.concepts.shape import ShapeConcept, ShapeConfig, ShapeLossConfig
 from guided_concepts.concepts.style import StyleConcept, StyleConfig, StyleLossConfig
@@ -35,4 +35,4 @@ def check_requirements(tokens: list[str], concept_configs: dict, loss_configs: d
                 raise ValueError(f"{key} needs the {needed} token (--tokens {','.join([*tokens, needed])})")
 
 
-__all__ = ["CONCEPTS", "Concept", "ConceptConfig", "ConceptOutput", "Registered", "StepView", "check_requirements"]
+__all__ = ["CONCEPTS", "Concept", "ConceptConfig", "ConceptOutput", "Registered", "Requirements", "StepView", "check_requirements"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, Requirements
 from guided_concepts.losses import denoising_loss, offset_l2
 
 
@@ -62,11 +62,10 @@ def masked_pixels(batch: dict) -> torch.Tensor:
 
 class AppearanceConcept(Concept):
     name = "appearance"
-    needs = ("mask",)
 
     @classmethod
-    def uses_image_encoder(cls, config: AppearanceConfig) -> bool:
-        return config.encoder == "pretrained"
+    def requirements(cls, config: AppearanceConfig, at_generation: bool = False, options: dict | None = None) -> Requirements:
+        return Requirements(data=("mask",), image_encoder=config.encoder == "pretrained")
 
     def __init__(self, config: AppearanceConfig, loss_config: AppearanceLossConfig, initializer_row: torch.Tensor,
                  image_encoder=None):

@@ -2,6 +2,7 @@
 and the contract the training loop relies on."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -88,61 +89,19 @@ class ConvEncoder(nn.Module):
         return torch.cat([mean, maps.amax(dim=(-2, -1))], dim=-1) if self.pool == "mean_max" else mean
 
 
-class Concept(nn.Module):
-    """One learned word: `encode(batch)` gives its embeddings, `guidance_losses` its losses.
+@dataclass(frozen=True)
+class Requirements:
+    """What a word needs from the data and the model, asked in one place (Concept.requirements)."""
+    data: tuple[str, ...] = ()            # batch fields its head or losses read: "mask", "camera",
+                                          # "keypoints", "mask_set", "mask_set_shading"
+    image_encoder: bool = False           # the frozen image encoder (a head that reads pixels)
+    mask_set: tuple[int, int] = (0, 64)   # (views, resolution) of the mask set, when data has "mask_set"
 
-    Subclasses set `name`, `needs` (data the head or losses require: "mask", "camera",
-    "keypoints"; checked before training), `attention` (True if a loss reads the word's
-    cross-attention map) and `object_level` (False if the word differs between one object's views:
-    it then has no per-object target word).
-    """
-    name = "concept"
-    needs: tuple[str, ...] = ()
-    attention = False
-    object_level = True     # one word per object (False: it varies per view, e.g. the pose)
 
-    def encode(self, batch: dict) -> ConceptOutput:
-        raise NotImplementedError
-
-    def guidance_losses(self, out: ConceptOutput, batch: dict, step: "StepView") -> dict[str, tuple[float, torch.Tensor]]:
-        """name -> (weight, per-sample value [B]). The loop weights, reduces and logs each; a
-        weight of 0 is a metric: logged, not optimised."""
-        raise NotImplementedError
-
-    def trains_attention(self) -> bool:
-        """Does a training loss read this word's map? If no active word's does, training runs the
-        UNet without capture (e.g. an ablation at mask weight 0); evaluation still captures."""
-        return False
-
-    def validation_metrics(self, out: ConceptOutput, batch: dict) -> dict[str, torch.Tensor]:
-        """Held-out measurements (name -> [B]) logged at each validation."""
-        return {}
-
-    @classmethod
-    def check_settings(cls, config, loss_config) -> None:
-        """Raise ValueError naming the key when the config and loss config do not fit together."""
-
-    @classmethod
-    def requires(cls, config, loss_config) -> dict[str, str]:
-        """Other concepts this one needs with these settings: name -> the key that asks for it
-        (checked in one place, concepts.check_requirements)."""
-        return {}
-
-    @classmethod
-    def needs_for(cls, config) -> tuple[str, ...]:
-        """Data fields this concept's head or losses require (checked before training)."""
-        return cls.needs
-
-    @classmethod
-    def uses_image_encoder(cls, config) -> bool:
-        return bool(getattr(config, "use_image", False))
-
-    # -- how a word is given outside training (generate.py, export.py, evaluation) ------------
-    @classmethod
-    def mask_set_options(cls, config) -> dict:
-        """The object's mask set this head reads: {"set_size": views (0: none), "set_resolution": px}."""
-        return {"set_size": 0, "set_resolution": 64}
-
+class WordSource:
+    """The optional part of the contract: giving a word in values on the command line instead of an
+    object folder (pose: --pose azimuth=30), and generation-time switches (shape: --shape-source).
+    Every member has a default that does nothing."""
     value_flags: tuple[str, ...] = ()   # its own flags giving the word in values instead of an object folder
 
     @classmethod
@@ -168,16 +127,62 @@ class Concept(nn.Module):
         """How export's manifest records a source_batch's source."""
         return {"type": "values"}
 
-    @classmethod
-    def reference_needs(cls, config, options) -> tuple[str, ...]:
-        """Data fields read from a reference object at generation (options: generate.py's args)."""
-        return cls.needs_for(config)
-
     def apply_generation_options(self, options) -> None:
         """Set generation-time switches on the head from generate.py's args (see add_generation_args)."""
 
-    # Samples of a word read from a view's camera are scored at that camera (evaluation).
-    reads_view_camera = False
+
+class Concept(nn.Module, WordSource, ABC):
+    """One learned word: `encode(batch)` gives its embeddings, `guidance_losses` its losses.
+
+    Required (abstract): `name`, `encode`, `guidance_losses`, and a constructor
+    `(config, loss_config, initializer_row, image_encoder)`.
+    Optional, with defaults: `attention` (a loss reads the word's cross-attention map),
+    `object_level` (one word per object; False: it varies per view, like the pose),
+    `requirements` (what it needs from the data and the model), `check_settings`, `requires`
+    (other words it needs), `trains_attention`, `validation_metrics`, `fit_to_data`,
+    `reads_view_camera`; and the WordSource part (command-line sources).
+    """
+    name = "concept"
+    attention = False
+    object_level = True     # one word per object (False: it varies per view, e.g. the pose)
+    reads_view_camera = False   # samples of a word read from a view's camera are scored at that camera
+
+    # -- required ----------------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, batch: dict) -> ConceptOutput:
+        """The word's embedding [B, K, D] (and what its losses need) from its own input."""
+
+    @abstractmethod
+    def guidance_losses(self, out: ConceptOutput, batch: dict, step: "StepView") -> dict[str, tuple[float, torch.Tensor]]:
+        """name -> (weight, per-sample value [B]). The loop weights, reduces and logs each; a
+        weight of 0 is a metric: logged, not optimised."""
+
+    # -- optional ----------------------------------------------------------------------------------
+    @classmethod
+    def requirements(cls, config, at_generation: bool = False, options: dict | None = None) -> Requirements:
+        """What the word needs with these settings: data fields (checked before training; at
+        generation, what a reference object must hold, given generate.py's options), the frozen
+        image encoder, the mask set its head reads."""
+        return Requirements(image_encoder=bool(getattr(config, "use_image", False)))
+
+    @classmethod
+    def check_settings(cls, config, loss_config) -> None:
+        """Raise ValueError naming the key when the config and loss config do not fit together."""
+
+    @classmethod
+    def requires(cls, config, loss_config) -> dict[str, str]:
+        """Other concepts this one needs with these settings: name -> the key that asks for it
+        (checked in one place, concepts.check_requirements)."""
+        return {}
+
+    def trains_attention(self) -> bool:
+        """Does a training loss read this word's map? If no active word's does, training runs the
+        UNet without capture (e.g. an ablation at mask weight 0); evaluation still captures."""
+        return False
+
+    def validation_metrics(self, out: ConceptOutput, batch: dict) -> dict[str, torch.Tensor]:
+        """Held-out measurements (name -> [B]) logged at each validation."""
+        return {}
 
     @classmethod
     def fit_to_data(cls, config, dataset_info: dict):

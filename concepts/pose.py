@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range, Requirements
 from guided_concepts.losses import consistency_loss, mask_attention_loss, offset_l2
 from guided_concepts.objectdata.heatmaps import has_keypoints, keypoint_heatmaps
 from guided_concepts.objectdata.meta import camera_problem
@@ -76,8 +76,9 @@ class PoseConcept(Concept):
     value_flags = ("--pose",)   # --pose azimuth=30,elevation=10
 
     @classmethod
-    def needs_for(cls, config: PoseConfig) -> tuple[str, ...]:
-        return tuple(i for i in config.inputs if i in ("camera", "keypoints"))
+    def requirements(cls, config: PoseConfig, at_generation: bool = False, options: dict | None = None) -> Requirements:
+        return Requirements(data=tuple(i for i in config.inputs if i in ("camera", "keypoints")),
+                            image_encoder=bool(getattr(config, "use_image", False)))
 
     @classmethod
     def add_source_args(cls, parser) -> None:

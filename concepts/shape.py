@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guided_concepts.concepts.base import (CONV_POOLS, Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead,
-                                            StepView, in_timestep_range)
+                                            StepView, in_timestep_range, Requirements)
 from guided_concepts.losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss,
                                     gaussian_kl, identity_loss, mask_attention_loss, offset_l2)
 
@@ -118,7 +118,6 @@ class MaskSetEncoder(nn.Module):
 
 class ShapeConcept(Concept):
     name = "shape"
-    needs = ("mask",)
     attention = True
 
     @classmethod
@@ -133,17 +132,9 @@ class ShapeConcept(Concept):
             if loss_config.attention_target == "shape_pose_union" else {}
 
     @classmethod
-    def mask_set_options(cls, config: ShapeConfig) -> dict:
-        return {"set_size": config.max_views, "set_resolution": config.mask_resolution}
-
-    @classmethod
     def add_generation_args(cls, parser) -> None:
         parser.add_argument("--shape-source", choices=["masks", "image"], default="masks",
                             help="encode *s from the object's masks, or from one RGB view (needs an image branch)")
-
-    @classmethod
-    def reference_needs(cls, config: ShapeConfig, options: dict) -> tuple[str, ...]:
-        return () if options.get("shape_source") == "image" else cls.needs_for(config)
 
     def apply_generation_options(self, options: dict) -> None:
         source = options.get("shape_source", "masks")
@@ -152,12 +143,14 @@ class ShapeConcept(Concept):
         self.source = source
 
     @classmethod
-    def needs_for(cls, config: ShapeConfig) -> tuple[str, ...]:
-        if config.encoder == "none":
-            return ()
-        if config.encoder != "set":
-            return ("mask",)
-        return ("mask", "mask_set", "mask_set_shading") if config.mask_input == "mask_shading" else ("mask", "mask_set")
+    def requirements(cls, config: ShapeConfig, at_generation: bool = False, options: dict | None = None) -> Requirements:
+        if config.encoder == "none" or (at_generation and (options or {}).get("shape_source") == "image"):
+            data = ()                        # one learned word, or the code from one RGB view
+        elif config.encoder != "set":
+            data = ("mask",)
+        else:
+            data = ("mask", "mask_set", "mask_set_shading") if config.mask_input == "mask_shading" else ("mask", "mask_set")
+        return Requirements(data=data, image_encoder=config.use_image, mask_set=(config.max_views, config.mask_resolution))
 
     def __init__(self, config: ShapeConfig, loss_config: ShapeLossConfig, initializer_row: torch.Tensor,
                  image_encoder=None):

@@ -50,7 +50,6 @@ class StyleStatistics(nn.Module):
 
 class StyleConcept(Concept):
     name = "style"
-    needs = ()
 
     def __init__(self, config: StyleConfig, loss_config: StyleLossConfig, initializer_row: torch.Tensor,
                  image_encoder=None):

@@ -294,11 +294,11 @@ def check_templates(config: "Config") -> None:
 def mask_set_options(config: "Config") -> dict:
     """ObjectViewsDataset's mask-set arguments for the active heads: how many views (0: none),
     at what size, with the views' shading or not."""
-    readers = [n for n in config.tokens if "mask_set" in CONCEPTS[n].concept.needs_for(config.concepts[n])]
-    sets = [CONCEPTS[n].concept.mask_set_options(config.concepts[n]) for n in readers]
-    return {"mask_set_size": max((s["set_size"] for s in sets), default=0),
-            "mask_set_resolution": max((s["set_resolution"] for s in sets), default=64),
-            "set_shading": any("mask_set_shading" in CONCEPTS[n].concept.needs_for(config.concepts[n]) for n in readers)}
+    needs = [CONCEPTS[n].concept.requirements(config.concepts[n]) for n in config.tokens]
+    readers = [r for r in needs if "mask_set" in r.data]
+    return {"mask_set_size": max((r.mask_set[0] for r in readers), default=0),
+            "mask_set_resolution": max((r.mask_set[1] for r in readers), default=64),
+            "set_shading": any("mask_set_shading" in r.data for r in readers)}
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -176,5 +176,3 @@ def write_results(results: list[dict], out_dir: Path) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
-def needs_for(system) -> dict:
-    return {n: CONCEPTS[n].concept.needs_for(system.heads[n].config) for n in system.tokens}

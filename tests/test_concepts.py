@@ -44,7 +44,7 @@ def row_id(row):
 def row_system(request, tiny_model_dir):
     name, cfg, loss = request.param
     config = CONCEPTS[name].config(**cfg)
-    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.uses_image_encoder(config))
+    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.requirements(config).image_encoder)
     return name, make_system(backbone, tokens=[name], concepts={name: cfg}, losses={name: loss})
 
 
@@ -53,7 +53,7 @@ def test_registry_entries_are_complete():
     for name, (cls, config_cls, loss_cls) in CONCEPTS.items():
         assert cls.name == name
         assert config_cls().token.startswith("*"), "placeholder words are written *x by convention"
-        assert isinstance(cls.needs, tuple)
+        assert isinstance(cls.requirements(config_cls()).data, tuple)
 
 
 def test_fresh_word_is_its_initializer(row_system, chair_batch):
@@ -106,7 +106,7 @@ def test_save_load_round_trip(row_system, chair_batch, tiny_model_dir):
     state = system.trainable_state()
     assert state and all(k.startswith(f"{name}.") for k in state)
     config, loss_config = system.heads[name].config, system.heads[name].loss_config
-    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.uses_image_encoder(config))
+    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.requirements(config).image_encoder)
     again = make_system(backbone, tokens=[name], concepts={name: vars(config)}, losses={name: vars(loss_config)})
     again.load_trainable_state(state)
     again.heads.eval()
@@ -120,8 +120,8 @@ def test_gradients_reach_only_this_concepts_head(row_system, chair_batch, tiny_m
     """Beside every other registered concept, this word's encoding trains its own head only."""
     name, row = row_system
     config = row.heads[name].config
-    others = [n for n in CONCEPTS if n != name and not CONCEPTS[n].concept.uses_image_encoder(CONCEPTS[n].config())]
-    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.uses_image_encoder(config))
+    others = [n for n in CONCEPTS if n != name and not CONCEPTS[n].concept.requirements(CONCEPTS[n].config()).image_encoder]
+    backbone = load_backbone(str(tiny_model_dir), need_image_encoder=CONCEPTS[name].concept.requirements(config).image_encoder)
     system = make_system(backbone, tokens=[name, *others], concepts={name: vars(config)})
     system.heads[name].encode(chair_batch).embeds.pow(2).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in system.heads[name].parameters())

@@ -126,3 +126,14 @@ def test_the_config_reference_page_is_what_help_config_prints(capsys, monkeypatc
     assert CONFIG_PAGE_COMMAND in page
     block = page.split("```text\n", 1)[1].split("```", 1)[0]
     assert block == printed, f"docs/config.md is stale; regenerate its block with: {CONFIG_PAGE_COMMAND}"
+
+
+def test_an_initializer_that_is_not_one_token_is_refused_when_the_config_is_built(tmp_path):
+    """The vocabulary step of adding a concept: checked from the model's tokenizer files before any
+    model loads (here a dry run on ToyWorld), naming the key; a one-token word passes."""
+    from guided_concepts import train
+    base = ["--config", str(CONFIGS / "base.yaml"), "--set", f"run.output_dir={tmp_path}", "--help-config"]
+    with pytest.raises(SystemExit, match=r"concepts.pose.initializer: 'xylophone' is \d+ tokens in .*tokenizer"):
+        train.main([*base, "--set", "concepts.pose.initializer=xylophone"])
+    assert train.main([*base, "--set", "concepts.pose.initializer=chair"]) is None
+    assert not any(tmp_path.iterdir())

@@ -64,7 +64,7 @@ def reference_vectors(system_cfg, concept, source):
     if isinstance(source, dict):
         batch = camera_batch(source, cfg.concepts["pose"].distance_range)
     else:
-        batch = generate.reference_batch(source, 0, cfg.data.resolution, CONCEPTS[concept].concept.needs_for(cfg.concepts[concept]),
+        batch = generate.reference_batch(source, 0, cfg.data.resolution, CONCEPTS[concept].concept.requirements(cfg.concepts[concept]).data,
                                          getattr(cfg.concepts[concept], "max_views", 0))
     system.eval()
     system.heads[concept].diversity = 0.0

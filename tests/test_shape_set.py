@@ -138,7 +138,7 @@ def test_encoder_none_is_plain_textual_inversion(tiny_model_dir, chair_batch):
     from guided_concepts.concepts import CONCEPTS
     from guided_concepts.configs.schema import load_config, mask_set_options
     cfg = load_config(None, ["concepts.shape.encoder=none", "losses.shape.mask_weight=0"])
-    assert CONCEPTS["shape"].concept.needs_for(cfg.concepts["shape"]) == () and mask_set_options(cfg)["mask_set_size"] == 0
+    assert CONCEPTS["shape"].concept.requirements(cfg.concepts["shape"]).data == () and mask_set_options(cfg)["mask_set_size"] == 0
     system = make_system(load_backbone(str(tiny_model_dir)), concepts={"shape": {"encoder": "none"}},
                          losses={"shape": {"mask_weight": 0.0}})
     concept = system.heads["shape"]

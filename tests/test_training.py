@@ -52,7 +52,7 @@ def test_saved_run_reloads_to_identical_embeddings(trained_run, chairs_dir):
     system, cfg = generate.load_run(run)
     from guided_concepts.concepts import CONCEPTS
     batch = generate.reference_batch(chairs_dir / "chair_003", 0, cfg.data.resolution,
-                                     CONCEPTS["shape"].concept.needs_for(cfg.concepts["shape"]), cfg.concepts["shape"].max_views)
+                                     CONCEPTS["shape"].concept.requirements(cfg.concepts["shape"]).data, cfg.concepts["shape"].max_views)
     with torch.no_grad():
         embeds = system.heads["shape"].encode(batch).embeds[0]
     exported = load_file(str(run / "tokens" / "chair_003" / "shape.safetensors"))["*s"]
