@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -25,19 +26,13 @@ ADAPTER_LAYERS = {
 
 @dataclass
 class AdapterConfig:
-    kind: str = field(default="none", metadata={"help": f"one of {ADAPTER_KINDS}"})
-    layers: str = field(default="cross_kv", metadata={"help": f"which projections: {', '.join(ADAPTER_LAYERS)}"})
+    kind: Literal[ADAPTER_KINDS] = field(default="none", metadata={"help": f"one of {ADAPTER_KINDS}"})
+    layers: Literal[tuple(ADAPTER_LAYERS)] = field(default="cross_kv", metadata={"help": f"which projections: {', '.join(ADAPTER_LAYERS)}"})
     rank: int = field(default=4, metadata={"help": "rank of the low-rank update"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate of the adapters (phase 2)"})
     start_step: int = field(default=-1, metadata={"help": "phase 2 (adapters train) starts here; -1 = half of train.steps"})
     l2_weight: float = field(default=1e-4, metadata={"help": "L2 penalty on the E4T offsets Δ"})
     head_lr_scale: float = field(default=1.0, metadata={"help": "phase 2 multiplies the heads' lrs by this"})
-
-    def __post_init__(self):
-        if self.kind not in ADAPTER_KINDS:
-            raise ValueError(f"adapters.kind: {self.kind!r} is not one of {ADAPTER_KINDS}")
-        if self.layers not in ADAPTER_LAYERS:
-            raise ValueError(f"adapters.layers: {self.layers!r} is not one of {tuple(ADAPTER_LAYERS)}")
 
 
 class OffsetLinear(nn.Module):

@@ -3,6 +3,7 @@ the mask (normalised by its area), so the word carries what the object looks lik
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -20,11 +21,7 @@ class AppearanceConfig(ConceptConfig):
     # Before the noun, where captions put a colour ("a red chair"): trained as a trailing "with the
     # appearance of *a", ToyWorld 2's word read back its colour in 0.45 of samples, on the noun 1.00.
     phrase: str = field(default="{token} {category}", metadata={"help": "prompt clause; {category}: on the noun ('a *a chair')"})
-    encoder: str = field(default="cnn", metadata={"help": f"one of {APPEARANCE_ENCODERS}: cnn (small, trained, on the masked pixels) | pretrained (the frozen image encoder) | colour (colour statistics inside the mask: no silhouette, so shape has one route only)"})
-
-    def __post_init__(self):
-        if self.encoder not in APPEARANCE_ENCODERS:
-            raise ValueError(f"concepts.appearance.encoder: {self.encoder!r} is not one of {APPEARANCE_ENCODERS}")
+    encoder: Literal[APPEARANCE_ENCODERS] = field(default="cnn", metadata={"help": f"one of {APPEARANCE_ENCODERS}: cnn (small, trained, on the masked pixels) | pretrained (the frozen image encoder) | colour (colour statistics inside the mask: no silhouette, so shape has one route only)"})
 
 
 @dataclass

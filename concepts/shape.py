@@ -11,6 +11,7 @@ masks alone or from one image alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,38 +31,32 @@ class ShapeConfig(ConceptConfig):
     token: str = field(default="*s", metadata={"help": "placeholder word for the shape"})
     initializer: str = field(default="object", metadata={"help": "vocabulary word the embedding starts from"})
     phrase: str = field(default="in the shape of {token}", metadata={"help": "prompt clause"})
-    encoder: str = field(default="set", metadata={"help": "set: all the object's masks (+cameras) pooled into a Gaussian code; view: the denoised view's mask only; none: no encoder, one learned word (plain textual inversion: reads no masks)"})
+    encoder: Literal[SHAPE_ENCODERS] = field(default="set", metadata={"help": "set: all the object's masks (+cameras) pooled into a Gaussian code; view: the denoised view's mask only; none: no encoder, one learned word (plain textual inversion: reads no masks)"})
     max_views: int = field(default=8, metadata={"help": "set encoder: masks per object it sees (a random 1..max subset in training)"})
     use_cameras: bool = field(default=True, metadata={"help": "set encoder: each mask token also carries its camera angles"})
     code_dim: int = field(default=32, metadata={"help": "size of the shape code z"})
     use_image: bool = field(default=False, metadata={"help": "image branch: the frozen image encoder predicts the code from one RGB view"})
     mask_resolution: int = field(default=64, metadata={"help": "set encoder: side in pixels its masks are read at (area-resized from the mask files; files larger than data.resolution keep parts such as an armrest that the training views lose)"})
     mask_width: int = field(default=16, metadata={"help": "channels of the mask CNN's first layer"})
-    mask_input: str = field(default="mask", metadata={"help": "set encoder input per view: mask, or mask_shading (also the view's brightness inside the mask, standardised per view: parts such as an armrest that a 32 px silhouette hides, without the colour)"})
-    mask_pool: str = field(default="mean", metadata={"help": "how the mask CNN pools its last feature maps: mean, or mean_max (also the max, so a small part like an arm moves the features)"})
+    mask_input: Literal[MASK_INPUTS] = field(default="mask", metadata={"help": "set encoder input per view: mask, or mask_shading (also the view's brightness inside the mask, standardised per view: parts such as an armrest that a 32 px silhouette hides, without the colour)"})
+    mask_pool: Literal[CONV_POOLS] = field(default="mean", metadata={"help": "how the mask CNN pools its last feature maps: mean, or mean_max (also the max, so a small part like an arm moves the features)"})
     standardize: bool = field(default=False, metadata={"help": "standardise the code across objects (batch norm without affine; running statistics after training): mask features differ little between objects, so unscaled the code's object part drowns in its noise and the head learns to ignore it"})
     logvar_init: float = field(default=0.0, metadata={"help": "set encoder: the code's log variance starts here; a wide code (0: sigma 1) drowns the masks' signal in noise early on"})
 
     def __post_init__(self):
-        if self.encoder not in SHAPE_ENCODERS:
-            raise ValueError(f"concepts.shape.encoder: {self.encoder!r} is not one of {SHAPE_ENCODERS}")
-        if self.mask_input not in MASK_INPUTS:
-            raise ValueError(f"concepts.shape.mask_input: {self.mask_input!r} is not one of {MASK_INPUTS}")
         if self.mask_input != "mask" and self.encoder != "set":
             raise ValueError("concepts.shape.mask_input: mask_shading needs encoder: set")
         if self.encoder == "none" and (not self.train_rows or self.use_image):
             raise ValueError("concepts.shape.encoder: none is one learned word: it needs train_rows: true and no use_image")
         if not 16 <= self.mask_resolution <= 1024:
             raise ValueError(f"concepts.shape.mask_resolution: {self.mask_resolution} is not in [16, 1024]")
-        if self.mask_pool not in CONV_POOLS:
-            raise ValueError(f"concepts.shape.mask_pool: {self.mask_pool!r} is not one of {CONV_POOLS}")
 
 @dataclass
 class ShapeLossConfig:
     mask_weight: float = field(default=0.1, metadata={"help": "mask cross-attention loss weight (seeds: 0.1)"})
-    mask_variant: str = field(default="mse_maxnorm", metadata={"help": f"one of {MASK_ATTENTION_VARIANTS}"})
+    mask_variant: Literal[MASK_ATTENTION_VARIANTS] = field(default="mse_maxnorm", metadata={"help": f"one of {MASK_ATTENTION_VARIANTS}"})
     mask_t_range: tuple[int, int] = field(default=(0, 600), metadata={"help": "timesteps [lo, hi) where the mask loss applies; at high noise the object is not visible"})
-    attention_target: str = field(default="shape", metadata={"help": "shape: *s's map vs the view's mask; shape_pose_union: *s + *p maps vs the mask (needs pose)"})
+    attention_target: Literal[ATTENTION_TARGETS] = field(default="shape", metadata={"help": "shape: *s's map vs the view's mask; shape_pose_union: *s + *p maps vs the mask (needs pose)"})
     offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
     contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
     contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
@@ -70,15 +65,9 @@ class ShapeLossConfig:
     identity_weight: float = field(default=0.0, metadata={"help": "set encoder: supervised contrast on the code's mean; views of one object pick each other out of the batch (an object code, not a view code)"})
     kl_weight: float = field(default=1e-3, metadata={"help": "set encoder: KL of the shape code toward N(0, I)"})
     align_weight: float = field(default=0.1, metadata={"help": "image branch: tie its code to the mask branch's"})
-    align_kind: str = field(default="cosine", metadata={"help": f"one of {ALIGNMENT_KINDS}: cosine ties each object's two codes directly; infonce also separates objects"})
+    align_kind: Literal[ALIGNMENT_KINDS] = field(default="cosine", metadata={"help": f"one of {ALIGNMENT_KINDS}: cosine ties each object's two codes directly; infonce also separates objects"})
 
     def __post_init__(self):
-        if self.mask_variant not in MASK_ATTENTION_VARIANTS:
-            raise ValueError(f"losses.shape.mask_variant: {self.mask_variant!r} is not one of {MASK_ATTENTION_VARIANTS}")
-        if self.attention_target not in ATTENTION_TARGETS:
-            raise ValueError(f"losses.shape.attention_target: {self.attention_target!r} is not one of {ATTENTION_TARGETS}")
-        if self.align_kind not in ALIGNMENT_KINDS:
-            raise ValueError(f"losses.shape.align_kind: {self.align_kind!r} is not one of {ALIGNMENT_KINDS}")
         self.mask_t_range = tuple(self.mask_t_range)
 
 class MaskSetEncoder(nn.Module):

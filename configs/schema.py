@@ -9,6 +9,7 @@ import math
 import string
 import types
 import typing
+from typing import Literal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,11 +29,7 @@ class ModelConfig:
     name: str = field(default="tiny", metadata={"help": "'tiny', 'tiny-sd15', 'tiny-sdxl' (built from config), 'toyworld' (shipped), a diffusers SD 1.x/2.x/SDXL folder, or a hub id (SDXL is recognised from the folder)"})
     revision: str | None = field(default=None, metadata={"help": "hub revision"})
     image_encoder: str | None = field(default=None, metadata={"help": "CLIP vision model for heads that read pixels (default: the model's own image_encoder/)"})
-    mixed_precision: str | None = field(default=None, metadata={"help": "no | fp16 | bf16 (frozen modules run in it, heads stay fp32); null = accelerate's own setting (accelerate launch --mixed_precision)"})
-
-    def __post_init__(self):
-        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
-            raise ValueError(f"model.mixed_precision: {self.mixed_precision!r} is not one of no, fp16, bf16")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={"help": "no | fp16 | bf16 (frozen modules run in it, heads stay fp32); null = accelerate's own setting (accelerate launch --mixed_precision)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing: recompute activations in backward (captured maps are recorded once)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet (GPU; the first steps are slow while it compiles)"})
 
@@ -90,7 +87,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between metric lines"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (and at the end)"})
     sample_every: int = field(default=150, metadata={"help": "steps between validation grids (and at the end); 0 = end only; -1 = never (benchmarks, sweeps evaluated afterwards)"})
-    lr_schedule: str = field(default="constant", metadata={"help": "constant | linear | cosine decay of every group's lr after warmup"})
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={"help": "constant | linear | cosine decay of every group's lr after warmup"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear lr warmup"})
     keep_last: int = field(default=5, metadata={"help": "checkpoints kept (older ones deleted after each save); 0 = keep all"})
     samples_per_step: int = field(default=0, metadata={"help": "filled in by the run (leave 0): the samples each step trains on, batch_size rounded to whole triplets with data.triplets, at most the training views"})
@@ -98,8 +95,6 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={"help": "deterministic torch algorithms (slower on GPU; CPU runs resume bit for bit either way)"})
 
     def __post_init__(self):
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"train.lr_schedule: {self.lr_schedule!r} is not one of constant, linear, cosine")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
@@ -172,8 +167,10 @@ def _check_value(key: str, value, hint):
     if isinstance(value, RawValue):
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         allowed = typing.get_args(hint) if union else (hint,)
-        if str in allowed and value.strip() not in ("null", "~", "None"):
-            return str(value)
+        choices = [c for a in allowed if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+        if (str in allowed or choices) and value.strip() not in ("null", "~", "None"):
+            value = str(value)
+            return _check_value(key, value, hint) if choices else value
         value = yaml.safe_load(value) if value.strip() else None
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -182,6 +179,10 @@ def _check_value(key: str, value, hint):
             return None
         hint = next(a for a in args if a is not type(None))
         return _check_value(key, value, hint)
+    if origin is Literal:                  # a choice: the loader checks it and names the choices
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if hint is float and isinstance(value, str):      # PyYAML reads "1e-2" as text (YAML 1.1)
@@ -485,8 +486,15 @@ def _fields_with_help(cls, prefix: str) -> dict:
         if dataclasses.is_dataclass(hints[f.name]):
             out.update(_fields_with_help(hints[f.name], f"{prefix}{f.name}."))
         elif f.name not in ("concepts", "losses") or cls is not Config:
-            out[f"{prefix}{f.name}"] = f.metadata.get("help", "")
+            out[f"{prefix}{f.name}"] = f.metadata.get("help", "") + _choices_text(hints[f.name])
     return out
+
+
+def _choices_text(hint) -> str:
+    """' [one of: a, b]' for a Literal field (optional ones too), else ''."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    choices = [str(c) for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+    return f" [one of: {', '.join(choices)}]" if choices else ""
 
 
 def config_help(active: list[str] | None = None) -> dict:
