@@ -68,7 +68,7 @@ def target_losses(system, batch: dict, encoded: dict) -> dict:
     object's target word; objects without one (held out, new) contribute 0."""
     losses = {}
     for n, out in encoded.items():
-        weight = getattr(system.heads[n].loss_config, "target_weight", 0.0)
+        weight = system.heads[n].loss_config.target_weight
         if weight <= 0 or n not in system.word_targets or "object_name" not in batch:
             continue
         words = system.word_targets[n]
@@ -86,7 +86,7 @@ def contrast_losses(system, batch: dict, prompts: list[str], encoded: dict, nois
     contrast_partners), the UNet runs again on the same noisy latents, and the word pays when
     its own object's image is not explained better than with the other's. One extra UNet pass.
     own: the denoising loss with the object's own words [B]."""
-    weights = {n: getattr(system.heads[n].loss_config, "contrast_weight", 0.0) for n in encoded}
+    weights = {n: system.heads[n].loss_config.contrast_weight for n in encoded}
     names = [n for n, w in weights.items() if w > 0]
     if not names or "object_index" not in batch:
         return {}

@@ -210,7 +210,7 @@ def build_model(cfg: Config):
     needs_pixels = any(CONCEPTS[n].concept.requirements(cfg.concepts[n]).image_encoder for n in cfg.tokens)
     backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
     set_seed(cfg.train.seed)     # after loading: building a missing tiny model draws from the RNG too
-    pulled = [n for n in cfg.tokens if getattr(cfg.losses[n], "target_weight", 0.0) > 0]
+    pulled = [n for n in cfg.tokens if cfg.losses[n].target_weight > 0]
     targets = None
     if pulled:
         if not cfg.train.word_targets:

@@ -29,6 +29,8 @@ def check_requirements(tokens: list[str], concept_configs: dict, loss_configs: d
     between its own config and loss config (Concept.check_settings), checked here only, when the
     config is built. Raises ValueError naming the key."""
     for name in tokens:
+        if not CONCEPTS[name].concept.object_level and loss_configs[name].target_weight > 0:
+            raise ValueError(f"losses.{name}.target_weight: the {name} word is not one per object, so it has no target words")
         CONCEPTS[name].concept.check_settings(concept_configs[name], loss_configs[name])
         for needed, key in CONCEPTS[name].concept.requires(concept_configs[name], loss_configs[name]).items():
             if needed not in tokens:

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, Requirements
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, Requirements, WordLossConfig
 from guided_concepts.losses import denoising_loss, offset_l2
 
 
@@ -25,13 +25,9 @@ class AppearanceConfig(ConceptConfig):
 
 
 @dataclass
-class AppearanceLossConfig:
+class AppearanceLossConfig(WordLossConfig):
     masked_denoise_weight: float = field(default=1.0, metadata={"help": "denoising loss inside the object mask"})
     normalize: str = field(default="area", metadata={"help": "area (per object) | mean (over all pixels)"})
-    offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
-    target_weight: float = field(default=0.0, metadata={"help": "pull the word toward its object's target word in train.word_targets (tune.py --targets: the run's own words after a few tuning steps per object; HyperDreamBooth-style regression)"})
-    contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
-    contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
 
 
 class ColourStatistics(torch.nn.Module):

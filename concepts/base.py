@@ -23,6 +23,15 @@ class ConceptConfig:
 
 
 @dataclass
+class WordLossConfig:
+    """The loss settings every word shares (each concept's loss config adds its own)."""
+    offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
+    contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
+    contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
+    target_weight: float = field(default=0.0, metadata={"help": "object-level words: pull the word toward its object's target word in train.word_targets (tune.py --targets: the run's own words after a few tuning steps per object; HyperDreamBooth-style regression)"})
+
+
+@dataclass
 class ConceptOutput:
     embeds: torch.Tensor    # [B, K, D] written at the placeholder positions
     offset: torch.Tensor    # [B, K, D] what the offset L2 penalises

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range, Requirements
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, in_timestep_range, Requirements, WordLossConfig
 from guided_concepts.losses import consistency_loss, mask_attention_loss, offset_l2
 from guided_concepts.objectdata.heatmaps import has_keypoints, keypoint_heatmaps
 from guided_concepts.objectdata.meta import camera_problem
@@ -38,14 +38,11 @@ class PoseConfig(ConceptConfig):
 
 
 @dataclass
-class PoseLossConfig:
+class PoseLossConfig(WordLossConfig):
     probe_weight: float = field(default=0.1, metadata={"help": "camera recovery from *p (probe MSE)"})
     keypoint_attention_weight: float = field(default=0.1, metadata={"help": "*p's attention mass on keypoint heatmaps (mask where none)"})
     attention_t_range: tuple[int, int] = field(default=(0, 600), metadata={"help": "timesteps [lo, hi) for the attention loss"})
     consistency_weight: float = field(default=0.1, metadata={"help": "same camera, different objects -> same *p"})
-    offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
-    contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
-    contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
 
     def __post_init__(self):
         self.attention_t_range = tuple(self.attention_t_range)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guided_concepts.concepts.base import (CONV_POOLS, Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead,
-                                            StepView, in_timestep_range, Requirements)
+                                            StepView, in_timestep_range, Requirements, WordLossConfig)
 from guided_concepts.losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss,
                                     gaussian_kl, identity_loss, mask_attention_loss, offset_l2)
 
@@ -52,15 +52,11 @@ class ShapeConfig(ConceptConfig):
             raise ValueError(f"concepts.shape.mask_resolution: {self.mask_resolution} is not in [16, 1024]")
 
 @dataclass
-class ShapeLossConfig:
+class ShapeLossConfig(WordLossConfig):
     mask_weight: float = field(default=0.1, metadata={"help": "mask cross-attention loss weight (seeds: 0.1)"})
     mask_variant: Literal[MASK_ATTENTION_VARIANTS] = field(default="mse_maxnorm", metadata={"help": f"one of {MASK_ATTENTION_VARIANTS}"})
     mask_t_range: tuple[int, int] = field(default=(0, 600), metadata={"help": "timesteps [lo, hi) where the mask loss applies; at high noise the object is not visible"})
     attention_target: Literal[ATTENTION_TARGETS] = field(default="shape", metadata={"help": "shape: *s's map vs the view's mask; shape_pose_union: *s + *p maps vs the mask (needs pose)"})
-    offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
-    contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
-    contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
-    target_weight: float = field(default=0.0, metadata={"help": "pull the word toward its object's target word in train.word_targets (tune.py --targets: the run's own words after a few tuning steps per object; HyperDreamBooth-style regression)"})
     view_consistency_weight: float = field(default=0.1, metadata={"help": "pull *s of one object's views together (needs multi-view batches)"})
     identity_weight: float = field(default=0.0, metadata={"help": "set encoder: supervised contrast on the code's mean; views of one object pick each other out of the batch (an object code, not a view code)"})
     kl_weight: float = field(default=1e-3, metadata={"help": "set encoder: KL of the shape code toward N(0, I)"})

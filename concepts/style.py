@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, OffsetHead, StepView
+from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, OffsetHead, StepView, WordLossConfig
 from guided_concepts.losses import offset_l2
 
 
@@ -20,8 +20,8 @@ class StyleConfig(ConceptConfig):
 
 
 @dataclass
-class StyleLossConfig:
-    offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset (the full-image denoising loss guides *t)"})
+class StyleLossConfig(WordLossConfig):
+    """The shared word losses only: the full-image denoising loss guides *t."""
 
 
 def gram_upper(features: torch.Tensor) -> torch.Tensor:

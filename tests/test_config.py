@@ -137,3 +137,10 @@ def test_an_initializer_that_is_not_one_token_is_refused_when_the_config_is_buil
         train.main([*base, "--set", "concepts.pose.initializer=xylophone"])
     assert train.main([*base, "--set", "concepts.pose.initializer=chair"]) is None
     assert not any(tmp_path.iterdir())
+
+
+def test_every_word_shares_one_word_loss_config_and_a_per_view_word_takes_no_targets():
+    from guided_concepts.concepts.base import WordLossConfig
+    assert all(issubclass(entry.loss_config, WordLossConfig) for entry in CONCEPTS.values())
+    with pytest.raises(ConfigError, match="losses.pose.target_weight: the pose word is not one per object"):
+        load_config(CONFIGS / "base.yaml", ["losses.pose.target_weight=1"])
