@@ -21,7 +21,7 @@ class AppearanceConfig(ConceptConfig):
     # Before the noun, where captions put a colour ("a red chair"): trained as a trailing "with the
     # appearance of *a", ToyWorld 2's word read back its colour in 0.45 of samples, on the noun 1.00.
     phrase: str = field(default="{token} {category}", metadata={"help": "prompt clause; {category}: on the noun ('a *a chair')"})
-    encoder: Literal[APPEARANCE_ENCODERS] = field(default="cnn", metadata={"help": f"one of {APPEARANCE_ENCODERS}: cnn (small, trained, on the masked pixels) | pretrained (the frozen image encoder) | colour (colour statistics inside the mask: no silhouette, so shape has one route only)"})
+    encoder: Literal[APPEARANCE_ENCODERS] = field(default="colour", metadata={"help": f"one of {APPEARANCE_ENCODERS}: cnn (small, trained, on the masked pixels) | pretrained (the frozen image encoder) | colour (colour statistics inside the mask: no silhouette, so shape has one route only)"})
 
 
 @dataclass

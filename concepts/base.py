@@ -19,13 +19,13 @@ class ConceptConfig:
     scale: float = field(default=0.1, metadata={"help": "embedding = initializer + scale * offset"})
     hidden_dim: int = field(default=128, metadata={"help": "width of the head's MLP"})
     train_rows: bool = field(default=True, metadata={"help": "also learn the placeholder rows (start: the initializer word)"})
-    fixed_norm: float = field(default=0.0, metadata={"help": "each vector has this norm and only its direction is learned (NeTI / Directional Textual Inversion); 0: free. A loss then cannot be met by growing one shared word"})
+    fixed_norm: float = field(default=0.9, metadata={"help": "each vector has this norm and only its direction is learned (NeTI / Directional Textual Inversion); 0: free. A loss then cannot be met by growing one shared word"})
 
 
 @dataclass
 class WordLossConfig:
     """The loss settings every word shares (each concept's loss config adds its own)."""
-    offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset"})
+    offset_weight: float = field(default=0.0, metadata={"help": "L2 penalty on the head's offset (0: with a fixed norm the offset cannot grow the word)"})
     contrast_weight: float = field(default=0.0, metadata={"help": "word contrast: the denoising error with this word must be below the error with another object's word (one extra UNet pass a step)"})
     contrast_margin: float = field(default=0.05, metadata={"help": "word contrast: log-ratio margin the other object's word must lose by"})
     target_weight: float = field(default=0.0, metadata={"help": "object-level words: pull the word toward its object's target word in train.word_targets (tune.py --targets: the run's own words after a few tuning steps per object; HyperDreamBooth-style regression)"})

@@ -26,7 +26,7 @@ class PoseConfig(ConceptConfig):
     inputs: list[str] = field(default_factory=lambda: ["camera"], metadata={"help": f"what the head reads, any of {POSE_INPUTS}"})
     fourier_bands: int = field(default=6, metadata={"help": "Fourier feature frequencies of the camera"})
     heatmap_size: int = field(default=32, metadata={"help": "keypoint heatmap size fed to the CNN"})
-    norm_to_initializer: bool = field(default=True, metadata={"help": "rescale each vector to the initializer word's norm"})
+    norm_to_initializer: bool = field(default=False, metadata={"help": "rescale each vector to the initializer word's norm"})
     elevation_range: list[float] | None = field(default=None, metadata={"help": "dataset-wide elevation bounds (deg); null = from the data"})
     distance_range: list[float] | None = field(default=None, metadata={"help": "dataset-wide distance bounds; null = from the data"})
     num_keypoints: int | None = field(default=None, metadata={"help": "keypoints per view; null = from the data"})

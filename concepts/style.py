@@ -16,12 +16,14 @@ class StyleConfig(ConceptConfig):
     token: str = field(default="*t", metadata={"help": "placeholder word for the style"})
     initializer: str = field(default="style", metadata={"help": "vocabulary word the embedding starts from"})
     phrase: str = field(default="in the style of {token}", metadata={"help": "prompt clause"})
+    fixed_norm: float = field(default=0.0, metadata={"help": "0: a free norm (the style word was never measured with a fixed one)"})
     gram_channels: int = field(default=8, metadata={"help": "conv channels whose Gram matrix describes the style"})
 
 
 @dataclass
 class StyleLossConfig(WordLossConfig):
-    """The shared word losses only: the full-image denoising loss guides *t."""
+    """The shared word losses: the full-image denoising loss guides *t."""
+    offset_weight: float = field(default=1e-2, metadata={"help": "L2 penalty on the head's offset (a free norm: kept small)"})
 
 
 def gram_upper(features: torch.Tensor) -> torch.Tensor:
