@@ -9,6 +9,7 @@ import math
 import string
 import types
 import typing
+import warnings
 from typing import Literal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -406,8 +407,40 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Defaults that changed when the words' recipe became the dataclass defaults: a run's saved
+# config.yaml from before a key existed reads the value that run trained with.
+DEFAULTS_BEFORE_RECIPE = {
+    "concepts": {"shape": {"fixed_norm": 0.0, "standardize": False, "logvar_init": 0.0},
+                 "pose": {"fixed_norm": 0.0, "norm_to_initializer": True},
+                 "appearance": {"fixed_norm": 0.0, "encoder": "cnn"}},
+    "losses": {"shape": {"mask_weight": 0.1, "mask_variant": "mse_maxnorm", "offset_weight": 1e-2, "identity_weight": 0.0},
+               "pose": {"offset_weight": 1e-2}, "appearance": {"offset_weight": 1e-2}},
+}
+SAVED_WORD_KEYS = ("token", "initializer", "num_vectors", "phrase", "lr", "scale", "hidden_dim", "train_rows")
+
+
+def translate_older_run(raw: dict, path) -> dict:
+    """A run's saved config.yaml (every key written; a user's YAML never lists them all) that lacks
+    a key whose default changed since takes the value the run trained with, and says so."""
+    filled = []
+    for section, words in DEFAULTS_BEFORE_RECIPE.items():
+        for word, keys in words.items():
+            saved = raw.get("concepts", {}).get(word)
+            if not isinstance(saved, dict) or not all(k in saved for k in SAVED_WORD_KEYS):
+                continue                                      # not a saved run's word
+            target = raw.setdefault(section, {}).setdefault(word, {})
+            for key, value in keys.items():
+                if key not in target:
+                    target[key] = value
+                    filled.append(f"{section}.{word}.{key}={value}")
+    if filled:
+        warnings.warn(f"{path}: a run from an older version; keys it lacks read as its defaults then: {', '.join(filled)}",
+                      stacklevel=3)
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), tokens: str | None = None) -> Config:
-    raw = load_yaml(path) if path else {}
+    raw = translate_older_run(load_yaml(path), path) if path else {}
     for text in overrides:
         apply_override(raw, *parse_override(text))
     if tokens is not None:

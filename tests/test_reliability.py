@@ -636,3 +636,22 @@ def test_a_crash_inside_the_run_leaves_no_process_state_behind(tmp_path, monkeyp
     monkeypatch.undo()
     run = train.main(run_args(tmp_path, "next", "--set", "train.steps=1", "--set", "model.mixed_precision=bf16"))
     assert json.loads((run / "environment.json").read_text())[0]["mixed_precision"] == "bf16"
+
+
+def test_a_run_from_before_the_recipe_defaults_still_loads(tmp_path):
+    """A run's config.yaml written before a key existed (here the shape word's fixed_norm,
+    standardize and logvar_init, and the shape losses' identity_weight, deleted) reads the value the
+    run trained with, not today's default, and says so: its heads still load."""
+    import re
+    from guided_concepts import generate
+    run = train.main(run_args(tmp_path, "old", "--set", "train.steps=1"))
+    config = run / "config.yaml"
+    text = config.read_text()
+    for key in ("fixed_norm", "standardize", "logvar_init", "identity_weight"):
+        text, count = re.subn(rf"(\n  shape:\n(?:    .*\n)*?)    {key}: .*\n", r"\1", text, count=1)
+        assert count == 1, key
+    config.write_text(text)
+    with pytest.warns(UserWarning, match=r"older version.*concepts.shape.fixed_norm=0.0.*concepts.shape.standardize=False"):
+        system, cfg = generate.load_run(run)
+    assert cfg.concepts["shape"].standardize is False and cfg.concepts["shape"].fixed_norm == 0.0
+    assert cfg.losses["shape"].identity_weight == 0.0
