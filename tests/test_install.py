@@ -68,10 +68,11 @@ def test_user_modules_do_not_collide(tmp_path):
 OWN = ("guided_concepts", "experiments", "bench", "tests")
 
 
-def unresolved_own_imports(args: list[str], cwd: Path) -> tuple[int, list[str]]:
-    """pyright's unresolved imports of our own names: (files analysed, messages)."""
-    run = subprocess.run([sys.executable, "-m", "pyright", "--outputjson", "--pythonpath", sys.executable, *args],
-                         cwd=cwd, capture_output=True, text=True, timeout=1800)
+def unresolved_own_imports(args: list[str], project: Path) -> tuple[int, list[str]]:
+    """pyright's unresolved imports of our own names: (files analysed, messages). `project` is
+    named, so a pyrightconfig.json in a folder above it cannot take over."""
+    run = subprocess.run([sys.executable, "-m", "pyright", "--outputjson", "--pythonpath", sys.executable,
+                          "--project", str(project), *args], cwd=project, capture_output=True, text=True, timeout=1800)
     report = json.loads(run.stdout)
     return report["summary"]["filesAnalyzed"], [
         f"{d['file']}: {d['message']}" for d in report["generalDiagnostics"]
@@ -84,6 +85,7 @@ def unresolved_own_imports(args: list[str], cwd: Path) -> tuple[int, list[str]]:
 def test_pyright_resolves_every_import_in_the_repository_and_in_a_user_script(tmp_path):
     analysed, missing = unresolved_own_imports([], REPO)          # [tool.pyright] in pyproject.toml
     assert analysed > 100 and not missing, missing[:10]
+    (tmp_path / "pyrightconfig.json").write_text("{}")                # the user's project, pyright's defaults
     script = tmp_path / "my_script.py"
     script.write_text("from guided_concepts.system import GuidedConcepts\nfrom guided_concepts.concepts import CONCEPTS\n"
                       "from guided_concepts.toyworld.probes import encode_word\nimport guided_concepts.train\n")
