@@ -62,7 +62,6 @@ def build_data(cfg: Config, held_out: list[str] | None = None):
                                    random_set_size=True, **mask_set)
     val = ObjectViewsDataset(val_records or train_records, cfg.data.resolution, flip_prob=0.0, **mask_set)
     check_data_fits(cfg, train)
-    cfg.train.samples_per_step = samples_per_step(cfg, train)     # in config.yaml, and said by train.py
     return train, val
 
 

@@ -41,7 +41,7 @@ from guided_concepts.progress import Progress
 from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
 from guided_concepts.cli import describe_os_error, entry_point
 from guided_concepts.rundata import (DATA_RECORD, build_data, data_changes, data_record, read_data_record,
-                                     resolve_data_root)
+                                     resolve_data_root, samples_per_step)
 from guided_concepts.system import build_system
 from guided_concepts.tokens.targets import load_word_targets
 from guided_concepts.validation import export_tokens, validate
@@ -121,7 +121,7 @@ def main(argv=None):
         # A resumed run keeps the held-out objects it was split on.
         train_set, val_set = build_data(cfg, recorded["held_out"] if recorded else None)
         data_root = resolve_data_root(cfg.data.root)
-        args.data = data_record(train_set, val_set, data_root)
+        args.data = {**data_record(train_set, val_set, data_root), "samples_per_step": samples_per_step(cfg, train_set)}
         run_dir = check_run_dir(run_dir, args.resume, args.overwrite, data_root)
         check_writable(run_dir)       # before the model loads (minutes on real weights)
         if args.resume:
@@ -261,10 +261,10 @@ def prepare_folder(accelerator, cfg: Config, args, run_dir: Path, backbone) -> N
         if stale:
             accelerator.print(f"removed {len(stale)} half-written file(s) a killed run left: {', '.join(p.name for p in stale)}")
         save_config(cfg, run_dir / "config.yaml")
-        if cfg.train.samples_per_step != cfg.train.batch_size:
+        if args.data["samples_per_step"] != cfg.train.batch_size:
             why = "whole triplets, data.triplets" if cfg.data.triplets else "the training views"
-            accelerator.print(f"note: train.batch_size {cfg.train.batch_size} gives {cfg.train.samples_per_step} samples a "
-                              f"step ({why}); config.yaml records train.samples_per_step")
+            accelerator.print(f"note: train.batch_size {cfg.train.batch_size} gives {args.data['samples_per_step']} samples a "
+                              f"step ({why}); data.json records samples_per_step")
         append_environment(run_dir, environment_record(
             seed=cfg.train.seed, resumed=args.resume, device=str(accelerator.device), num_processes=accelerator.num_processes,
             mixed_precision=accelerator.mixed_precision, deterministic=cfg.train.deterministic,

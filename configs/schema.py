@@ -91,7 +91,6 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={"help": "constant | linear | cosine decay of every group's lr after warmup"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear lr warmup"})
     keep_last: int = field(default=5, metadata={"help": "checkpoints kept (older ones deleted after each save); 0 = keep all"})
-    samples_per_step: int = field(default=0, metadata={"help": "filled in by the run (leave 0): the samples each step trains on, batch_size rounded to whole triplets with data.triplets, at most the training views"})
     word_targets: str = field(default="", metadata={"help": "safetensors of per-object target words (keys <concept>/<object>; written by tune.py --targets) that losses.<concept>.target_weight pulls the words toward"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic torch algorithms (slower on GPU; CPU runs resume bit for bit either way)"})
 
@@ -416,12 +415,19 @@ DEFAULTS_BEFORE_RECIPE = {
     "losses": {"shape": {"mask_weight": 0.1, "mask_variant": "mse_maxnorm", "offset_weight": 1e-2, "identity_weight": 0.0},
                "pose": {"offset_weight": 1e-2}, "appearance": {"offset_weight": 1e-2}},
 }
+# Keys that left the config: a saved config.yaml that has one drops it and says where it went.
+REMOVED_KEYS = {("train", "samples_per_step"): "the samples a step trains on are the run's, in its data.json"}
 SAVED_WORD_KEYS = ("token", "initializer", "num_vectors", "phrase", "lr", "scale", "hidden_dim", "train_rows")
 
 
 def translate_older_run(raw: dict, path) -> dict:
     """A run's saved config.yaml (every key written; a user's YAML never lists them all) that lacks
-    a key whose default changed since takes the value the run trained with, and says so."""
+    a key whose default changed since takes the value the run trained with, and says so; a key that
+    left the config is dropped, with where it went."""
+    for (section, key), where in REMOVED_KEYS.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            del raw[section][key]
+            warnings.warn(f"{path}: {section}.{key} is no longer a config key ({where}); ignored", stacklevel=3)
     filled = []
     for section, words in DEFAULTS_BEFORE_RECIPE.items():
         for word, keys in words.items():
@@ -471,8 +477,7 @@ def save_config(config: Config, path: str | Path) -> None:
 # Keys a resumed run may change: how long it runs and how it reports, not what it learns.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
                   "train.keep_last", "run.report_to", "run.output_dir", "run.name", "data.num_workers",
-                  "data.cache_latents", "sample.", "model.compile", "model.gradient_checkpointing",
-                  "train.samples_per_step")
+                  "data.cache_latents", "sample.", "model.compile", "model.gradient_checkpointing")
 
 
 def flatten(raw: dict, prefix: str = "") -> dict:

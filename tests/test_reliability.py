@@ -325,19 +325,25 @@ def test_views_smaller_than_the_resolution_and_full_masks_are_warned(tmp_path, c
 
 
 def test_a_run_from_before_samples_per_step_resumes(tmp_path):
-    """config.yaml of an older run has no samples_per_step (0): filled in again, not a config change."""
+    """config.yaml of an older run still has train.samples_per_step (0 from before it was filled in,
+    or the value it was filled with): the key left the config for data.json, so it is dropped with a
+    warning, not a config change."""
     run = train.main(run_args(tmp_path, "old", "--set", "train.steps=1"))
     config = run / "config.yaml"
-    assert "samples_per_step: 6" in config.read_text()
-    config.write_text(config.read_text().replace("samples_per_step: 6", "samples_per_step: 0"))
-    resumed = train.main(["--name", "old", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2", "--resume"])
-    assert latest_checkpoint(resumed).name == "step_000002"
+    assert json.loads((run / "data.json").read_text())["samples_per_step"] == 6
+    for value in (0, 6):
+        config.write_text(config.read_text().replace("train:\n", f"train:\n  samples_per_step: {value}\n", 1))
+        with pytest.warns(UserWarning, match="train.samples_per_step is no longer a config key"):
+            resumed = train.main(["--name", "old", "--set", f"run.output_dir={tmp_path}",
+                                  "--set", f"train.steps={2 + value // 6}", "--resume"])
+        assert latest_checkpoint(resumed).name == f"step_00000{2 + value // 6}"
+        assert "samples_per_step" not in config.read_text()          # the resumed run wrote it without
 
 
 def test_samples_per_step_is_said_and_recorded(tmp_path, capsys):
     run = train.main(run_args(tmp_path, "b", "--set", "train.batch_size=4", "--set", "train.steps=1"))
     assert "train.batch_size 4 gives 3 samples a step (whole triplets, data.triplets)" in capsys.readouterr().out
-    assert "samples_per_step: 3" in (run / "config.yaml").read_text()
+    assert json.loads((run / "data.json").read_text())["samples_per_step"] == 3
 
 
 def test_large_views_are_decoded_once_per_run(tmp_path, chairs_dir, monkeypatch):
