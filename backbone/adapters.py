@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Literal
+
+from guided_concepts.choices import check_choices
 from pathlib import Path
 
 import torch
@@ -33,6 +35,9 @@ class AdapterConfig:
     start_step: int = field(default=-1, metadata={"help": "phase 2 (adapters train) starts here; -1 = half of train.steps"})
     l2_weight: float = field(default=1e-4, metadata={"help": "L2 penalty on the E4T offsets Δ"})
     head_lr_scale: float = field(default=1.0, metadata={"help": "phase 2 multiplies the heads' lrs by this"})
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 class OffsetLinear(nn.Module):

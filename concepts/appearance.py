@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from guided_concepts.concepts.base import Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead, StepView, Requirements, WordLossConfig
+from guided_concepts.choices import check_choices
 from guided_concepts.losses import denoising_loss, offset_l2
 
 
@@ -22,6 +23,10 @@ class AppearanceConfig(ConceptConfig):
     # appearance of *a", ToyWorld 2's word read back its colour in 0.45 of samples, on the noun 1.00.
     phrase: str = field(default="{token} {category}", metadata={"help": "prompt clause; {category}: on the noun ('a *a chair')"})
     encoder: Literal[APPEARANCE_ENCODERS] = field(default="colour", metadata={"help": f"one of {APPEARANCE_ENCODERS}: cnn (small, trained, on the masked pixels) | pretrained (the frozen image encoder) | colour (colour statistics inside the mask: no silhouette, so shape has one route only)"})
+
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import nn
 
 from guided_concepts.concepts.base import (CONV_POOLS, Concept, ConceptConfig, ConceptOutput, ConvEncoder, OffsetHead,
                                             StepView, in_timestep_range, Requirements, WordLossConfig)
+from guided_concepts.choices import check_choices
 from guided_concepts.losses import (ALIGNMENT_KINDS, MASK_ATTENTION_VARIANTS, alignment_loss, consistency_loss,
                                     gaussian_kl, identity_loss, mask_attention_loss, offset_l2)
 
@@ -44,6 +45,7 @@ class ShapeConfig(ConceptConfig):
     logvar_init: float = field(default=-4.0, metadata={"help": "set encoder: the code's log variance starts here; a wide code (0: sigma 1) drowns the masks' signal in noise early on"})
 
     def __post_init__(self):
+        check_choices(self)
         if self.mask_input != "mask" and self.encoder != "set":
             raise ValueError("concepts.shape.mask_input: mask_shading needs encoder: set")
         if self.encoder == "none" and (not self.train_rows or self.use_image):
@@ -64,6 +66,7 @@ class ShapeLossConfig(WordLossConfig):
     align_kind: Literal[ALIGNMENT_KINDS] = field(default="cosine", metadata={"help": f"one of {ALIGNMENT_KINDS}: cosine ties each object's two codes directly; infonce also separates objects"})
 
     def __post_init__(self):
+        check_choices(self)
         self.mask_t_range = tuple(self.mask_t_range)
 
 class MaskSetEncoder(nn.Module):

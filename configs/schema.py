@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from guided_concepts.choices import check_choices, choices_of
 from guided_concepts.backbone.adapters import AdapterConfig
 from guided_concepts.checkpointing import atomic_write, latest_intact_checkpoint, load_state
 from guided_concepts.concepts import CONCEPTS, check_requirements
@@ -33,6 +34,9 @@ class ModelConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(default=None, metadata={"help": "no | fp16 | bf16 (frozen modules run in it, heads stay fp32); null = accelerate's own setting (accelerate launch --mixed_precision)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing: recompute activations in backward (captured maps are recorded once)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet (GPU; the first steps are slow while it compiles)"})
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 @dataclass
@@ -95,6 +99,7 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={"help": "deterministic torch algorithms (slower on GPU; CPU runs resume bit for bit either way)"})
 
     def __post_init__(self):
+        check_choices(self)
         for key in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
@@ -167,7 +172,7 @@ def _check_value(key: str, value, hint):
     if isinstance(value, RawValue):
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         allowed = typing.get_args(hint) if union else (hint,)
-        choices = [c for a in allowed if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+        choices = [c for a in allowed for c in choices_of(a)]
         if (str in allowed or choices) and value.strip() not in ("null", "~", "None"):
             value = str(value)
             return _check_value(key, value, hint) if choices else value
@@ -431,10 +436,15 @@ def translate_older_run(raw: dict, path) -> dict:
     filled = []
     for section, words in DEFAULTS_BEFORE_RECIPE.items():
         for word, keys in words.items():
-            saved = raw.get("concepts", {}).get(word)
+            concepts = raw.get("concepts")
+            saved = concepts.get(word) if isinstance(concepts, dict) else None
             if not isinstance(saved, dict) or not all(k in saved for k in SAVED_WORD_KEYS):
                 continue                                      # not a saved run's word
-            target = raw.setdefault(section, {}).setdefault(word, {})
+            if not isinstance(raw.get(section), dict):
+                raw[section] = {}
+            if not isinstance(raw[section].get(word), dict):
+                raw[section][word] = {}
+            target = raw[section][word]
             for key, value in keys.items():
                 if key not in target:
                     target[key] = value
@@ -530,8 +540,7 @@ def _fields_with_help(cls, prefix: str) -> dict:
 
 def _choices_text(hint) -> str:
     """' [one of: a, b]' for a Literal field (optional ones too), else ''."""
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    choices = [str(c) for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+    choices = [str(c) for c in choices_of(hint) if c is not None]
     return f" [one of: {', '.join(choices)}]" if choices else ""
 
 

@@ -170,3 +170,17 @@ def test_an_unreadable_config_is_named(tmp_path, monkeypatch):
     finally:
         path.chmod(0o644)
     assert path.read_text() == "train: {steps: 3}\n"
+
+
+def test_empty_sections_load_and_choices_are_checked_in_python_too(tmp_path):
+    """A YAML whose concepts:/losses: sections are empty (every child commented out) loads as
+    before; a choice field built directly in Python is checked like the loader checks it."""
+    from guided_concepts.backbone.adapters import AdapterConfig
+    from guided_concepts.concepts.shape import ShapeConfig
+    path = tmp_path / "empty.yaml"
+    path.write_text("concepts:\n#  shape:\n#    lr: 1.0e-3\nlosses:\n")
+    assert load_config(path).concepts["shape"].lr == ShapeConfig().lr
+    with pytest.raises(ValueError, match="AdapterConfig.kind: 'E4T' is not one of none, lora, e4t"):
+        AdapterConfig(kind="E4T")
+    with pytest.raises(ValueError, match="ShapeConfig.encoder: 'sets' is not one of set, view, none"):
+        ShapeConfig(encoder="sets")
