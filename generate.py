@@ -17,13 +17,12 @@ import torch
 from PIL import Image
 
 from guided_concepts.argtypes import finite_float, non_negative_float, positive_int, word_strength, device as device_type
-from guided_concepts.backbone import load_backbone
 from guided_concepts.checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.configs.schema import ConfigError, load_config
 from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, scan_objects
 from guided_concepts.overlays import attention_grid
-from guided_concepts.system import GuidedConcepts, build_system, to_device
+from guided_concepts.system import GuidedConcepts, build_system, load_backbone_for, to_device
 from guided_concepts.tokens import TokenError, check_prompt
 from guided_concepts.cli import entry_point
 from guided_concepts import sampling
@@ -40,8 +39,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     ckpt = Path(artefact) if artefact else (Path(checkpoint) if checkpoint else latest_checkpoint(run_dir))
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")
-    needs_pixels = any(CONCEPTS[n].concept.requirements(cfg.concepts[n]).image_encoder for n in cfg.tokens)
-    backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
+    backbone = load_backbone_for(cfg)
     system = build_system(cfg, backbone)
     if artefact:
         origin = f"artefact {ckpt}; this run's model is {cfg.model.name!r}"

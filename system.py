@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from guided_concepts.backbone import Backbone
+from guided_concepts.backbone import Backbone, load_backbone
 from guided_concepts.backbone.adapters import AdapterConfig, UNetAdapters
 from guided_concepts.capture import AttentionStore, choose_layers, install_capture
 from guided_concepts.concepts import CONCEPTS, check_requirements
@@ -130,6 +130,12 @@ class GuidedConcepts(nn.Module):
         maps = self.store.collect()
         self.store.recording = False     # prompts stay set for checkpoint recomputation
         return pred, maps
+
+
+def load_backbone_for(cfg) -> Backbone:
+    """The frozen backbone a config names, with the image encoder when an active word reads pixels."""
+    needs_pixels = any(CONCEPTS[n].concept.requirements(cfg.concepts[n]).image_encoder for n in cfg.tokens)
+    return load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
 
 
 def build_system(cfg, backbone: Backbone, word_targets: dict | None = None) -> GuidedConcepts:

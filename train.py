@@ -24,7 +24,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
-from guided_concepts.backbone import load_backbone
 from guided_concepts.backbone.load import check_vocabulary
 from guided_concepts.checkpointing import (CheckpointError, RunFolderError, RunLock, StopSignals, append_environment, atomic_write,
                                            check_run_dir, check_run_name, check_writable, end_training_patiently, environment_record,
@@ -33,7 +32,6 @@ from guided_concepts.checkpointing import (CheckpointError, RunFolderError, RunL
                                            prune_checkpoints, record_failure, remove_stale_temporaries,
                                            restore_global_rng_states, save_checkpoint, set_aside_newer,
                                            truncate_metrics)
-from guided_concepts.concepts import CONCEPTS
 from guided_concepts.configs.schema import (Config, ConfigError, check_overrides, check_resume, config_sources, config_to_dict,
                                            explain_config, load_config, save_config)
 from guided_concepts.metrics import RunningMeans
@@ -42,7 +40,8 @@ from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletB
 from guided_concepts.cli import describe_os_error, entry_point
 from guided_concepts.rundata import (DATA_RECORD, build_data, data_changes, data_record, read_data_record,
                                      resolve_data_root, samples_per_step)
-from guided_concepts.system import build_system
+from guided_concepts.system import build_system, load_backbone_for
+from guided_concepts.tokens.placeholders import embedding_dims
 from guided_concepts.tokens.targets import load_word_targets
 from guided_concepts.validation import export_tokens, validate
 from guided_concepts.prompts import make_prompts
@@ -207,8 +206,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
 def build_model(cfg: Config):
     """-> (backbone, system, adapters or None). Raises ValueError/OSError for a model that does not
     fit the config, before anything is written (minutes on real weights)."""
-    needs_pixels = any(CONCEPTS[n].concept.requirements(cfg.concepts[n]).image_encoder for n in cfg.tokens)
-    backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels, cfg.model.revision)
+    backbone = load_backbone_for(cfg)
     set_seed(cfg.train.seed)     # after loading: building a missing tiny model draws from the RNG too
     pulled = [n for n in cfg.tokens if cfg.losses[n].target_weight > 0]
     targets = None
@@ -216,7 +214,7 @@ def build_model(cfg: Config):
         if not cfg.train.word_targets:
             raise ValueError(f"losses.{pulled[0]}.target_weight > 0 needs train.word_targets "
                              "(write one with tune.py --run <domain run> --targets <file>)")
-        width = sum(te.get_input_embeddings().weight.shape[1] for _, te in backbone.text_side)   # both encoders' parts
+        width = sum(embedding_dims(backbone.text_side))      # SDXL: both encoders' parts
         targets = load_word_targets(cfg.train.word_targets, pulled, {n: (cfg.concepts[n].num_vectors, width) for n in pulled})
     system = build_system(cfg, backbone, word_targets=targets)
     adapters = system.adapters

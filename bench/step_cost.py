@@ -31,10 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from guided_concepts import train
-from guided_concepts.backbone import load_backbone
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.objectdata import TripletBatchSampler, collate
-from guided_concepts.system import build_system, to_device
+from guided_concepts.system import build_system, load_backbone_for, to_device
 from guided_concepts.prompts import make_prompts, prompts_for
 from guided_concepts.objective import training_losses
 
@@ -125,8 +124,7 @@ def build(layout: str, variant: str, device: torch.device):
     tokens, extra = VARIANTS[variant]
     cfg, _ = train.parse_args([*args, "--tokens", ",".join(tokens), *extra])
     train_set, _ = train.build_data(cfg)
-    needs_pixels = any(CONCEPTS[n].concept.requirements(cfg.concepts[n]).image_encoder for n in cfg.tokens)
-    backbone = load_backbone(cfg.model.name, cfg.model.image_encoder, needs_pixels)
+    backbone = load_backbone_for(cfg)
     system = build_system(cfg, backbone)
     for module in backbone.frozen_modules():
         module.to(device)

@@ -45,22 +45,17 @@ def fresh_backbone(tiny_model_dir):
     return load_backbone(str(tiny_model_dir))
 
 
-# The words' settings from before the ToyWorld recipe became the dataclass defaults (configs/tiny.yaml
-# keeps them too): the unit tests' systems were written against these.
-PRE_RECIPE_CONCEPTS = {"shape": {"fixed_norm": 0.0, "standardize": False, "logvar_init": 0.0},
-                       "pose": {"fixed_norm": 0.0, "norm_to_initializer": True},
-                       "appearance": {"fixed_norm": 0.0, "encoder": "cnn"}}
-PRE_RECIPE_LOSSES = {"shape": {"mask_weight": 0.1, "mask_variant": "mse_maxnorm", "offset_weight": 1e-2, "identity_weight": 0.0},
-                     "pose": {"offset_weight": 1e-2}, "appearance": {"offset_weight": 1e-2}}
-
-
 def make_system(backbone, tokens=("shape",), concepts=None, losses=None, resolutions=None):
     from guided_concepts.concepts import CONCEPTS
+    from guided_concepts.configs.schema import DEFAULTS_BEFORE_RECIPE
     from guided_concepts.system import GuidedConcepts
     concepts = concepts or {}
     losses = losses or {}
-    cc = {n: CONCEPTS[n].config(**{**PRE_RECIPE_CONCEPTS.get(n, {}), **concepts.get(n, {})}) for n in CONCEPTS}
-    lc = {n: CONCEPTS[n].loss_config(**{**PRE_RECIPE_LOSSES.get(n, {}), **losses.get(n, {})}) for n in CONCEPTS}
+    # The unit tests' systems were written against the words' settings from before the ToyWorld
+    # recipe became the dataclass defaults (configs/tiny.yaml keeps them too).
+    before = DEFAULTS_BEFORE_RECIPE
+    cc = {n: CONCEPTS[n].config(**{**before["concepts"].get(n, {}), **concepts.get(n, {})}) for n in CONCEPTS}
+    lc = {n: CONCEPTS[n].loss_config(**{**before["losses"].get(n, {}), **losses.get(n, {})}) for n in CONCEPTS}
     return GuidedConcepts(backbone, cc, lc, list(tokens), resolutions)
 
 

@@ -302,7 +302,7 @@ def test_an_unreadable_data_folder_is_named(tmp_path, chairs_dir, monkeypatch):
 def test_an_unwritable_output_folder_stops_before_the_model_loads(tmp_path, monkeypatch):
     from guided_concepts import checkpointing
     loaded = []
-    monkeypatch.setattr(train, "load_backbone", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(train, "load_backbone_for", lambda *a, **k: loaded.append(1))
 
     def read_only(*args, **kwargs):      # a read-only mount (root ignores chmod)
         raise PermissionError(30, "Read-only file system")

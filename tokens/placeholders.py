@@ -28,6 +28,11 @@ class PlaceholderSpec:
         return [self.token] + [f"{self.token}_{i}" for i in range(1, self.num_vectors)]
 
 
+def embedding_dims(text_side) -> list[int]:
+    """Each text encoder's embedding width: a word's vector is their parts side by side."""
+    return [te.get_input_embeddings().weight.shape[1] for _, te in text_side]
+
+
 class PlaceholderTable:
     """Token ids and initializer embeddings of every placeholder, for every text encoder."""
 
@@ -69,7 +74,7 @@ class PlaceholderTable:
 
     @property
     def embedding_dims(self) -> list[int]:
-        return [te.get_input_embeddings().weight.shape[1] for _, te in self.text_side]
+        return embedding_dims(self.text_side)
 
     @property
     def embedding_dim(self) -> int:
