@@ -27,7 +27,8 @@ import torch
 
 from guided_concepts.checkpointing import latest_checkpoint, load_state
 from guided_concepts.concepts import CONCEPTS
-from guided_concepts.configs.schema import ConfigError, load_config
+from guided_concepts.configs.schema import ConfigError
+from guided_concepts.rundata import load_run_config
 from guided_concepts.generate import add_source_args, concept_reference_batch, load_run, sources_from_args
 from guided_concepts.system import to_device
 from guided_concepts.objectdata import DataError
@@ -117,9 +118,7 @@ def export_tokens(run_dir: str | Path, sources: dict, out_dir: str | Path | None
     different objects do not overwrite each other. pt: also write the legacy A1111 `.pt` file.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    run_cfg = load_config(run_dir / "config.yaml")
+    run_cfg = load_run_config(run_dir)
     trained = list(run_cfg.tokens)
     sources = {k: v for k, v in sources.items() if v is not None}
     _check_sources(sources, trained, run_dir, run_cfg.concepts)

@@ -19,7 +19,8 @@ from PIL import Image
 from guided_concepts.argtypes import finite_float, non_negative_float, positive_int, word_strength, device as device_type
 from guided_concepts.checkpointing import latest_checkpoint, load_adapters, load_heads, load_state
 from guided_concepts.concepts import CONCEPTS
-from guided_concepts.configs.schema import ConfigError, load_config
+from guided_concepts.configs.schema import ConfigError
+from guided_concepts.rundata import load_run_config
 from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, scan_objects
 from guided_concepts.overlays import attention_grid
 from guided_concepts.system import GuidedConcepts, build_system, load_backbone_for, to_device
@@ -33,9 +34,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     """-> (system with the run's heads, config). `checkpoint` defaults to the latest one;
     `artefact` (a tune.py output folder) replaces the heads and adapters with the tuned ones."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     ckpt = Path(artefact) if artefact else (Path(checkpoint) if checkpoint else latest_checkpoint(run_dir))
     if ckpt is None:
         raise ConfigError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'}")

@@ -1,14 +1,17 @@
-"""The run's data: scan and validate the object folders for the active words, fit the heads to
-the data set (camera bounds, keypoint count), split off held-out objects, and check the batches
-can be built. Everything here runs before the run folder is touched."""
+"""The run's data: scan and validate the object folders for the active words, measure what the
+heads fit to the data set (camera bounds, keypoint count; kept in the run's data.json, not its
+config), split off held-out objects, and check the batches can be built. Everything here runs
+before the run folder is touched."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 from guided_concepts.concepts import CONCEPTS
-from guided_concepts.configs.schema import Config, mask_set_options
+from guided_concepts.configs.schema import Config, ConfigError, load_config, mask_set_options
 from guided_concepts.objectdata import DataError, ObjectViewsDataset, ensure_default_data, scan_objects
 from guided_concepts.toyworld import world2_data
 from guided_concepts.toyworld.world import ensure_toyworld_data
@@ -41,9 +44,6 @@ def build_data(cfg: Config, held_out: list[str] | None = None):
     root = resolve_data_root(cfg.data.root)
     records = scan_objects(root, require_masks="mask" in needs, require_cameras="camera" in needs,
                            require_keypoints="keypoints" in needs, resolution=cfg.data.resolution)
-    info = dataset_info(records)
-    for n in cfg.tokens:     # e.g. camera bounds; saved in config.yaml so generation reuses them
-        cfg.concepts[n] = CONCEPTS[n].concept.fit_to_data(cfg.concepts[n], info)
     if held_out is None:
         train_records, val_records = split_holdout(records, cfg.data.holdout, root)
     else:
@@ -137,6 +137,39 @@ def data_changes(recorded: dict, current: dict) -> list[str]:
     if moved:
         changes.append(f"held-out object(s) that would now train: {', '.join(moved[:5])}")
     return changes or [f"the held-out objects: {recorded.get('held_out')} -> {current['held_out']}"]
+
+
+def derived_settings(cfg: Config, train_set, val_set) -> dict:
+    """{word: {key: value}}: the word keys left null that the data fills (camera bounds, keypoint
+    count). A run records them in data.json; its config.yaml keeps what the user set."""
+    info = dataset_info(list(train_set.records) + list(val_set.records))
+    derived = {}
+    for n in cfg.tokens:
+        given = cfg.concepts[n]
+        fitted = CONCEPTS[n].concept.fit_to_data(copy.deepcopy(given), info)
+        filled = {k: v for k, v in dataclasses.asdict(fitted).items() if getattr(given, k) is None and v is not None}
+        if filled:
+            derived[n] = filled
+    return derived
+
+
+def with_derived(cfg: Config, derived: dict | None) -> Config:
+    """A copy of `cfg` whose null word keys take the run's data-derived values (a key the user
+    set keeps its value)."""
+    cfg = copy.deepcopy(cfg)
+    for n, values in (derived or {}).items():
+        if n in cfg.concepts:
+            given = cfg.concepts[n]
+            cfg.concepts[n] = dataclasses.replace(given, **{k: v for k, v in values.items() if getattr(given, k, 0) is None})
+    return cfg
+
+
+def load_run_config(run_dir) -> Config:
+    """A run's config as it trained: config.yaml with data.json's data-derived values filled in."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    return with_derived(load_config(run_dir / "config.yaml"), (read_data_record(run_dir) or {}).get("derived"))
 
 
 def samples_per_step(cfg: Config, train_set) -> int:

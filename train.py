@@ -38,8 +38,9 @@ from guided_concepts.metrics import RunningMeans
 from guided_concepts.progress import Progress
 from guided_concepts.objectdata import DataError, ShuffledBatchSampler, TripletBatchSampler, collate, ignore_stop_signals
 from guided_concepts.cli import describe_os_error, entry_point
-from guided_concepts.rundata import (DATA_RECORD, build_data, data_changes, data_record, read_data_record,
-                                     resolve_data_root, samples_per_step)
+from guided_concepts.rundata import (DATA_RECORD, build_data, data_changes, data_record, derived_settings,
+                                     load_run_config, read_data_record, resolve_data_root, samples_per_step,
+                                     with_derived)
 from guided_concepts.system import build_system, load_backbone_for
 from guided_concepts.tokens.placeholders import embedding_dims
 from guided_concepts.tokens.targets import load_word_targets
@@ -120,7 +121,10 @@ def main(argv=None):
         # A resumed run keeps the held-out objects it was split on.
         train_set, val_set = build_data(cfg, recorded["held_out"] if recorded else None)
         data_root = resolve_data_root(cfg.data.root)
-        args.data = {**data_record(train_set, val_set, data_root), "samples_per_step": samples_per_step(cfg, train_set)}
+        args.data = {**data_record(train_set, val_set, data_root), "samples_per_step": samples_per_step(cfg, train_set),
+                     "derived": derived_settings(cfg, train_set, val_set)}
+        args.given_config = cfg       # config.yaml keeps what was set; the run trains on its data-fitted copy
+        cfg = with_derived(cfg, args.data["derived"])
         run_dir = check_run_dir(run_dir, args.resume, args.overwrite, data_root)
         check_writable(run_dir)       # before the model loads (minutes on real weights)
         if args.resume:
@@ -130,7 +134,7 @@ def main(argv=None):
             if args.resume_from is None:
                 raise CheckpointError(f"no intact checkpoint to resume from in {run_dir / 'checkpoints'}: "
                                       + "; ".join(args.damaged))
-            check_resume(cfg, run_dir, args.force, args.resume_from)
+            check_resume(cfg, run_dir, args.force, args.resume_from, trained_config=load_run_config(run_dir))
             check_resume_point(cfg, args.resume_from)
             args.data_note = check_resume_data(recorded, args.data, run_dir, args.force, cfg.data.holdout)
     except (ConfigError, DataError, FileExistsError, CheckpointError) as err:
@@ -258,7 +262,7 @@ def prepare_folder(accelerator, cfg: Config, args, run_dir: Path, backbone) -> N
         stale = remove_stale_temporaries(run_dir / "checkpoints") + remove_stale_temporaries(run_dir)
         if stale:
             accelerator.print(f"removed {len(stale)} half-written file(s) a killed run left: {', '.join(p.name for p in stale)}")
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(args.given_config, run_dir / "config.yaml")
         if args.data["samples_per_step"] != cfg.train.batch_size:
             why = "whole triplets, data.triplets" if cfg.data.triplets else "the training views"
             accelerator.print(f"note: train.batch_size {cfg.train.batch_size} gives {args.data['samples_per_step']} samples a "

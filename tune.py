@@ -35,9 +35,9 @@ from guided_concepts import generate
 from guided_concepts.argtypes import positive_float, positive_int
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.checkpointing import RunFolderError, atomic_folder, atomic_write, check_overwritable
-from guided_concepts.configs.schema import ConfigError, load_config, mask_set_options
+from guided_concepts.configs.schema import ConfigError, mask_set_options
 from guided_concepts.objectdata import DataError, ObjectViewsDataset, collate, scan_objects
-from guided_concepts.rundata import resolve_data_root, run_split
+from guided_concepts.rundata import load_run_config, resolve_data_root, run_split
 from guided_concepts.tokens.export import load_token, save_word
 from guided_concepts.losses import word_target_loss
 from guided_concepts.tokens.targets import load_word_targets, save_word_targets
@@ -223,9 +223,7 @@ def tune_targets(run_dir, out_path, steps: int | None = None, seed: int = 0, pro
     import tempfile
     _check_counts({"steps": steps})
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     training = target_objects(run_dir, cfg, objects_dir)
     names = [n for n in cfg.tokens if CONCEPTS[n].concept.object_level]
     if not names:

@@ -195,8 +195,8 @@ class Concept(nn.Module, WordSource, ABC):
 
     @classmethod
     def fit_to_data(cls, config, dataset_info: dict):
-        """Fill config fields that come from the data (e.g. camera bounds) before building.
-        Returns the config; the filled values are saved in the run's config.yaml."""
+        """Fill config fields left null that come from the data (e.g. camera bounds) before
+        building. Returns the config; the run records the filled values in its data.json."""
         return config
 
 

@@ -18,6 +18,11 @@ from guided_concepts.objectdata.meta import camera_problem
 POSE_INPUTS = ("camera", "keypoints", "image")
 
 
+# Keypoint heatmap size fed to the keypoint CNN: never varied (a key until the second redesign;
+# an old run's concepts.pose.heatmap_size is dropped with a warning).
+HEATMAP_SIZE = 32
+
+
 @dataclass
 class PoseConfig(ConceptConfig):
     token: str = field(default="*p", metadata={"help": "placeholder word for the pose"})
@@ -25,11 +30,10 @@ class PoseConfig(ConceptConfig):
     phrase: str = field(default="with pose {token}", metadata={"help": "prompt clause"})
     inputs: list[str] = field(default_factory=lambda: ["camera"], metadata={"help": f"what the head reads, any of {POSE_INPUTS}"})
     fourier_bands: int = field(default=6, metadata={"help": "Fourier feature frequencies of the camera"})
-    heatmap_size: int = field(default=32, metadata={"help": "keypoint heatmap size fed to the CNN"})
     norm_to_initializer: bool = field(default=False, metadata={"help": "rescale each vector to the initializer word's norm"})
-    elevation_range: list[float] | None = field(default=None, metadata={"help": "dataset-wide elevation bounds (deg); null = from the data"})
-    distance_range: list[float] | None = field(default=None, metadata={"help": "dataset-wide distance bounds; null = from the data"})
-    num_keypoints: int | None = field(default=None, metadata={"help": "keypoints per view; null = from the data"})
+    elevation_range: list[float] | None = field(default=None, metadata={"help": "dataset-wide elevation bounds (deg); null = from the data (the run records them in data.json)"})
+    distance_range: list[float] | None = field(default=None, metadata={"help": "dataset-wide distance bounds; null = from the data (recorded in data.json)"})
+    num_keypoints: int | None = field(default=None, metadata={"help": "keypoints per view; null = from the data (recorded in data.json)"})
 
     def __post_init__(self):
         bad = [i for i in self.inputs if i not in POSE_INPUTS]
@@ -123,7 +127,7 @@ class PoseConcept(Concept):
             if not config.num_keypoints:
                 raise ValueError("concepts.pose.inputs has 'keypoints' but num_keypoints is unknown; "
                                  "train on data with keypoints or set concepts.pose.num_keypoints")
-            self.keypoint_encoder = ConvEncoder(in_channels=config.num_keypoints, size=config.heatmap_size)
+            self.keypoint_encoder = ConvEncoder(in_channels=config.num_keypoints, size=HEATMAP_SIZE)
             in_dim += self.keypoint_encoder.out_dim
         if "image" in config.inputs:
             self.image_cnn = ConvEncoder(in_channels=3)
@@ -148,7 +152,7 @@ class PoseConcept(Concept):
             features.append(fourier_features(self.camera_vector(batch["camera"]), self.config.fourier_bands))
         if "keypoints" in self.config.inputs:
             keypoints, valid = fit_keypoints(batch["keypoints"], batch["keypoint_valid"], self.config.num_keypoints)
-            maps = keypoint_heatmaps_per_point(keypoints, valid, self.config.heatmap_size)
+            maps = keypoint_heatmaps_per_point(keypoints, valid, HEATMAP_SIZE)
             features.append(self.keypoint_encoder(maps))                      # [B, F]
         if "image" in self.config.inputs:
             features.append(self.image_cnn(batch["image"]))

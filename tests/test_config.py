@@ -95,7 +95,12 @@ def test_help_config_lists_every_key_with_its_help_and_source(tmp_path, capsys):
     assert keys["train.seed"].endswith("[default]")
     mask_weight = next(k for k in keys if k == "losses.shape.mask_weight")
     assert keys[mask_weight].endswith(f"[{ablation}]")                     # the ablation file sets it
-    assert keys["model.name"].endswith("base.yaml]")                       # ... its `base:` file this one
+    assert keys["model.name"].endswith("[default]")                        # configs/base.yaml sets nothing
+    decoupled = ablation.parent / "shape_decoupled_pairs.yaml"
+    train.main(["--config", str(decoupled), "--help-config", "--set", f"run.output_dir={tmp_path / 'runs'}"])
+    keys = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")}
+    assert keys["data.decouple"].endswith(f"[{decoupled}]")
+    assert keys["model.name"].endswith("toyworld2.yaml]")                  # ... its `base:` file this one
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)

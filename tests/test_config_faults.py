@@ -116,7 +116,7 @@ def test_duplicate_set_keys_are_errors():
 
 @pytest.mark.parametrize("override", ["data.root=", "data.root=  "])
 def test_empty_data_root_is_an_error(override, tmp_path):
-    message = re.escape("data.root: empty; give a folder, or 'toyworld', or leave it unset for the bundled chairs")
+    message = re.escape("data.root: empty; give a folder, or 'toyworld', or null for the bundled chairs")
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "base.yaml", [override])
     fails_in_train(CONFIGS / "base.yaml", message, tmp_path, "--set", override)
@@ -128,7 +128,8 @@ def test_empty_data_root_in_a_file_is_an_error_but_null_is_not(tmp_path):
         load_config(files["e.yaml"])
     assert load_config(files["n.yaml"]).data.root is None
     assert load_config(CONFIGS / "base.yaml", ["data.root=null"]).data.root is None
-    assert load_config(None).data.root is None                      # unset: the bundled chairs
+    assert load_config(CONFIGS / "tiny.yaml").data.root is None       # the tiny config: the bundled chairs
+    assert load_config(None).data.root == "toyworld"                # unset: the default run's ToyWorld chairs
     assert load_config(CONFIGS / "base.yaml", ["data.root=toyworld"]).data.root == "toyworld"
 
 

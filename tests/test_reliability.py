@@ -340,6 +340,36 @@ def test_a_run_from_before_samples_per_step_resumes(tmp_path):
         assert "samples_per_step" not in config.read_text()          # the resumed run wrote it without
 
 
+def test_camera_bounds_are_the_runs_data_not_its_config(tmp_path):
+    """The pose word's camera bounds come from the data: data.json records them, config.yaml keeps
+    the null the user left, and generation reads the bounds the run trained with. A run from before
+    (bounds written into config.yaml, removed size keys still there) resumes with a warning per key."""
+    import yaml
+    run = train.main(run_args(tmp_path, "cam", "--tokens", "shape,pose", "--set", "train.steps=1"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    derived = json.loads((run / "data.json").read_text())["derived"]["pose"]
+    assert saved["concepts"]["pose"]["elevation_range"] is None and saved["concepts"]["pose"]["distance_range"] is None
+    assert derived["elevation_range"][0] < derived["elevation_range"][1] and len(derived["distance_range"]) == 2
+    system, cfg = generate.load_run(run)
+    assert cfg.concepts["pose"].distance_range == derived["distance_range"]
+    assert system.heads["pose"].distance_range == derived["distance_range"]
+    # The older layout: bounds in config.yaml, none in data.json, sizes that are constants now.
+    saved["concepts"]["pose"].update(derived, heatmap_size=32)
+    saved["concepts"]["shape"]["mask_width"] = 16
+    saved["concepts"]["style"]["gram_channels"] = 8
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    record = json.loads((run / "data.json").read_text())
+    del record["derived"]
+    (run / "data.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning) as caught:
+        resumed = train.main(["--name", "cam", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2", "--resume"])
+    said = " ".join(str(w.message) for w in caught)
+    for key in ("concepts.shape.mask_width", "concepts.pose.heatmap_size", "concepts.style.gram_channels"):
+        assert f"{key} is no longer a config key" in said
+    assert latest_checkpoint(resumed).name == "step_000002"
+    assert yaml.safe_load((run / "config.yaml").read_text())["concepts"]["pose"]["distance_range"] == derived["distance_range"]
+
+
 def test_samples_per_step_is_said_and_recorded(tmp_path, capsys):
     run = train.main(run_args(tmp_path, "b", "--set", "train.batch_size=4", "--set", "train.steps=1"))
     assert "train.batch_size 4 gives 3 samples a step (whole triplets, data.triplets)" in capsys.readouterr().out

@@ -58,6 +58,7 @@ class PretrainConfig:
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (with warmup) of UNet and text encoder"})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting (0 = plain MSE)"})
     foreground_weight: float = field(default=1.0, metadata={"help": "UNet loss weight on the object's pixels, against 1 on the background (small parts such as arms)"})
+    balance_combinations: bool = field(default=False, metadata={"help": "UNet stage: draw training images so every attribute combination the world names (toyworld2: category x coarse shape words) is equally likely; rare ones (arms) are drawn more"})
     caption_keep: float = field(default=0.8, metadata={"help": "probability each attribute phrase is in the caption"})
     caption_dropout: float = field(default=0.1, metadata={"help": "probability the caption is empty (classifier-free guidance)"})
     scorer_steps: int = field(default=1500, metadata={"help": "scorer optimizer steps"})
@@ -209,6 +210,7 @@ class Pretraining:
         count = len(data["images"])
         masks = torch.from_numpy(data["masks"])   # [N,H,W] bool: the foreground loss weight
         del data["images"], data["masks"]         # captions need the labels only
+        draw = combination_balanced(self.world.combination(data)) if c.balance_combinations else None   # [N] or None
         params = list(unet.parameters()) + list(text_encoder.parameters())
         optimizer = torch.optim.AdamW(params, lr=c.unet_lr, weight_decay=1e-2)
         ema = EMAModel(params, decay=c.ema_decay, use_ema_warmup=True)
@@ -218,7 +220,7 @@ class Pretraining:
         bar = tqdm(range(start, c.unet_steps), initial=start, total=c.unet_steps, desc="unet")
         for step in bar:
             rng, gen = step_rng(c.seed, "unet", step), step_generator(c.seed, "unet", step)
-            index = rng.choice(count, c.unet_batch, replace=False)
+            index = rng.choice(count, c.unet_batch, replace=False, p=draw)
             captions = ["" if rng.random() < c.caption_dropout else
                         self.world.caption(rng, data, i, c.caption_keep) for i in index]
             index = torch.from_numpy(index)
@@ -307,6 +309,13 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, 
     return (weight * error).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
 
 
+def combination_balanced(combination: np.ndarray) -> np.ndarray:
+    """[N] combination ids -> [N] drawing probabilities: every combination equally likely, uniform within one."""
+    _, inverse, counts = np.unique(combination, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse]
+    return weights / weights.sum()
+
+
 def pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -337,4 +346,6 @@ def config_from_overrides(overrides: list[str], saved: dict | None = None, world
     config = build_dataclass(PretrainConfig, raw, "")
     if config.world not in WORLDS:
         raise ValueError(f"world: {config.world!r} is not one of {', '.join(WORLDS)}")
+    if config.balance_combinations and WORLDS[config.world].combination is None:
+        raise ValueError(f"balance_combinations: world {config.world!r} names no combinations to balance")
     return config

@@ -20,6 +20,7 @@ class World:
     train_scorer: Callable    # (scorer set, config, log) -> (write(folder), summary)
     evaluate: Callable        # (model_dir, seeds, steps, guidance_scale, grid) -> metrics
     defaults: dict = field(default_factory=dict)   # PretrainConfig values this world changes
+    combination: Callable | None = None   # (training set) -> [N] ints: the attribute combination of each image
 
 
 # -- ToyWorld 1: chairs, arms and back as two bits ---------------------------------------------------
@@ -90,6 +91,12 @@ def _evaluate2(model_dir, **options):
     return evaluate_base_model(model_dir, **options)
 
 
+def _combination2(data):
+    from guided_concepts.toyworld.world2_pretraining import coarse_bits
+    bits = coarse_bits(data["shape"])                                   # [N,3]
+    return data["classes"][:, 0] * 8 + bits @ np.array([4, 2, 1])       # category x (legs, back, arms)
+
+
 def _words2():
     from guided_concepts.toyworld.world2_pretraining import caption_words
     return caption_words()
@@ -101,5 +108,6 @@ WORLDS = {
     # 5.9x its training time (docs/toyworld2/README.md).
     "toyworld2": World(_words2, _data2, _caption2, _scorer2, _evaluate2,
                        defaults={"sizes": {"resolution": 48}, "unet_steps": 8000, "foreground_weight": 3.0, "scorer_chairs": 2000,
-                                 "scorer_steps": 3000}),
+                                 "scorer_steps": 3000},
+                       combination=_combination2),
 }
