@@ -76,6 +76,24 @@ def test_foreground_weight_puts_the_objects_error_first():
     assert weighted_mse(target, target, masks, 3.0).abs().max() == 0
 
 
+def test_balanced_draws_give_every_combination_the_same_share():
+    """toyworld2's combinations (category x legs, back, arms) are uneven in the data (arms rarer);
+    balance_combinations draws each combination equally often, and world 1 names none to balance."""
+    from guided_concepts.toyworld.pretrain import combination_balanced, config_from_overrides
+    from guided_concepts.toyworld.world2_pretraining import render_set
+    from guided_concepts.toyworld.worlds import WORLDS
+    data = render_set(60, 1, 16, seed=0)
+    combination = WORLDS["toyworld2"].combination(data)                          # [N]
+    _, counts = np.unique(combination, return_counts=True)
+    assert counts.max() > counts.min()                                           # uneven as drawn
+    p = combination_balanced(combination)
+    share = np.array([p[combination == c].sum() for c in np.unique(combination)])
+    assert p.sum() == pytest.approx(1.0) and np.allclose(share, 1 / len(share))
+    assert config_from_overrides(["balance_combinations=true"], world="toyworld2").balance_combinations
+    with pytest.raises(ValueError, match="balance_combinations: world 'toyworld' names no combinations"):
+        config_from_overrides(["balance_combinations=true"], world="toyworld")
+
+
 def test_direction_bins_round_trip_and_wrap():
     for d in range(len(DIRECTIONS)):
         assert direction_bin(direction_azimuth(d)) == d
