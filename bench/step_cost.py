@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from guided_concepts import train
+from guided_concepts.rundata import derived_settings, with_derived
 from guided_concepts.concepts import CONCEPTS
 from guided_concepts.objectdata import TripletBatchSampler, collate
 from guided_concepts.system import build_system, load_backbone_for, to_device
@@ -123,7 +124,8 @@ def build(layout: str, variant: str, device: torch.device):
     args, batch_size = LAYOUTS[layout]
     tokens, extra = VARIANTS[variant]
     cfg, _ = train.parse_args([*args, "--tokens", ",".join(tokens), *extra])
-    train_set, _ = train.build_data(cfg)
+    train_set, val_set = train.build_data(cfg)
+    cfg = with_derived(cfg, derived_settings(cfg, train_set, val_set))     # camera bounds, as a run's
     backbone = load_backbone_for(cfg)
     system = build_system(cfg, backbone)
     for module in backbone.frozen_modules():
