@@ -165,11 +165,29 @@ def with_derived(cfg: Config, derived: dict | None) -> Config:
 
 
 def load_run_config(run_dir) -> Config:
-    """A run's config as it trained: config.yaml with data.json's data-derived values filled in."""
+    """A run's config as it trained: config.yaml with data.json's data-derived values filled in.
+    A run whose words need such values and whose data.json lacks them is refused: the heads would
+    load and silently read their inputs on the wrong scale."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    return with_derived(load_config(run_dir / "config.yaml"), (read_data_record(run_dir) or {}).get("derived"))
+    cfg = load_config(run_dir / "config.yaml")
+    try:
+        record, damage = read_data_record(run_dir), None
+    except DataRecordError as error:
+        record, damage = None, error
+    if record is not None and "derived" in record:
+        return with_derived(cfg, record["derived"])
+    # dataset_info's bounds (a missing keypoint count fails loudly when a head is built, so it is left out)
+    probe = {"elevation": (0.0, 1.0), "distance": (1.0, 2.0), "num_keypoints": 0}
+    missing = [f"concepts.{n}.{k}" for n in cfg.tokens
+               for k, v in dataclasses.asdict(CONCEPTS[n].concept.fit_to_data(copy.deepcopy(cfg.concepts[n]), probe)).items()
+               if getattr(cfg.concepts[n], k) is None and v is not None]
+    if missing:      # a run from before data.json kept them in config.yaml, so only a lost data.json lands here
+        why = str(damage) if damage else f"{run_dir / DATA_RECORD} is missing or has no 'derived' record"
+        raise ConfigError(f"{why}; it holds what the run's words took from the data ({', '.join(missing)}): "
+                          f"restore it from the run's copy, or set those keys in {run_dir / 'config.yaml'}")
+    return cfg
 
 
 def samples_per_step(cfg: Config, train_set) -> int:

@@ -122,7 +122,9 @@ def main(argv=None):
         train_set, val_set = build_data(cfg, recorded["held_out"] if recorded else None)
         data_root = resolve_data_root(cfg.data.root)
         args.data = {**data_record(train_set, val_set, data_root), "samples_per_step": samples_per_step(cfg, train_set),
-                     "derived": derived_settings(cfg, train_set, val_set)}
+                     # a resumed run keeps the bounds its heads were trained with, even on changed data
+                     "derived": recorded["derived"] if recorded and "derived" in recorded
+                                else derived_settings(cfg, train_set, val_set)}
         args.given_config = cfg       # config.yaml keeps what was set; the run trains on its data-fitted copy
         cfg = with_derived(cfg, args.data["derived"])
         run_dir = check_run_dir(run_dir, args.resume, args.overwrite, data_root)

@@ -27,11 +27,6 @@ SHAPE_ENCODERS = ("set", "view", "none")
 MASK_INPUTS = ("mask", "mask_shading")
 ATTENTION_TARGETS = ("shape", "shape_pose_union")
 
-# Channels of the mask CNN's first layer: a size no config, test or experiment varied (a key until
-# the second redesign; an old run's concepts.shape.mask_width is dropped with a warning).
-MASK_CNN_WIDTH = 16
-
-
 @dataclass
 class ShapeConfig(ConceptConfig):
     token: str = field(default="*s", metadata={"help": "placeholder word for the shape"})
@@ -43,6 +38,7 @@ class ShapeConfig(ConceptConfig):
     code_dim: int = field(default=32, metadata={"help": "size of the shape code z"})
     use_image: bool = field(default=False, metadata={"help": "image branch: the frozen image encoder predicts the code from one RGB view"})
     mask_resolution: int = field(default=64, metadata={"help": "set encoder: side in pixels its masks are read at (area-resized from the mask files; files larger than data.resolution keep parts such as an armrest that the training views lose)"})
+    mask_width: int = field(default=16, metadata={"help": "channels of the mask CNN's first layer"})
     mask_input: Literal[MASK_INPUTS] = field(default="mask", metadata={"help": "set encoder input per view: mask, or mask_shading (also the view's brightness inside the mask, standardised per view: parts such as an armrest that a 32 px silhouette hides, without the colour)"})
     mask_pool: Literal[CONV_POOLS] = field(default="mean", metadata={"help": "how the mask CNN pools its last feature maps: mean, or mean_max (also the max, so a small part like an arm moves the features)"})
     standardize: bool = field(default=True, metadata={"help": "standardise the code across objects (batch norm without affine; running statistics after training): mask features differ little between objects, so unscaled the code's object part drowns in its noise and the head learns to ignore it"})
@@ -155,13 +151,13 @@ class ShapeConcept(Concept):
         if config.encoder == "none":
             in_dim = 0
         elif config.encoder == "set":
-            self.set_encoder = MaskSetEncoder(MASK_CNN_WIDTH, config.code_dim, config.use_cameras, config.logvar_init,
+            self.set_encoder = MaskSetEncoder(config.mask_width, config.code_dim, config.use_cameras, config.logvar_init,
                                               config.standardize, config.mask_pool,
                                               in_channels=2 if config.mask_input == "mask_shading" else 1,
                                               size=config.mask_resolution)
             in_dim = config.code_dim
         else:
-            self.mask_encoder = ConvEncoder(in_channels=1, width=MASK_CNN_WIDTH, pool=config.mask_pool)
+            self.mask_encoder = ConvEncoder(in_channels=1, width=config.mask_width, pool=config.mask_pool)
             in_dim = self.mask_encoder.out_dim
             self.standardize = nn.BatchNorm1d(in_dim, affine=False, momentum=0.1) if config.standardize else None
         self.image_encoder = None

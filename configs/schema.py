@@ -420,11 +420,11 @@ DEFAULTS_BEFORE_RECIPE = {
                "pose": {"offset_weight": 1e-2}, "appearance": {"offset_weight": 1e-2}},
 }
 # Keys that left the config: a saved config.yaml that has one drops it and says where it went.
-REMOVED_KEYS = {("train", "samples_per_step"): "the samples a step trains on are the run's, in its data.json",
-                # Sizes no config, test or experiment varied: commented constants in the concept's file.
-                ("concepts", "shape", "mask_width"): "the mask CNN's width is concepts/shape.py's MASK_CNN_WIDTH, 16",
-                ("concepts", "pose", "heatmap_size"): "the keypoint heatmap size is concepts/pose.py's HEATMAP_SIZE, 32",
-                ("concepts", "style", "gram_channels"): "the Gram channels are concepts/style.py's GRAM_CHANNELS, 8"}
+# Each maps to (where it went, the value that place fixes, or None when any saved value is fine).
+REMOVED_KEYS = {("train", "samples_per_step"): ("the samples a step trains on are the run's, in its data.json", None),
+                # Sizes no config, test, experiment or documented run varied: constants in the concept's file.
+                ("concepts", "pose", "heatmap_size"): ("the keypoint heatmap size is concepts/pose.py's HEATMAP_SIZE", 32),
+                ("concepts", "style", "gram_channels"): ("the Gram channels are concepts/style.py's GRAM_CHANNELS", 8)}
 SAVED_WORD_KEYS = ("token", "initializer", "num_vectors", "phrase", "lr", "scale", "hidden_dim", "train_rows")
 
 
@@ -432,12 +432,15 @@ def translate_older_run(raw: dict, path) -> dict:
     """A run's saved config.yaml (every key written; a user's YAML never lists them all) that lacks
     a key whose default changed since takes the value the run trained with, and says so; a key that
     left the config is dropped, with where it went."""
-    for (*sections, key), where in REMOVED_KEYS.items():
+    for (*sections, key), (where, fixed) in REMOVED_KEYS.items():
         holder = raw
         for section in sections:
             holder = holder.get(section) if isinstance(holder, dict) else None
         if isinstance(holder, dict) and key in holder:
-            del holder[key]
+            value = holder.pop(key)
+            if fixed is not None and value != fixed:     # heads of another size would not load
+                raise ConfigError(f"{path}: {'.'.join([*sections, key])}: {value!r} cannot be set any more "
+                                  f"({where}, {fixed})")
             warnings.warn(f"{path}: {'.'.join([*sections, key])} is no longer a config key ({where}); ignored",
                           stacklevel=3)
     filled = []

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from guided_concepts import generate
 from guided_concepts import train
 from guided_concepts.checkpointing import latest_checkpoint, load_checkpoint
-from guided_concepts.configs.schema import TrainConfig
+from guided_concepts.configs.schema import ConfigError, TrainConfig
 from tests.conftest import with_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,21 +353,35 @@ def test_camera_bounds_are_the_runs_data_not_its_config(tmp_path):
     system, cfg = generate.load_run(run)
     assert cfg.concepts["pose"].distance_range == derived["distance_range"]
     assert system.heads["pose"].distance_range == derived["distance_range"]
-    # The older layout: bounds in config.yaml, none in data.json, sizes that are constants now.
-    saved["concepts"]["pose"].update(derived, heatmap_size=32)
-    saved["concepts"]["shape"]["mask_width"] = 16
-    saved["concepts"]["style"]["gram_channels"] = 8
-    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    # A resume keeps the recorded bounds (the heads were trained with them), not the data's of now.
+    record = json.loads((run / "data.json").read_text())
+    record["derived"]["pose"]["distance_range"] = [2.0, 3.0]
+    (run / "data.json").write_text(json.dumps(record))
+    train.main(["--name", "cam", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2", "--resume"])
+    assert json.loads((run / "data.json").read_text())["derived"]["pose"]["distance_range"] == [2.0, 3.0]
+    assert generate.load_run(run)[1].concepts["pose"].distance_range == [2.0, 3.0]
+    # A lost record is refused, not read on the default scale.
     record = json.loads((run / "data.json").read_text())
     del record["derived"]
     (run / "data.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"no 'derived' record; it holds what the run's words took from the data "
+                                          r"\(concepts.pose.elevation_range, concepts.pose.distance_range\)"):
+        generate.load_run(run)
+    # The older layout: bounds in config.yaml, none in data.json, sizes that are constants now.
+    saved["concepts"]["pose"].update(derived, heatmap_size=32)
+    saved["concepts"]["style"]["gram_channels"] = 8
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     with pytest.warns(UserWarning) as caught:
-        resumed = train.main(["--name", "cam", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=2", "--resume"])
+        resumed = train.main(["--name", "cam", "--set", f"run.output_dir={tmp_path}", "--set", "train.steps=3", "--resume"])
     said = " ".join(str(w.message) for w in caught)
-    for key in ("concepts.shape.mask_width", "concepts.pose.heatmap_size", "concepts.style.gram_channels"):
+    for key in ("concepts.pose.heatmap_size", "concepts.style.gram_channels"):
         assert f"{key} is no longer a config key" in said
-    assert latest_checkpoint(resumed).name == "step_000002"
+    assert latest_checkpoint(resumed).name == "step_000003"
     assert yaml.safe_load((run / "config.yaml").read_text())["concepts"]["pose"]["distance_range"] == derived["distance_range"]
+    text = (run / "config.yaml").read_text().replace("  style:\n", "  style:\n    gram_channels: 16\n", 1)
+    (run / "config.yaml").write_text(text)                      # heads of another size: refused, not dropped
+    with pytest.raises(ConfigError, match="concepts.style.gram_channels: 16 cannot be set any more"):
+        generate.load_run(run)
 
 
 def test_samples_per_step_is_said_and_recorded(tmp_path, capsys):
