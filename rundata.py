@@ -139,10 +139,8 @@ def data_changes(recorded: dict, current: dict) -> list[str]:
     return changes or [f"the held-out objects: {recorded.get('held_out')} -> {current['held_out']}"]
 
 
-def derived_settings(cfg: Config, train_set, val_set) -> dict:
-    """{word: {key: value}}: the word keys left null that the data fills (camera bounds, keypoint
-    count). A run records them in data.json; its config.yaml keeps what the user set."""
-    info = dataset_info(list(train_set.records) + list(val_set.records))
+def filled_by_data(cfg: Config, info: dict) -> dict:
+    """{word: {key: value}}: the active words' keys left null that `info` (dataset_info) fills."""
     derived = {}
     for n in cfg.tokens:
         given = cfg.concepts[n]
@@ -151,6 +149,12 @@ def derived_settings(cfg: Config, train_set, val_set) -> dict:
         if filled:
             derived[n] = filled
     return derived
+
+
+def derived_settings(cfg: Config, train_set, val_set) -> dict:
+    """What the data fills (camera bounds, keypoint count). A run records it in data.json; its
+    config.yaml keeps what the user set."""
+    return filled_by_data(cfg, dataset_info(list(train_set.records) + list(val_set.records)))
 
 
 def with_derived(cfg: Config, derived: dict | None) -> Config:
@@ -180,9 +184,7 @@ def load_run_config(run_dir) -> Config:
         return with_derived(cfg, record["derived"])
     # dataset_info's bounds (a missing keypoint count fails loudly when a head is built, so it is left out)
     probe = {"elevation": (0.0, 1.0), "distance": (1.0, 2.0), "num_keypoints": 0}
-    missing = [f"concepts.{n}.{k}" for n in cfg.tokens
-               for k, v in dataclasses.asdict(CONCEPTS[n].concept.fit_to_data(copy.deepcopy(cfg.concepts[n]), probe)).items()
-               if getattr(cfg.concepts[n], k) is None and v is not None]
+    missing = [f"concepts.{n}.{k}" for n, keys in filled_by_data(cfg, probe).items() for k in keys]
     if missing:      # a run from before data.json kept them in config.yaml, so only a lost data.json lands here
         why = str(damage) if damage else f"{run_dir / DATA_RECORD} is missing or has no 'derived' record"
         raise ConfigError(f"{why}; it holds what the run's words took from the data ({', '.join(missing)}): "
