@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from guided_concepts.toyworld.evaluate import load_pipeline
+from guided_concepts.toyworld.pretrain import pixels
 from guided_concepts.toyworld.world import COLOURS, COLOUR_NAMES
 from guided_concepts.toyworld.world2 import WorldObject, render, sample_camera
 from guided_concepts.toyworld.world2_pretraining import coarse_bits, shape_with_bits
@@ -23,10 +24,10 @@ for legs, back in ((0, 1), (0, 0), (1, 1), (1, 0)):
     for i in range(64):                                  # 64 chairs with arms, one plain view each
         obj = WorldObject("chair", shape_with_bits(rng, (legs, back, 1)), COLOURS[COLOUR_NAMES[i % len(COLOURS)]])
         images.append(render(obj, *sample_camera(rng), 48, 0, i)[0])
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255        # [64,3,48,48] in [0,1]
+    x = pixels(np.stack(images))                                                    # [64,3,48,48] in [-1,1]
     with torch.no_grad():
-        decoded = (vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample                 # [64,3,48,48]
     name = f"{'long' if legs else 'short'} legs, {'tall' if back else 'low'} back, arms"
     out[name] = {kind: round(float(coarse_bits(scorer.predict(imgs)["shape"].numpy())[:, 2].mean()), 3)
-                 for kind, imgs in (("render", x), ("vae", decoded))}
+                 for kind, imgs in (("render", (x + 1) / 2), ("vae", (decoded / 2 + 0.5).clamp(0, 1)))}
 print(json.dumps(out, indent=1))
