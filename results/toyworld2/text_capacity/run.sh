@@ -1,7 +1,7 @@
 #!/bin/bash
 # ToyWorld 2 with a 6-layer, 128-wide text encoder (shipped: 3 x 64); every other key is the
 # toyworld2 default (pretrain_config_text6x128.json is what it resolved to). Resumable: rerun it.
-# The data, VAE and scorer stages are seeded, so they equal the shipped run's (the measured run
+# The data, VAE and scorer stages are seeded and do not depend on the text encoder (the measured run
 # shared them by hard link and retrained only the UNet stage). Then the page's evaluation, from the
 # repository root.
 set -e
